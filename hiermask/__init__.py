@@ -1,0 +1,18 @@
+"""hiermask: Bayesian hierarchical regression with NaN-inferred feature masks.
+
+The one public estimator, :class:`MaskedHierarchicalRegressor`, reads which
+features apply to which group from the NaN pattern of ``X``, fits a
+partially pooled linear model with NUTS (NumPyro on JAX) and predicts
+posterior means, sds, intervals and draws, also for groups never seen in fit.
+"""
+
+from importlib import metadata as _metadata
+
+from ._estimator import ConvergenceError, MaskedHierarchicalRegressor
+
+try:
+    __version__ = _metadata.version("hiermask")
+except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+    __version__ = "0+unknown"
+
+__all__ = ["ConvergenceError", "MaskedHierarchicalRegressor", "__version__"]

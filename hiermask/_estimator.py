@@ -1,0 +1,583 @@
+"""The scikit-learn estimator: parameters and orchestration, no maths."""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from importlib import metadata
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+from scipy.special import ndtri
+from sklearn.base import BaseEstimator, RegressorMixin, _fit_context
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import r2_score
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from ._fit import FitConfig, Posterior, fit_posterior
+from ._masks import infer_mask
+from ._predict import predictive_draws, predictive_moments, unseen_masks
+from ._validation import (
+    check_target,
+    check_weights,
+    encode_groups,
+    lookup_groups,
+    split_groups,
+)
+
+__all__ = ["ConvergenceError", "MaskedHierarchicalRegressor"]
+
+#: Convergence thresholds of the ``on_bad_convergence`` gate.
+MAX_R_HAT = 1.01
+MIN_ESS_PER_CHAIN = 100
+
+
+class ConvergenceError(RuntimeError):
+    """Raised by ``fit`` when ``on_bad_convergence="raise"`` and NUTS did not
+    converge (R-hat above 1.01, bulk ESS below 100 per chain, or divergences).
+    """
+
+
+def _version():
+    try:
+        return metadata.version("hiermask")
+    except metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+        return "0+unknown"
+
+
+class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
+    """Bayesian hierarchical linear regression with per-group feature masks.
+
+    Which features apply to which group is read from the NaN pattern of
+    ``X``: a feature whose cells are all NaN within a group (more precisely,
+    whose NaN fraction there is at least ``mask_threshold``) has no
+    coefficient for that group. Other NaN are imputed as latent variables.
+    The model is fitted with NUTS (NumPyro on JAX) and partially pools the
+    groups' intercepts and slopes.
+
+    Parameters
+    ----------
+    group_col : str, int or None, default=None
+        Column label (DataFrame) or position (any array) of the group column
+        in ``X``; it is never used as a feature. None: groups come from
+        ``fit(..., groups=...)``, or all rows form one group.
+    pooling : {"partial", "none", "complete"}, default="partial"
+        ``"partial"``: group intercepts and slopes are drawn from population
+        distributions whose means and sds are learned. ``"none"``: every
+        group has its own independent priors. ``"complete"``: one intercept
+        and one slope vector shared by all groups (masks still apply).
+    coef_prior_scale : float, default=1.0
+        Prior sd of the population slopes (of every group's slopes under
+        ``"none"``), in units of ``sd(y) / sd(x_j)`` when ``standardize``.
+    intercept_prior_scale : float, default=1.0
+        Prior sd of the intercept at the feature means (``standardize``) or
+        at zero, in units of ``sd(y)`` when ``standardize``.
+    group_scale_prior : float, default=1.0
+        HalfNormal scale of the between-group sds (partial pooling only).
+    noise_prior_scale : float, default=1.0
+        HalfNormal scale of the residual sd.
+    standardize : bool, default=True
+        Whether the prior scales are in units of the data's sds (and the
+        intercept prior sits at the means). False: raw units, centred at 0.
+    mask_threshold : float in (0, 1], default=1.0
+        A feature is off for a group when its NaN fraction there is at least
+        this value.
+    missing : {"impute", "error"}, default="impute"
+        What to do with NaN in a feature that is on for the row's group.
+    unseen_groups : {"population", "error"}, default="population"
+        What ``predict`` does for a group not seen in fit.
+    engine : {"auto", "collapsed", "direct"}, default="auto"
+        ``"collapsed"`` integrates the coefficients out and samples only the
+        scales (cost independent of the number of rows); ``"direct"`` is the
+        reference per-row NumPyro model. ``"auto"`` is ``"collapsed"``,
+        which supports every option.
+    num_warmup : int, default=500
+        NUTS warmup iterations per chain.
+    num_samples : int, default=1000
+        Draws kept per chain.
+    num_chains : int, default=4
+        Number of chains.
+    target_accept_prob : float, default=0.8
+        Step-size adaptation target.
+    on_bad_convergence : {"warn", "raise", "ignore"}, default="warn"
+        What to do when R-hat exceeds 1.01, the bulk ESS is below 100 per
+        chain, or a transition diverged.
+    progress_bar : bool, default=False
+        Reserved for showing sampling progress; sampling runs as one compiled
+        program, so no per-iteration bar is shown.
+    random_state : int, RandomState instance or None, default=None
+        Seed of the sampler and of predictive draws.
+
+    Attributes
+    ----------
+    groups_ : ndarray of shape (n_groups,)
+        Group labels seen in fit.
+    mask_ : pandas.DataFrame of shape (n_groups, n_features)
+        True where a feature applies to a group.
+    coef_ : ndarray of shape (n_groups, n_features)
+        Posterior-mean slopes in original units; exactly 0.0 where masked.
+    intercept_ : ndarray of shape (n_groups,)
+        Posterior-mean intercepts (value at x = 0).
+    population_coef_ : ndarray of shape (n_features,)
+        Posterior-mean population slopes (not set under ``pooling="none"``).
+    population_intercept_ : float
+        Posterior-mean population intercept (not set under ``"none"``).
+    group_coef_scale_ : ndarray of shape (n_features,)
+        Posterior-mean between-group sd of each slope (partial pooling).
+    group_intercept_scale_ : float
+        Posterior-mean between-group sd of the intercept (partial pooling).
+    noise_scale_ : float
+        Posterior-mean residual sd.
+    posterior_ : dict of ndarray
+        Draws, chains concatenated: ``intercept`` (n_draws, n_groups),
+        ``coef`` (n_draws, n_groups, n_features), ``noise`` and the
+        population-level parameters.
+    convergence_ : dict
+        ``max_r_hat``, ``min_ess_bulk``, ``n_divergences`` and
+        ``worst_parameter``.
+    n_features_in_ : int
+        Number of columns of ``X`` (the group column included).
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Column names of ``X`` when it is a DataFrame with string columns.
+
+    See Also
+    --------
+    sklearn.linear_model.BayesianRidge : One-group Bayesian linear regression.
+
+    Notes
+    -----
+    Features that are off for every group are dropped with a warning
+    (their coefficients are 0.0). Latent cells at fit are sampled jointly
+    with the regression from ``x ~ Normal(m_gj, s_j)``; at predict a NaN in
+    an applicable feature is integrated out with the posterior (or, for
+    features that had no missing cells at fit, the group's observed mean and
+    the pooled within-group variance). ``predict_interval`` is the central
+    interval of the moment-matched normal predictive distribution; use
+    ``sample_y`` for the exact mixture.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from hiermask import MaskedHierarchicalRegressor
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(60, 2))
+    >>> y = 1.0 + X @ [2.0, -1.0] + rng.normal(scale=0.1, size=60)
+    >>> est = MaskedHierarchicalRegressor(
+    ...     num_warmup=200, num_samples=200, num_chains=2, random_state=0
+    ... ).fit(X, y)
+    >>> np.round(est.coef_, 1)
+    array([[ 2., -1.]])
+    """
+
+    _parameter_constraints: ClassVar[dict] = {
+        "group_col": "no_validation",  # any column label or position
+        "pooling": [StrOptions({"partial", "none", "complete"})],
+        "coef_prior_scale": [Interval(numbers.Real, 0, None, closed="neither")],
+        "intercept_prior_scale": [Interval(numbers.Real, 0, None, closed="neither")],
+        "group_scale_prior": [Interval(numbers.Real, 0, None, closed="neither")],
+        "noise_prior_scale": [Interval(numbers.Real, 0, None, closed="neither")],
+        "standardize": ["boolean"],
+        "mask_threshold": [Interval(numbers.Real, 0, 1, closed="right")],
+        "missing": [StrOptions({"impute", "error"})],
+        "unseen_groups": [StrOptions({"population", "error"})],
+        "engine": [StrOptions({"auto", "collapsed", "direct"})],
+        "num_warmup": [Interval(numbers.Integral, 1, None, closed="left")],
+        "num_samples": [Interval(numbers.Integral, 1, None, closed="left")],
+        "num_chains": [Interval(numbers.Integral, 1, None, closed="left")],
+        "target_accept_prob": [Interval(numbers.Real, 0, 1, closed="neither")],
+        "on_bad_convergence": [StrOptions({"warn", "raise", "ignore"})],
+        "progress_bar": ["boolean"],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(
+        self,
+        *,
+        group_col=None,
+        pooling="partial",
+        coef_prior_scale=1.0,
+        intercept_prior_scale=1.0,
+        group_scale_prior=1.0,
+        noise_prior_scale=1.0,
+        standardize=True,
+        mask_threshold=1.0,
+        missing="impute",
+        unseen_groups="population",
+        engine="auto",
+        num_warmup=500,
+        num_samples=1000,
+        num_chains=4,
+        target_accept_prob=0.8,
+        on_bad_convergence="warn",
+        progress_bar=False,
+        random_state=None,
+    ):
+        self.group_col = group_col
+        self.pooling = pooling
+        self.coef_prior_scale = coef_prior_scale
+        self.intercept_prior_scale = intercept_prior_scale
+        self.group_scale_prior = group_scale_prior
+        self.noise_prior_scale = noise_prior_scale
+        self.standardize = standardize
+        self.mask_threshold = mask_threshold
+        self.missing = missing
+        self.unseen_groups = unseen_groups
+        self.engine = engine
+        self.num_warmup = num_warmup
+        self.num_samples = num_samples
+        self.num_chains = num_chains
+        self.target_accept_prob = target_accept_prob
+        self.on_bad_convergence = on_bad_convergence
+        self.progress_bar = progress_bar
+        self.random_state = random_state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True
+        tags.non_deterministic = self.random_state is None
+        return tags
+
+    # ------------------------------------------------------------------ fit
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, groups=None, sample_weight=None):
+        """Fit the model with NUTS.
+
+        Parameters
+        ----------
+        X : {array-like, DataFrame} of shape (n_samples, n_features_in)
+            Features, with the group column when ``group_col`` is set. NaN
+            marks a missing cell; a feature that is NaN in (a fraction
+            ``mask_threshold`` of) every row of a group is off for it.
+        y : array-like of shape (n_samples,)
+            Target; NaN or inf raise a ValueError.
+        groups : array-like of shape (n_samples,), default=None
+            Group labels, when they are not a column of ``X``.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Frequency weights.
+
+        Returns
+        -------
+        self : MaskedHierarchicalRegressor
+            The fitted estimator.
+        """
+        parsed = split_groups(X, self.group_col, groups)
+        validate_data(self, X, y, reset=True, skip_check_array=True)
+        features = parsed.features
+        n_samples = features.shape[0]
+        if n_samples < 2:
+            raise ValueError(
+                f"Found {n_samples} sample(s): n_samples=1 is too few; at least 2 "
+                "rows are needed to fit."
+            )
+        target = check_target(y, n_samples)
+        weights = check_weights(sample_weight, features)
+        groups_, group_idx = encode_groups(parsed.labels, n_samples)
+        names = parsed.feature_names
+        mask = infer_mask(features, group_idx, len(groups_), self.mask_threshold)
+        self._check_mask_and_missing(features, group_idx, groups_, mask, names)
+        engine = "collapsed" if self.engine == "auto" else self.engine
+        seed = int(
+            check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
+        )
+        config = FitConfig(
+            pooling=self.pooling,
+            engine=engine,
+            standardize=bool(self.standardize),
+            coef_prior_scale=float(self.coef_prior_scale),
+            intercept_prior_scale=float(self.intercept_prior_scale),
+            group_scale_prior=float(self.group_scale_prior),
+            noise_prior_scale=float(self.noise_prior_scale),
+            num_warmup=int(self.num_warmup),
+            num_samples=int(self.num_samples),
+            num_chains=int(self.num_chains),
+            target_accept_prob=float(self.target_accept_prob),
+            seed=seed,
+        )
+        posterior = fit_posterior(features, target, weights, group_idx, mask, config)
+        convergence = self._convergence(posterior, groups_, names)
+
+        # Everything is computed: set the fitted state in one go.
+        self._posterior = posterior
+        self._mask = mask
+        self._feature_names = list(names)
+        self._seed = seed
+        self.groups_ = groups_
+        self.intercept_ = posterior.coef_mean[:, 0].copy()
+        self.coef_ = posterior.coef_mean[:, 1:] * mask
+        self.noise_scale_ = float(np.mean(posterior.draws["noise"]))
+        if "population_intercept" in posterior.draws:
+            self.population_intercept_ = float(
+                np.mean(posterior.draws["population_intercept"])
+            )
+            self.population_coef_ = np.mean(posterior.draws["population_coef"], axis=0)
+        if "group_intercept_scale" in posterior.draws:
+            self.group_intercept_scale_ = float(
+                np.mean(posterior.draws["group_intercept_scale"])
+            )
+            self.group_coef_scale_ = np.mean(
+                posterior.draws["group_coef_scale"], axis=0
+            )
+        self.posterior_ = posterior.draws
+        self.convergence_ = convergence
+        self._gate(convergence)
+        return self
+
+    def _check_mask_and_missing(self, features, group_idx, groups_, mask, names):
+        dropped = ~mask.any(axis=0)
+        if dropped.any():
+            warnings.warn(
+                "Feature(s) "
+                + ", ".join(repr(names[j]) for j in np.flatnonzero(dropped))
+                + " are off (NaN) in every group and are dropped; their "
+                "coefficients are 0.",
+                UserWarning,
+                stacklevel=3,
+            )
+        latent = mask[group_idx] & np.isnan(features)
+        if self.missing == "error" and latent.any():
+            cols = [
+                f"{names[j]!r} ({int(latent[:, j].sum())} cell(s))"
+                for j in np.flatnonzero(latent.any(axis=0))
+            ]
+            raise ValueError(
+                "X has NaN in features that apply to the row's group, in column(s) "
+                + ", ".join(cols)
+                + ". Use missing='impute' to impute them, or fill them."
+            )
+        if self.pooling == "none":
+            counts = np.bincount(group_idx, minlength=len(groups_))
+            single = groups_[counts == 1]
+            if len(single):
+                warnings.warn(
+                    f"{len(single)} group(s) have a single row "
+                    f"({', '.join(map(repr, single[:5]))}); under pooling='none' "
+                    "their coefficients are determined by the prior.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+
+    def _convergence(self, posterior: Posterior, groups_, names):
+        diag = posterior.diagnostics
+        label = self._diagnostic_labeler(groups_, names)
+        r_hats = {k: v[0] for k, v in diag.items() if np.isfinite(v[0])}
+        esses = {k: v[1] for k, v in diag.items() if np.isfinite(v[1])}
+        worst = max(r_hats, key=r_hats.get) if r_hats else None
+        return {
+            "max_r_hat": float(max(r_hats.values())) if r_hats else float("nan"),
+            "min_ess_bulk": float(min(esses.values())) if esses else float("nan"),
+            "n_divergences": int(np.sum(posterior.diverging)),
+            "worst_parameter": label(worst) if worst else None,
+        }
+
+    @staticmethod
+    def _diagnostic_labeler(groups_, names):
+        def label(key):
+            if key is None:
+                return None
+            base, _, rest = key.partition("[")
+            if not rest:
+                return base
+            idx = [int(i) for i in rest.rstrip("]").split(",")]
+            if base in ("intercept",):
+                return f"{base}[{groups_[idx[0]]}]"
+            if base == "coef":
+                return f"coef[{groups_[idx[0]]}, {names[idx[1]]}]"
+            return f"{base}[{names[idx[0]]}]"
+
+        return label
+
+    def _gate(self, convergence):
+        if self.on_bad_convergence == "ignore":
+            return
+        problems = []
+        if convergence["max_r_hat"] > MAX_R_HAT:
+            problems.append(
+                f"max r_hat {convergence['max_r_hat']:.3f} > {MAX_R_HAT} "
+                f"(worst: {convergence['worst_parameter']})"
+            )
+        if convergence["min_ess_bulk"] < MIN_ESS_PER_CHAIN * self.num_chains:
+            problems.append(
+                f"min bulk ESS {convergence['min_ess_bulk']:.0f} < "
+                f"{MIN_ESS_PER_CHAIN * self.num_chains}"
+            )
+        if convergence["n_divergences"]:
+            problems.append(f"{convergence['n_divergences']} divergent transition(s)")
+        if not problems:
+            return
+        msg = (
+            "NUTS may not have converged: "
+            + "; ".join(problems)
+            + ". Increase num_warmup/num_samples or target_accept_prob."
+        )
+        if self.on_bad_convergence == "raise":
+            raise ConvergenceError(msg)
+        warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+
+    # -------------------------------------------------------------- predict
+    @property
+    def mask_(self):
+        """Group x feature mask as a labelled DataFrame (True: feature on)."""
+        if not hasattr(self, "_mask"):
+            raise AttributeError("mask_ is set by fit.")
+        return pd.DataFrame(
+            self._mask.copy(),
+            index=pd.Index(self.groups_, name="group"),
+            columns=pd.Index(self._feature_names, name="feature"),
+        )
+
+    def _prepare(self, X, groups):
+        check_is_fitted(self)
+        parsed = split_groups(X, self.group_col, groups, ensure_min_samples=0)
+        validate_data(self, X, reset=False, skip_check_array=True)
+        if parsed.features.shape[1] != self._mask.shape[1]:
+            raise ValueError(
+                f"X has {parsed.features.shape[1]} feature columns, but the model "
+                f"was fitted with {self._mask.shape[1]}."
+            )
+        n = parsed.features.shape[0]
+        group_idx = lookup_groups(self.groups_, parsed.labels, n)
+        if (group_idx < 0).any() and self.unseen_groups == "error":
+            unseen = pd.unique(parsed.labels[group_idx < 0])
+            raise ValueError(
+                f"{len(unseen)} group(s) were not seen in fit: "
+                f"{', '.join(map(repr, unseen[:10]))}. Use "
+                "unseen_groups='population' to predict them from the population."
+            )
+        if (group_idx < 0).any() and self.pooling == "none":
+            warnings.warn(
+                "Groups not seen in fit are predicted from the prior: under "
+                "pooling='none' there is no population to draw them from.",
+                UserWarning,
+                stacklevel=3,
+            )
+        unseen = unseen_masks(
+            parsed.features,
+            group_idx,
+            parsed.labels,
+            self._mask.any(axis=0),
+            self.mask_threshold,
+        )
+        return parsed.features, group_idx, unseen
+
+    def predict(self, X, groups=None, return_std=False):
+        """Posterior-predictive mean (and sd) of each row.
+
+        Parameters
+        ----------
+        X : {array-like, DataFrame} of shape (n_samples, n_features_in)
+            Rows to predict, laid out as in fit. Values of features that are
+            off for a row's group are ignored; NaN in features that are on is
+            integrated out.
+        groups : array-like of shape (n_samples,), default=None
+            Group labels, when they are not a column of ``X``.
+        return_std : bool, default=False
+            Whether to return the predictive sd (noise included).
+
+        Returns
+        -------
+        y_mean : ndarray of shape (n_samples,)
+        y_std : ndarray of shape (n_samples,)
+            Only with ``return_std=True``.
+        """
+        features, group_idx, unseen = self._prepare(X, groups)
+        mean, sd = predictive_moments(
+            features, group_idx, self._mask, self._posterior, unseen
+        )
+        return (mean, sd) if return_std else mean
+
+    def predict_interval(self, X, groups=None, coverage=0.9):
+        """Central posterior-predictive interval of each row.
+
+        The interval is ``mean +/- z sd`` of the moment-matched normal
+        predictive distribution.
+
+        Parameters
+        ----------
+        X : {array-like, DataFrame} of shape (n_samples, n_features_in)
+            Rows to predict.
+        groups : array-like of shape (n_samples,), default=None
+            Group labels, when they are not a column of ``X``.
+        coverage : float in (0, 1), default=0.9
+            Probability mass inside the interval.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, 2)
+            Lower and upper bounds.
+        """
+        if not 0 < coverage < 1:
+            raise ValueError(f"coverage must be in (0, 1), got {coverage!r}.")
+        mean, sd = self.predict(X, groups=groups, return_std=True)
+        z = ndtri(0.5 + coverage / 2)
+        return np.column_stack([mean - z * sd, mean + z * sd])
+
+    def sample_y(self, X, groups=None, n_samples=1, random_state=None):
+        """Draws from the posterior predictive distribution.
+
+        Column ``k`` uses one posterior draw for every row; a group not seen
+        in fit gets group effects that depend only on the seed and its label.
+
+        Parameters
+        ----------
+        X : {array-like, DataFrame} of shape (n_rows, n_features_in)
+            Rows to predict.
+        groups : array-like of shape (n_rows,), default=None
+            Group labels, when they are not a column of ``X``.
+        n_samples : int, default=1
+            Draws per row.
+        random_state : int, RandomState instance or None, default=None
+            Seed; None uses the estimator's ``random_state``.
+
+        Returns
+        -------
+        ndarray of shape (n_rows, n_samples)
+        """
+        if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}.")
+        features, group_idx, unseen = self._prepare(X, groups)
+        rs = self.random_state if random_state is None else random_state
+        if rs is None:
+            seed = self._seed
+        else:
+            seed = int(check_random_state(rs).randint(np.iinfo(np.int32).max))
+        return predictive_draws(
+            features, group_idx, self._mask, self._posterior, unseen, n_samples, seed
+        )
+
+    def score(self, X, y, groups=None, sample_weight=None):
+        """Coefficient of determination R^2 of the posterior-mean prediction.
+
+        Parameters
+        ----------
+        X : {array-like, DataFrame} of shape (n_samples, n_features_in)
+            Rows.
+        y : array-like of shape (n_samples,)
+            True targets.
+        groups : array-like of shape (n_samples,), default=None
+            Group labels, when they are not a column of ``X``.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Weights.
+
+        Returns
+        -------
+        float
+        """
+        return r2_score(y, self.predict(X, groups=groups), sample_weight=sample_weight)
+
+    # ------------------------------------------------------------ pickling
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_hiermask_version"] = _version()
+        return state
+
+    def __setstate__(self, state):
+        saved = state.pop("_hiermask_version", None)
+        if saved is not None and saved.split(".")[:2] != _version().split(".")[:2]:
+            raise ValueError(
+                f"This model was saved with hiermask {saved}; the installed "
+                f"version {_version()} cannot load it. Install hiermask=={saved}."
+            )
+        super().__setstate__(state)

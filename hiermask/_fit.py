@@ -1,0 +1,400 @@
+"""From validated arrays to a posterior in original units (no estimator here).
+
+This module prepares the internal data of either engine, runs NUTS, draws
+what the collapsed engine integrated out, and converts every draw back to the
+units of the data. It takes and returns arrays and small dataclasses only.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._collapsed import CollapsedData, collapsed_model, conditional_draws
+from ._model import DirectData, Hyper, direct_model
+from ._sampler import parameter_diagnostics, run_nuts
+from ._stats import Scaling, centred_design, compute_scaling, group_statistics
+
+__all__ = ["FitConfig", "Posterior", "fit_posterior"]
+
+#: One model object per (engine, pooling), so that the jit cache sees the same
+#: static argument from fit to fit.
+MODELS = {
+    (engine, pooling): functools.partial(fn, pooling=pooling)
+    for engine, fn in (("direct", direct_model), ("collapsed", collapsed_model))
+    for pooling in ("partial", "none", "complete")
+}
+
+#: Group-level parameters are included in the convergence diagnostics while
+#: there are at most this many of them.
+MAX_GROUP_PARAMS_DIAGNOSED = 2000
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Settings of one fit, as resolved by the estimator."""
+
+    pooling: str
+    engine: str
+    standardize: bool
+    coef_prior_scale: float
+    intercept_prior_scale: float
+    group_scale_prior: float
+    noise_prior_scale: float
+    num_warmup: int
+    num_samples: int
+    num_chains: int
+    target_accept_prob: float
+    seed: int
+
+
+@dataclass
+class Posterior:
+    """A fitted posterior in original units over all input features.
+
+    ``q = n_features + 1``; vectors of length ``q`` hold the intercept first.
+    """
+
+    draws: dict  # name -> (n_draws, ...) float64
+    n_chains: int
+    coef_mean: np.ndarray  # (G, q) posterior means
+    coef_cov: np.ndarray  # (G, q, q) posterior covariances
+    unseen_mean: np.ndarray | None  # (q,) population mean of a new group
+    unseen_cov: np.ndarray | None  # (q, q) its covariance (tau^2 included)
+    noise_var: float  # E[sigma^2]
+    x_fill: np.ndarray  # (G, p) E[x] for a NaN in an applicable cell
+    x_var: np.ndarray  # (G, p) Var[x] for such a cell
+    x_fill_population: np.ndarray  # (p,) same for unseen groups
+    x_var_population: np.ndarray  # (p,)
+    prior_reference: dict  # prior location/scale in original units ("none")
+    diagnostics: dict  # name -> (r_hat, ess_bulk, ess_tail) arrays
+    diverging: np.ndarray  # (n_chains, n_draws)
+    tree_steps: np.ndarray  # (n_chains, n_draws)
+    summary_names: list = field(default_factory=list)
+
+
+def _prior_units(scaling: Scaling, standardize: bool):
+    if standardize:
+        return scaling.y_mean, scaling.y_scale, scaling.x_mean, scaling.x_scale
+    p = scaling.x_mean.shape[0]
+    return 0.0, 1.0, np.zeros(p), np.ones(p)
+
+
+def _hyper(config: FitConfig, scaling: Scaling) -> Hyper:
+    _, py, _, px = _prior_units(scaling, config.standardize)
+    r_y = py / scaling.y_scale
+    r = (py / px) * (scaling.x_scale / scaling.y_scale)
+    return Hyper(
+        coef=config.coef_prior_scale * r,
+        intercept=np.asarray(config.intercept_prior_scale * r_y),
+        group_coef=config.group_scale_prior * r,
+        group_intercept=np.asarray(config.group_scale_prior * r_y),
+        noise=np.asarray(config.noise_prior_scale * r_y),
+    )
+
+
+def _latent_layout(latent, group_idx, rows):
+    # latent: (n, p) bool; rows: which rows of latent are stored (in order).
+    cols_with_cells = np.flatnonzero(latent.any(axis=0))
+    slot_of = np.full(latent.shape[1], -1)
+    slot_of[cols_with_cells] = np.arange(cols_with_cells.shape[0])
+    sub = latent[rows]
+    miss_row, miss_col = np.nonzero(sub)
+    return cols_with_cells, miss_row, miss_col, slot_of[miss_col]
+
+
+def _collapsed_data(X, y, w, group_idx, mask, scaling, ref):
+    stats = group_statistics(X, y, w, group_idx, mask, scaling)
+    on = mask.astype(np.float64)
+    rows = stats.incomplete_rows
+    on_rows = mask[group_idx[rows]]
+    design, latent_sub = centred_design(X[rows], on_rows, scaling)
+    latent = np.zeros(X.shape, dtype=bool)
+    latent[rows] = latent_sub
+    cols, miss_row, miss_col, miss_slot = _latent_layout(latent, group_idx, rows)
+    data = CollapsedData(
+        on=on,
+        k=scaling.x_mean / scaling.x_scale,
+        K=ref[2] / scaling.x_scale,
+        e_y=np.asarray((scaling.y_mean - ref[0]) / scaling.y_scale),
+        n=stats.n,
+        gram=stats.gram,
+        xty=stats.xty,
+        yty=stats.yty,
+        inc_group=group_idx[rows],
+        inc_design=design,
+        inc_y=(y[rows] - scaling.y_mean) / scaling.y_scale,
+        inc_w=w[rows],
+        miss_row=miss_row,
+        miss_col=miss_col,
+        miss_slot=miss_slot,
+        impute_cols=cols,
+        x_count=stats.x_count[:, cols],
+        x_sum=stats.x_sum[:, cols],
+        x_sumsq=stats.x_sumsq[:, cols],
+    )
+    return data, latent, stats
+
+
+def _direct_data(X, y, w, group_idx, mask, scaling, ref):
+    on_rows = mask[group_idx]
+    design, latent = centred_design(X, on_rows, scaling)
+    cols, miss_row, miss_col, miss_slot = _latent_layout(
+        latent, group_idx, np.arange(X.shape[0])
+    )
+    observed = (on_rows & ~latent)[:, cols] * w[:, None]
+    data = DirectData(
+        on=mask.astype(np.float64),
+        k=scaling.x_mean / scaling.x_scale,
+        K=ref[2] / scaling.x_scale,
+        e_y=np.asarray((scaling.y_mean - ref[0]) / scaling.y_scale),
+        group_idx=group_idx,
+        design=design,
+        y=(y - scaling.y_mean) / scaling.y_scale,
+        w=w,
+        miss_row=miss_row,
+        miss_col=miss_col,
+        miss_slot=miss_slot,
+        impute_cols=cols,
+        impute_observed=observed,
+    )
+    return data, latent
+
+
+def _to_original(coef_internal, on, scaling):
+    """Internal group coefficients (..., G, q) -> intercept (..., G), slopes."""
+    s_y = scaling.y_scale
+    b0 = coef_internal[..., 0]
+    b = coef_internal[..., 1:] * on
+    k = scaling.x_mean / scaling.x_scale
+    slopes = b * (s_y / scaling.x_scale)
+    intercept = scaling.y_mean + s_y * (b0 - np.sum(b * k, axis=-1))
+    return intercept, slopes
+
+
+def _linear_maps(on, scaling):
+    """Per-group matrices T with original = offset + T @ internal."""
+    n_groups, p = on.shape
+    s_y = scaling.y_scale
+    T = np.zeros((n_groups, p + 1, p + 1))
+    T[:, 0, 0] = s_y
+    T[:, 0, 1:] = -s_y * on * (scaling.x_mean / scaling.x_scale)
+    idx = np.arange(1, p + 1)
+    T[:, idx, idx] = on * (s_y / scaling.x_scale)
+    return T
+
+
+def _expand(values, active, axis=-1):
+    """Put values over active features back into all features (0 elsewhere)."""
+    shape = list(values.shape)
+    shape[axis] = active.shape[0]
+    out = np.zeros(shape)
+    index = [slice(None)] * len(shape)
+    index[axis] = np.flatnonzero(active)
+    out[tuple(index)] = values
+    return out
+
+
+def _impute_moments(draws, data_cols, X, w, group_idx, mask, scaling):
+    """E[x] and Var[x] for NaN in applicable cells, per group and for new ones."""
+    n_groups, p = mask.shape
+    usable = mask[group_idx] & ~np.isnan(X)
+    wu = np.where(usable, w[:, None], 0.0)
+    xz = np.where(usable, X, 0.0)
+    count = np.zeros((n_groups, p))
+    total = np.zeros((n_groups, p))
+    np.add.at(count, group_idx, wu)
+    np.add.at(total, group_idx, wu * xz)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fill = np.where(count > 0, total / count, scaling.x_mean)
+    resid = np.where(usable, X - fill[group_idx], 0.0)
+    dof = np.maximum(count.sum(axis=0) - (count > 0).sum(axis=0), 1.0)
+    pooled_var = (wu * resid**2).sum(axis=0) / dof
+    var = np.broadcast_to(pooled_var, (n_groups, p)).copy()
+    if "x_loc" in draws and len(data_cols):
+        s = scaling.x_scale[data_cols]
+        loc = scaling.x_mean[data_cols] + s * draws["x_loc"]  # (D, G, P)
+        scale2 = (s * draws["x_scale"]) ** 2  # (D, P)
+        fill[:, data_cols] = loc.mean(axis=0)
+        var[:, data_cols] = scale2.mean(axis=0) + loc.var(axis=0)
+    return fill, var, scaling.x_mean.copy(), scaling.x_scale**2
+
+
+def fit_posterior(X, y, w, group_idx, mask, config: FitConfig) -> Posterior:
+    """Fit the model and return its posterior in original units.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+        Features, NaN where missing or not applicable.
+    y : ndarray of shape (n_samples,)
+        Target.
+    w : ndarray of shape (n_samples,)
+        Frequency weights.
+    group_idx : ndarray of shape (n_samples,)
+        Group code of each row.
+    mask : ndarray of shape (n_groups, n_features), bool
+        Which features apply to which group.
+    config : FitConfig
+        Settings.
+
+    Returns
+    -------
+    Posterior
+    """
+    active = mask.any(axis=0)
+    Xa = X[:, active]
+    ma = mask[:, active]
+    on_rows = ma[group_idx]
+    scaling = compute_scaling(Xa, y, w, on_rows)
+    ref = _prior_units(scaling, config.standardize)
+    hyper = _hyper(config, scaling)
+    model = MODELS[(config.engine, config.pooling)]
+    if config.engine == "collapsed":
+        data, _, _ = _collapsed_data(Xa, y, w, group_idx, ma, scaling, ref)
+    else:
+        data, _ = _direct_data(Xa, y, w, group_idx, ma, scaling, ref)
+    values, stats = run_nuts(
+        model,
+        data,
+        hyper,
+        seed_value=config.seed,
+        num_warmup=config.num_warmup,
+        num_samples=config.num_samples,
+        num_chains=config.num_chains,
+        target_accept_prob=config.target_accept_prob,
+    )
+    n_chains = config.num_chains
+    flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in values.items()}
+    on = ma.astype(np.float64)
+    if config.engine == "collapsed":
+        with jax.enable_x64(True):
+            extra, rb_mean, rb_cov = _conditional(
+                jax.random.PRNGKey(config.seed + 1),
+                {k: jnp.asarray(v) for k, v in flat.items()},
+                jax.tree_util.tree_map(jnp.asarray, data),
+                jax.tree_util.tree_map(jnp.asarray, hyper),
+                pooling=config.pooling,
+            )
+            extra = {k: np.asarray(v) for k, v in extra.items()}
+            rb_mean, rb_cov = np.asarray(rb_mean), np.asarray(rb_cov)
+        flat.update(extra)
+    T = _linear_maps(on, scaling)
+    offset = np.zeros(on.shape[1] + 1)
+    offset[0] = scaling.y_mean
+    intercept, slopes = _to_original(flat["group_coef_internal"], on, scaling)
+    if config.engine == "collapsed":
+        mean = offset + np.einsum("gij,gj->gi", T, rb_mean)
+        cov = np.einsum("gij,gjk,glk->gil", T, rb_cov, T)
+    else:
+        both = np.concatenate([intercept[..., None], slopes], axis=-1)
+        mean = both.mean(axis=0)
+        centred = both - mean
+        cov = np.einsum("dgi,dgj->gij", centred, centred) / both.shape[0]
+
+    s_y = scaling.y_scale
+    draws = {"intercept": intercept, "coef": _expand(slopes, active)}
+    draws["noise"] = flat["noise"] * s_y
+    unseen_mean = unseen_cov = None
+    if config.pooling != "none":
+        pop_coef = flat["coef_mean"] * (s_y / scaling.x_scale)
+        pop_int = ref[0] + s_y * flat["intercept_at_means"] - pop_coef @ ref[2]
+        draws["population_intercept"] = pop_int
+        draws["population_coef"] = _expand(pop_coef, active)
+        both = np.concatenate([pop_int[:, None], pop_coef], axis=1)
+        unseen_mean = both.mean(axis=0)
+        unseen_cov = np.cov(both, rowvar=False, bias=True).reshape(
+            both.shape[1], both.shape[1]
+        )
+        if config.pooling == "partial":
+            tau_a = flat["intercept_scale"] * s_y
+            tau = flat["coef_scale"] * (s_y / scaling.x_scale)
+            draws["group_intercept_scale"] = tau_a
+            draws["group_coef_scale"] = _expand(tau, active)
+            unseen_cov = unseen_cov + np.diag(
+                np.concatenate([[np.mean(tau_a**2)], np.mean(tau**2, axis=0)])
+            )
+    full_mean = _expand(mean, np.concatenate([[True], active]))
+    full_cov = _expand(
+        _expand(cov, np.concatenate([[True], active]), axis=-1),
+        np.concatenate([[True], active]),
+        axis=-2,
+    )
+    if unseen_mean is not None:
+        unseen_mean = _expand(unseen_mean, np.concatenate([[True], active]))
+        unseen_cov = _expand(
+            _expand(unseen_cov, np.concatenate([[True], active]), axis=-1),
+            np.concatenate([[True], active]),
+            axis=-2,
+        )
+
+    cols = np.asarray(data.impute_cols)
+    fill, var, fill_pop, var_pop = _impute_moments(
+        flat, cols, Xa, w, group_idx, ma, scaling
+    )
+    prior_reference = {
+        "y_ref": ref[0],
+        "y_unit": ref[1],
+        "x_ref": _expand(ref[2], active),
+        "x_unit": _expand(ref[3], active),
+        "coef_prior_scale": config.coef_prior_scale,
+        "intercept_prior_scale": config.intercept_prior_scale,
+    }
+    diagnostics = _diagnose(draws, n_chains, mask)
+    return Posterior(
+        draws=draws,
+        n_chains=n_chains,
+        coef_mean=full_mean,
+        coef_cov=full_cov,
+        unseen_mean=unseen_mean,
+        unseen_cov=unseen_cov,
+        noise_var=float(np.mean(draws["noise"] ** 2)),
+        x_fill=_expand(fill, active),
+        x_var=_expand(var, active),
+        x_fill_population=_expand(fill_pop, active),
+        x_var_population=_expand(var_pop, active),
+        prior_reference=prior_reference,
+        diagnostics=diagnostics,
+        diverging=stats["diverging"],
+        tree_steps=stats["n_steps"],
+    )
+
+
+_conditional = jax.jit(conditional_draws, static_argnames="pooling")
+
+
+def _diagnose(draws, n_chains, mask):
+    """Convergence diagnostics per reported parameter.
+
+    Population-level parameters and the noise are always diagnosed; group
+    coefficients too while there are at most ``MAX_GROUP_PARAMS_DIAGNOSED``.
+    """
+    n_groups, p = mask.shape
+    out = {}
+
+    def add(name, arr, labels):
+        x = arr.reshape(n_chains, -1, len(labels))
+        r_hat, ess_bulk, ess_tail = parameter_diagnostics(x)
+        for i, label in enumerate(labels):
+            out[f"{name}{label}"] = (r_hat[i], ess_bulk[i], ess_tail[i])
+
+    feats = np.flatnonzero(mask.any(axis=0))
+    for name in ("population_intercept", "group_intercept_scale", "noise"):
+        if name in draws:
+            add(name, draws[name][:, None], [""])
+    for name in ("population_coef", "group_coef_scale"):
+        if name in draws:
+            add(name, draws[name][:, feats], [f"[{j}]" for j in feats])
+    if n_groups * (p + 1) <= MAX_GROUP_PARAMS_DIAGNOSED:
+        add("intercept", draws["intercept"], [f"[{g}]" for g in range(n_groups)])
+        gs, js = np.nonzero(mask)
+        add(
+            "coef",
+            draws["coef"][:, gs, js],
+            [f"[{g}, {j}]" for g, j in zip(gs, js, strict=True)],
+        )
+    return out

@@ -1,0 +1,204 @@
+"""The reference NumPyro model (direct engine): one likelihood term per row.
+
+The model is the one of the design document, written on the internal centred
+and scaled design of :mod:`hiermask._stats` (an exact reparametrization):
+
+* ``u_i = (y_i - m_y) / s_y`` and ``c_ij = (x_ij - m_j) / s_j``;
+* slopes ``b_gj = beta_gj * s_j / s_y`` and the intercept at the centring
+  point ``a_g = (alpha_g + sum_j beta_gj m_j - m_y) / s_y`` (sums over the
+  features that are on for ``g``);
+* the intercept prior sits on ``ell = (alpha + sum_j beta_j M_j - M_y) / s_y``
+  where ``M`` are the prior reference points (the data means when
+  ``standardize=True``, zero otherwise), so that
+  ``a_g = ell - e_y - sum_j mu_j K_j + tau_a z_ag + sum_{j on} b_gj k_j`` with
+  ``k = m / s``, ``K = M / s`` and ``e_y = (m_y - M_y) / s_y``.
+
+Every prior scale arrives already converted to these internal units
+(:class:`Hyper`), so the same compiled program serves any prior scale.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+
+__all__ = [
+    "IMPUTE_LOC_SCALE",
+    "IMPUTE_SCALE_SCALE",
+    "DirectData",
+    "Hyper",
+    "direct_model",
+    "sample_imputation",
+    "sample_population",
+]
+
+#: Prior sd of a group's mean of a feature in internal (standardized) units.
+IMPUTE_LOC_SCALE = 2.0
+#: HalfNormal scale of the within-group sd of a feature, internal units.
+IMPUTE_SCALE_SCALE = 2.0
+
+
+class Hyper(NamedTuple):
+    """Prior scales in internal units (traced, never static)."""
+
+    coef: jnp.ndarray  # (p,) sd of population slopes (slopes under "none")
+    intercept: jnp.ndarray  # () sd of the intercept at the reference point
+    group_coef: jnp.ndarray  # (p,) HalfNormal scale of between-group slope sd
+    group_intercept: jnp.ndarray  # () HalfNormal scale of between-group intercept sd
+    noise: jnp.ndarray  # () HalfNormal scale of the residual sd
+
+
+class DirectData(NamedTuple):
+    """Row-level data of the direct engine (internal units)."""
+
+    on: jnp.ndarray  # (G, p) 1.0 where the feature applies to the group
+    k: jnp.ndarray  # (p,) centring points m / s
+    K: jnp.ndarray  # (p,) prior reference points M / s
+    e_y: jnp.ndarray  # () (m_y - M_y) / s_y
+    group_idx: jnp.ndarray  # (n,)
+    design: jnp.ndarray  # (n, p) centred design, 0 at off and latent cells
+    y: jnp.ndarray  # (n,)
+    w: jnp.ndarray  # (n,)
+    miss_row: jnp.ndarray  # (M,) row of each latent cell
+    miss_col: jnp.ndarray  # (M,) feature of each latent cell
+    miss_slot: jnp.ndarray  # (M,) position of that feature in impute_cols
+    impute_cols: jnp.ndarray  # (P,) features that hold latent cells
+    impute_observed: jnp.ndarray  # (n, P) weight of observed applicable cells
+
+
+def sample_population(pooling, n_features, hyper):
+    """Sample the population-level sites shared by both engines.
+
+    Parameters
+    ----------
+    pooling : {"partial", "complete"}
+        Pooling mode.
+    n_features : int
+        Number of active features.
+    hyper : Hyper
+        Prior scales in internal units.
+
+    Returns
+    -------
+    dict
+        ``ell``, ``mu`` and, under partial pooling, ``tau_a`` and ``tau``.
+    """
+    out = {
+        "ell": numpyro.sample("intercept_at_means", dist.Normal(0.0, hyper.intercept)),
+        "mu": numpyro.sample(
+            "coef_mean", dist.Normal(jnp.zeros(n_features), hyper.coef).to_event(1)
+        ),
+    }
+    if pooling == "partial":
+        out["tau_a"] = numpyro.sample(
+            "intercept_scale", dist.HalfNormal(hyper.group_intercept)
+        )
+        out["tau"] = numpyro.sample(
+            "coef_scale",
+            dist.HalfNormal(hyper.group_coef * jnp.ones(n_features)).to_event(1),
+        )
+    return out
+
+
+def sample_imputation(n_groups, impute_cols, miss_group, miss_slot):
+    """Sample the imputation model and the latent cells.
+
+    A latent cell of feature ``j`` in group ``g`` is ``Normal(loc_gj,
+    scale_j)`` in internal units; ``loc`` and ``scale`` are learned from the
+    observed cells (the caller adds their likelihood).
+
+    Parameters
+    ----------
+    n_groups : int
+        Number of groups.
+    impute_cols : array of shape (P,)
+        Features that hold latent cells.
+    miss_group, miss_slot : array of shape (M,)
+        Group and position in ``impute_cols`` of each latent cell.
+
+    Returns
+    -------
+    loc : array of shape (n_groups, P)
+    scale : array of shape (P,)
+    cells : array of shape (M,)
+    """
+    n_cols = impute_cols.shape[0]
+    loc = numpyro.sample(
+        "x_loc",
+        dist.Normal(jnp.zeros((n_groups, n_cols)), IMPUTE_LOC_SCALE).to_event(2),
+    )
+    scale = numpyro.sample(
+        "x_scale", dist.HalfNormal(IMPUTE_SCALE_SCALE * jnp.ones(n_cols)).to_event(1)
+    )
+    cells = numpyro.sample(
+        "x_missing",
+        dist.Normal(loc[miss_group, miss_slot], scale[miss_slot]).to_event(1),
+    )
+    return loc, scale, cells
+
+
+def direct_model(data: DirectData, hyper: Hyper, pooling: str = "partial"):
+    """Reference model: non-centred hierarchy, one likelihood term per row.
+
+    Parameters
+    ----------
+    data : DirectData
+        Row-level data in internal units.
+    hyper : Hyper
+        Prior scales in internal units.
+    pooling : {"partial", "none", "complete"}
+        Pooling mode.
+    """
+    n_groups, n_features = data.on.shape
+    design = data.design
+    if data.miss_row.shape[0]:
+        miss_group = data.group_idx[data.miss_row]
+        loc, scale, cells = sample_imputation(
+            n_groups, data.impute_cols, miss_group, data.miss_slot
+        )
+        design = design.at[data.miss_row, data.miss_col].set(cells)
+        observed = design[:, data.impute_cols]
+        logp = dist.Normal(loc[data.group_idx], scale).log_prob(observed)
+        numpyro.factor("x_observed", jnp.sum(data.impute_observed * logp))
+
+    sigma = numpyro.sample("noise", dist.HalfNormal(hyper.noise))
+    on = data.on
+    if pooling == "none":
+        ell = numpyro.sample(
+            "intercept_at_means",
+            dist.Normal(jnp.zeros(n_groups), hyper.intercept).to_event(1),
+        )
+        coef = numpyro.sample(
+            "coef",
+            dist.Normal(jnp.zeros((n_groups, n_features)), hyper.coef).to_event(2),
+        )
+        slopes = coef * on
+        intercept = ell - data.e_y + jnp.sum(slopes * (data.k - data.K), axis=-1)
+    else:
+        pop = sample_population(pooling, n_features, hyper)
+        intercept = pop["ell"] - data.e_y - jnp.sum(pop["mu"] * data.K)
+        if pooling == "partial":
+            z_a = numpyro.sample(
+                "intercept_offset", dist.Normal(jnp.zeros(n_groups), 1.0).to_event(1)
+            )
+            z = numpyro.sample(
+                "coef_offset",
+                dist.Normal(jnp.zeros((n_groups, n_features)), 1.0).to_event(2),
+            )
+            slopes = (pop["mu"] + pop["tau"] * z) * on
+            intercept = intercept + pop["tau_a"] * z_a
+        else:
+            slopes = pop["mu"] * on
+        intercept = intercept + jnp.sum(slopes * data.k, axis=-1)
+    coef = jnp.concatenate([intercept[:, None], slopes], axis=1)
+    numpyro.deterministic("group_coef_internal", coef)
+
+    mean = coef[data.group_idx, 0] + jnp.sum(coef[data.group_idx, 1:] * design, axis=-1)
+    with (
+        numpyro.plate("rows", data.y.shape[0]),
+        numpyro.handlers.scale(scale=data.w),
+    ):
+        numpyro.sample("y", dist.Normal(mean, sigma), obs=data.y)

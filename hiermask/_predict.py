@@ -1,0 +1,278 @@
+"""Posterior predictive mean, sd and draws, for seen and unseen groups.
+
+Pure NumPy, chunked over rows. Mean and sd use closed forms: with
+``xt = [1, x]`` (off features 0, NaN in applicable features replaced by
+their expectation) and a group's posterior coefficient mean ``m`` and
+covariance ``S``,
+
+    E[y]   = xt'm
+    Var[y] = xt'S xt + E[sigma^2] + sum_{NaN j} E[beta_j^2] Var[x_j]
+
+so no draws x rows matrix is ever formed. A group not seen in fit takes the
+population mean and a covariance that includes the between-group variance
+(or the prior under ``pooling="none"``).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+__all__ = ["label_seed", "predictive_draws", "predictive_moments", "unseen_masks"]
+
+#: Rows per chunk in the predict loops.
+CHUNK_ROWS = 1 << 16
+
+
+def unseen_masks(X, group_idx, labels, fitted_active, threshold):
+    """Masks of unseen groups, read from their own rows.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+    group_idx : ndarray of shape (n_samples,)
+        Fitted code of each row, -1 for unseen groups.
+    labels : ndarray of shape (n_samples,) or None
+        Labels of the rows.
+    fitted_active : ndarray of shape (n_features,), bool
+        Features that have a parameter at all.
+    threshold : float
+        NaN fraction at which a feature is off.
+
+    Returns
+    -------
+    codes : ndarray of shape (n_samples,)
+        Index into ``unseen_labels`` for unseen rows, -1 elsewhere.
+    unseen_labels : ndarray of shape (n_unseen,)
+    mask : ndarray of shape (n_unseen, n_features), bool
+    """
+    rows = np.flatnonzero(group_idx < 0)
+    codes = np.full(group_idx.shape[0], -1, dtype=np.int64)
+    if rows.size == 0:
+        return codes, np.zeros(0, dtype=object), np.zeros((0, X.shape[1]), bool)
+    try:
+        uniq, inv = np.unique(labels[rows].astype(str), return_inverse=True)
+        first = np.array([np.flatnonzero(inv == i)[0] for i in range(len(uniq))])
+        unseen_labels = labels[rows][first]
+    except TypeError:  # pragma: no cover - labels always stringify
+        raise
+    codes[rows] = inv
+    isnan = np.isnan(X[rows])
+    n = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
+    frac = (
+        np.stack(
+            [
+                np.bincount(inv, weights=isnan[:, j], minlength=len(uniq))
+                for j in range(X.shape[1])
+            ],
+            axis=1,
+        ).reshape(len(uniq), X.shape[1])
+        / n[:, None]
+    )
+    return codes, unseen_labels, (frac < threshold) & fitted_active
+
+
+def _design(X, on, fill):
+    nan = np.isnan(X)
+    x = np.where(nan, fill, X)
+    x = np.where(on, x, 0.0)
+    return np.concatenate([np.ones((X.shape[0], 1)), x], axis=1), nan & on
+
+
+def _none_prior_moments(on, prior):
+    """Prior mean and covariance of a new group's coefficients ("none")."""
+    p = on.shape[0]
+    sd_l = prior["intercept_prior_scale"] * prior["y_unit"]
+    sd_b = np.where(
+        on, prior["coef_prior_scale"] * prior["y_unit"] / prior["x_unit"], 0.0
+    )
+    m_x = np.where(on, prior["x_ref"], 0.0)
+    mean = np.zeros(p + 1)
+    mean[0] = prior["y_ref"]
+    cov = np.zeros((p + 1, p + 1))
+    cov[0, 0] = sd_l**2 + np.sum((sd_b * m_x) ** 2)
+    cov[0, 1:] = cov[1:, 0] = -(sd_b**2) * m_x
+    cov[1:, 1:] = np.diag(sd_b**2)
+    return mean, cov
+
+
+def group_moments(posterior, unseen_mask):
+    """Coefficient mean and covariance of every unseen group.
+
+    Parameters
+    ----------
+    posterior : Posterior
+    unseen_mask : ndarray of shape (n_unseen, n_features), bool
+
+    Returns
+    -------
+    mean : ndarray of shape (n_unseen, q)
+    cov : ndarray of shape (n_unseen, q, q)
+    """
+    n_unseen, p = unseen_mask.shape
+    mean = np.zeros((n_unseen, p + 1))
+    cov = np.zeros((n_unseen, p + 1, p + 1))
+    onq = np.concatenate([np.ones((n_unseen, 1), bool), unseen_mask], axis=1)
+    for u in range(n_unseen):
+        if posterior.unseen_mean is None:
+            m, c = _none_prior_moments(unseen_mask[u], posterior.prior_reference)
+        else:
+            m, c = posterior.unseen_mean, posterior.unseen_cov
+        mean[u] = m * onq[u]
+        cov[u] = c * onq[u][:, None] * onq[u][None, :]
+    return mean, cov
+
+
+def predictive_moments(X, group_idx, mask, posterior, unseen):
+    """Mean and sd of the posterior predictive of every row.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+    group_idx : ndarray of shape (n_samples,)
+        Fitted code, -1 for unseen groups.
+    mask : ndarray of shape (n_groups, n_features), bool
+        Fitted mask.
+    posterior : Posterior
+    unseen : tuple
+        ``(codes, labels, mask)`` from :func:`unseen_masks`.
+
+    Returns
+    -------
+    mean, sd : ndarray of shape (n_samples,)
+    """
+    codes, _, umask = unseen
+    umean, ucov = group_moments(posterior, umask)
+    n = X.shape[0]
+    mean = np.empty(n)
+    var = np.empty(n)
+    for start in range(0, n, CHUNK_ROWS):
+        sl = slice(start, min(start + CHUNK_ROWS, n))
+        g = group_idx[sl]
+        seen = g >= 0
+        gs = np.where(seen, g, 0)
+        uc = np.where(seen, 0, codes[sl])
+        on = np.where(seen[:, None], mask[gs], umask[uc] if len(umask) else False)
+        fill = np.where(
+            seen[:, None], posterior.x_fill[gs], posterior.x_fill_population
+        )
+        xvar = np.where(seen[:, None], posterior.x_var[gs], posterior.x_var_population)
+        m = np.where(
+            seen[:, None], posterior.coef_mean[gs], umean[uc] if len(umean) else 0
+        )
+        c = np.where(
+            seen[:, None, None], posterior.coef_cov[gs], ucov[uc] if len(ucov) else 0
+        )
+        xt, latent = _design(X[sl], on, fill)
+        mean[sl] = np.einsum("ni,ni->n", xt, m)
+        v = np.einsum("ni,nij,nj->n", xt, c, xt) + posterior.noise_var
+        beta2 = m[:, 1:] ** 2 + np.diagonal(c, axis1=1, axis2=2)[:, 1:]
+        var[sl] = v + np.sum(np.where(latent, beta2 * xvar, 0.0), axis=1)
+    return mean, np.sqrt(np.maximum(var, 0.0))
+
+
+def label_seed(seed, label):
+    """Stable integer seed for an unseen group's effects.
+
+    Parameters
+    ----------
+    seed : int
+        Base seed (from ``random_state``).
+    label : object
+        The group label.
+
+    Returns
+    -------
+    list of int
+        Entropy for :func:`numpy.random.default_rng`.
+    """
+    return [int(seed), zlib.crc32(repr(label).encode("utf8"))]
+
+
+def _unseen_draws(posterior, label, on, seed, draw_idx):
+    """Coefficient draws (n_samples, q) of one unseen group at given draws."""
+    draws = posterior.draws
+    p = on.shape[0]
+    n_draws = draws["noise"].shape[0]
+    rng = np.random.default_rng(label_seed(seed, label))
+    z = rng.standard_normal((n_draws, p + 1))[draw_idx]
+    if "population_intercept" not in draws:
+        prior = posterior.prior_reference
+        sd_l = prior["intercept_prior_scale"] * prior["y_unit"]
+        sd_b = prior["coef_prior_scale"] * prior["y_unit"] / prior["x_unit"]
+        beta = z[:, 1:] * sd_b * on
+        alpha = (
+            prior["y_ref"] + sd_l * z[:, 0] - beta @ np.where(on, prior["x_ref"], 0.0)
+        )
+        return np.concatenate([alpha[:, None], beta], axis=1)
+    alpha = draws["population_intercept"][draw_idx]
+    beta = draws["population_coef"][draw_idx].copy()
+    if "group_intercept_scale" in draws:
+        alpha = alpha + draws["group_intercept_scale"][draw_idx] * z[:, 0]
+        beta = beta + draws["group_coef_scale"][draw_idx] * z[:, 1:]
+    return np.concatenate([alpha[:, None], beta * on], axis=1)
+
+
+def predictive_draws(X, group_idx, mask, posterior, unseen, n_samples, seed):
+    """Draws from the posterior predictive, one posterior draw per column.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_rows, n_features)
+    group_idx : ndarray of shape (n_rows,)
+        Fitted code, -1 for unseen groups.
+    mask : ndarray of shape (n_groups, n_features), bool
+    posterior : Posterior
+    unseen : tuple
+        ``(codes, labels, mask)`` from :func:`unseen_masks`.
+    n_samples : int
+        Number of draws per row.
+    seed : int
+        Seed; unseen groups' effects depend only on it and their label.
+
+    Returns
+    -------
+    ndarray of shape (n_rows, n_samples)
+    """
+    codes, ulabels, umask = unseen
+    draws = posterior.draws
+    rng = np.random.default_rng([int(seed), 0])
+    n_draws = draws["noise"].shape[0]
+    draw_idx = rng.integers(0, n_draws, size=n_samples)
+    n, p = X.shape
+    out = np.empty((n, n_samples))
+    sigma = draws["noise"][draw_idx]
+    unseen_coef = [
+        _unseen_draws(posterior, ulabels[u], umask[u], seed, draw_idx)
+        for u in range(len(ulabels))
+    ]
+    for start in range(0, n, max(1, CHUNK_ROWS // max(n_samples, 1))):
+        sl = slice(start, min(start + max(1, CHUNK_ROWS // max(n_samples, 1)), n))
+        g = group_idx[sl]
+        seen = g >= 0
+        gs = np.where(seen, g, 0)
+        uc = np.where(seen, 0, codes[sl])
+        on = np.where(seen[:, None], mask[gs], umask[uc] if len(umask) else False)
+        fill = np.where(
+            seen[:, None], posterior.x_fill[gs], posterior.x_fill_population
+        )
+        xvar = np.where(seen[:, None], posterior.x_var[gs], posterior.x_var_population)
+        Xc = X[sl]
+        latent = np.isnan(Xc) & on
+        # x: (rows, samples, p), latent cells drawn from their predictive
+        noise_x = rng.standard_normal((Xc.shape[0], n_samples, p))
+        x = np.where(latent, fill, np.where(on, np.nan_to_num(Xc), 0.0))[:, None, :]
+        x = x + np.where(latent[:, None, :], np.sqrt(xvar)[:, None, :] * noise_x, 0.0)
+        coef = np.empty((Xc.shape[0], n_samples, p + 1))
+        if seen.any():
+            rows = np.flatnonzero(seen)
+            coef[rows, :, 0] = draws["intercept"][draw_idx][:, g[rows]].T
+            coef[rows, :, 1:] = np.transpose(
+                draws["coef"][draw_idx][:, g[rows]], (1, 0, 2)
+            )
+        for r in np.flatnonzero(~seen):
+            coef[r] = unseen_coef[uc[r]]
+        mean = coef[..., 0] + np.sum(coef[..., 1:] * x, axis=-1)
+        out[sl] = mean + sigma * rng.standard_normal((Xc.shape[0], n_samples))
+    return out

@@ -1,0 +1,224 @@
+"""Scaling and per-group sufficient statistics (pure NumPy, chunked).
+
+The engines work on an internal design that is an exact reparametrization of
+the model on the data as given: every feature is centred and scaled,
+``c_ij = (x_ij - m_j) / s_j``, and the target is ``(y - m_y) / s_y``, with the
+weighted means and standard deviations of the observed cells. Cells of
+features that are off for the row's group are set to zero, so their columns
+of the per-group design vanish, and NaN in features that are on (latent cells)
+are left out of the precomputed statistics and flagged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = [
+    "GroupStats",
+    "Scaling",
+    "centred_design",
+    "compute_scaling",
+    "group_statistics",
+]
+
+#: Cells (rows x entries of an outer product) handled per chunk.
+_CHUNK_CELLS = 1 << 22
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Weighted location and scale of the target and the features.
+
+    Attributes
+    ----------
+    y_mean, y_scale : float
+        Weighted mean and sd of y (sd 1.0 when y is constant).
+    x_mean, x_scale : ndarray of shape (n_features,)
+        Weighted mean and sd of the observed, applicable cells of each feature
+        (sd 1.0 for a constant feature).
+    """
+
+    y_mean: float
+    y_scale: float
+    x_mean: np.ndarray
+    x_scale: np.ndarray
+
+
+def _safe_scale(sd):
+    sd = np.asarray(sd, dtype=np.float64)
+    return np.where(np.isfinite(sd) & (sd > 0), sd, 1.0)
+
+
+def compute_scaling(X, y, w, on_rows) -> Scaling:
+    """Weighted moments of y and of each feature over its usable cells.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+        Features, NaN where missing.
+    y : ndarray of shape (n_samples,)
+        Target.
+    w : ndarray of shape (n_samples,)
+        Frequency weights.
+    on_rows : ndarray of shape (n_samples, n_features), bool
+        Whether the feature applies to the row's group.
+
+    Returns
+    -------
+    Scaling
+    """
+    wsum = w.sum()
+    y_mean = float(np.dot(w, y) / wsum)
+    y_scale = float(_safe_scale(np.sqrt(np.dot(w, (y - y_mean) ** 2) / wsum)))
+    usable = on_rows & ~np.isnan(X)
+    wx = np.where(usable, w[:, None], 0.0)
+    xz = np.where(usable, X, 0.0)
+    wj = wx.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        x_mean = np.where(wj > 0, (wx * xz).sum(axis=0) / wj, 0.0)
+        var = (wx * (xz - x_mean) ** 2).sum(axis=0) / wj
+    return Scaling(y_mean, y_scale, x_mean, _safe_scale(np.sqrt(var)))
+
+
+def centred_design(X, on_rows, scaling: Scaling):
+    """Centred, scaled design with off cells and missing cells set to zero.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+        Features, NaN where missing.
+    on_rows : ndarray of shape (n_samples, n_features), bool
+        Whether the feature applies to the row's group.
+    scaling : Scaling
+        Location and scale of the features.
+
+    Returns
+    -------
+    design : ndarray of shape (n_samples, n_features)
+        ``(x - m) / s`` on applicable observed cells, 0 elsewhere.
+    latent : ndarray of shape (n_samples, n_features), bool
+        Applicable cells that are NaN.
+    """
+    latent = on_rows & np.isnan(X)
+    design = (X - scaling.x_mean) / scaling.x_scale
+    design = np.where(on_rows & ~latent, design, 0.0)
+    return design, latent
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Sufficient statistics of the complete rows of each group.
+
+    With the internal design ``Xt = [1, c]`` of a group (c as in
+    :func:`centred_design`), target ``u = (y - m_y) / s_y`` and weights ``W``.
+
+    Attributes
+    ----------
+    n : ndarray of shape (n_groups,)
+        Sum of weights.
+    gram : ndarray of shape (n_groups, q, q)
+        ``Xt' W Xt`` with ``q = n_features + 1``.
+    xty : ndarray of shape (n_groups, q)
+        ``Xt' W u``.
+    yty : ndarray of shape (n_groups,)
+        ``u' W u``.
+    incomplete_rows : ndarray of shape (n_incomplete,), int64
+        Rows left out because they hold latent cells.
+    x_count, x_sum, x_sumsq : ndarray of shape (n_groups, n_features)
+        Weighted count, sum and sum of squares of the observed applicable
+        cells of each feature in the internal units, for the imputation model.
+    """
+
+    n: np.ndarray
+    gram: np.ndarray
+    xty: np.ndarray
+    yty: np.ndarray
+    incomplete_rows: np.ndarray
+    x_count: np.ndarray
+    x_sum: np.ndarray
+    x_sumsq: np.ndarray
+
+
+def group_statistics(
+    X, y, w, group_idx, mask, scaling: Scaling, *, chunk_cells=_CHUNK_CELLS
+) -> GroupStats:
+    """One chunked float64 pass over the rows that sums per-group statistics.
+
+    Peak extra memory is one chunk of outer products (about ``chunk_cells``
+    floats) besides the inputs.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+        Features, NaN where missing.
+    y : ndarray of shape (n_samples,)
+        Target.
+    w : ndarray of shape (n_samples,)
+        Frequency weights.
+    group_idx : ndarray of shape (n_samples,)
+        Group code of each row.
+    mask : ndarray of shape (n_groups, n_features), bool
+        Which features apply to which group.
+    scaling : Scaling
+        Internal location and scale.
+    chunk_cells : int
+        Size of a chunk, in floats.
+
+    Returns
+    -------
+    GroupStats
+    """
+    n_samples, n_features = X.shape
+    n_groups = mask.shape[0]
+    q = n_features + 1
+    gram = np.zeros((n_groups, q * q))
+    xty = np.zeros((n_groups, q))
+    yty = np.zeros(n_groups)
+    total = np.zeros(n_groups)
+    x_count = np.zeros((n_groups, n_features))
+    x_sum = np.zeros((n_groups, n_features))
+    x_sumsq = np.zeros((n_groups, n_features))
+    incomplete = []
+    step = max(256, chunk_cells // (q * q))
+    for start in range(0, n_samples, step):
+        sl = slice(start, min(start + step, n_samples))
+        g = group_idx[sl]
+        wc = w[sl]
+        on = mask[g]
+        design, latent = centred_design(X[sl], on, scaling)
+        observed = on & ~latent
+        for j in range(n_features):
+            wo = np.where(observed[:, j], wc, 0.0)
+            x_count[:, j] += np.bincount(g, weights=wo, minlength=n_groups)
+            x_sum[:, j] += np.bincount(g, weights=wo * design[:, j], minlength=n_groups)
+            x_sumsq[:, j] += np.bincount(
+                g, weights=wo * design[:, j] ** 2, minlength=n_groups
+            )
+        has_latent = latent.any(axis=1)
+        if has_latent.any():
+            incomplete.append(start + np.flatnonzero(has_latent))
+        wk = np.where(has_latent, 0.0, wc)
+        u = (y[sl] - scaling.y_mean) / scaling.y_scale
+        xt = np.concatenate([np.ones((design.shape[0], 1)), design], axis=1)
+        onehot = sp.csr_matrix(
+            (wk, (g, np.arange(g.shape[0]))), shape=(n_groups, g.shape[0])
+        )
+        outer = (xt[:, :, None] * xt[:, None, :]).reshape(-1, q * q)
+        gram += onehot @ outer
+        xty += onehot @ (xt * u[:, None])
+        yty += np.bincount(g, weights=wk * u * u, minlength=n_groups)
+        total += np.bincount(g, weights=wk, minlength=n_groups)
+    rows = np.concatenate(incomplete) if incomplete else np.zeros(0, dtype=np.int64)
+    return GroupStats(
+        n=total,
+        gram=gram.reshape(n_groups, q, q),
+        xty=xty,
+        yty=yty,
+        incomplete_rows=rows.astype(np.int64),
+        x_count=x_count,
+        x_sum=x_sum,
+        x_sumsq=x_sumsq,
+    )

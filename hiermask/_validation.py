@@ -1,0 +1,340 @@
+"""Input checks: group column extraction, feature conversion, label encoding.
+
+Everything here is pure NumPy/pandas and never modifies what the user passed:
+every array that leaves these functions is a fresh copy or a read-only view
+that the callers do not write to.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.utils import check_array, column_or_1d
+from sklearn.utils.validation import _check_sample_weight
+
+__all__ = [
+    "ParsedX",
+    "check_target",
+    "check_weights",
+    "encode_groups",
+    "lookup_groups",
+    "split_groups",
+]
+
+
+@dataclass(frozen=True)
+class ParsedX:
+    """Features and group labels taken apart from one ``X``.
+
+    Attributes
+    ----------
+    features : ndarray of shape (n_samples, n_features), float64
+        The feature columns, NaN where missing.
+    labels : ndarray of shape (n_samples,) or None
+        The group label of each row, or None when no groups were given.
+    feature_names : list of str
+        Names of the feature columns in input order.
+    """
+
+    features: np.ndarray
+    labels: np.ndarray | None
+    feature_names: list[str]
+
+
+def _describe_rows(rows: np.ndarray, limit: int = 5) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:limit])
+    more = f", ... ({len(rows)} in all)" if len(rows) > limit else ""
+    return f"row(s) {shown}{more}"
+
+
+def _resolve_frame_column(X: pd.DataFrame, group_col) -> int:
+    columns = list(X.columns)
+    if group_col in columns:
+        return columns.index(group_col)
+    if isinstance(group_col, numbers.Integral) and not isinstance(group_col, bool):
+        if -len(columns) <= group_col < len(columns):
+            return int(group_col) % len(columns)
+        raise ValueError(
+            f"group_col={group_col!r} is out of range for X with "
+            f"{len(columns)} columns."
+        )
+    raise ValueError(
+        f"group_col={group_col!r} is not a column of X; its columns are {columns}."
+    )
+
+
+def _frame_features(X: pd.DataFrame, keep: list[int]) -> tuple[np.ndarray, list]:
+    out = np.empty((X.shape[0], len(keep)), dtype=np.float64)
+    names = []
+    for out_j, j in enumerate(keep):
+        col = X.iloc[:, j]
+        name = X.columns[j]
+        names.append(name)
+        if pd.api.types.is_bool_dtype(col.dtype) or pd.api.types.is_numeric_dtype(
+            col.dtype
+        ):
+            if pd.api.types.is_complex_dtype(col.dtype):
+                raise ValueError(f"Complex data not supported: column {name!r}.")
+            out[:, out_j] = col.to_numpy(dtype=np.float64, na_value=np.nan)
+            continue
+        try:
+            out[:, out_j] = pd.to_numeric(col, errors="raise").to_numpy(
+                dtype=np.float64, na_value=np.nan
+            )
+        except (ValueError, TypeError) as exc:
+            raise ValueError(
+                f"Feature column {name!r} has non-numeric dtype {col.dtype} "
+                f"({exc}). Features must be numeric; only the group column may "
+                "hold labels."
+            ) from None
+    return out, names
+
+
+def split_groups(X, group_col=None, groups=None, *, ensure_min_samples=1) -> ParsedX:
+    """Take the group labels out of ``X`` and convert the rest to float64.
+
+    Parameters
+    ----------
+    X : array-like or DataFrame of shape (n_samples, n_columns)
+        The input as the user gave it.
+    group_col : str, int or None
+        Column label (DataFrame) or position of the group column.
+    groups : array-like of shape (n_samples,) or None
+        Group labels given separately.
+    ensure_min_samples : int, default=1
+        Fewest rows accepted.
+
+    Returns
+    -------
+    ParsedX
+        The features, labels and feature names.
+    """
+    if group_col is not None and groups is not None:
+        raise ValueError(
+            "Groups were given twice: both group_col and groups=. Give the group "
+            "labels either as a column of X (group_col) or as groups=, not both."
+        )
+    if isinstance(X, pd.DataFrame):
+        if X.columns.has_duplicates:
+            dup = sorted({str(c) for c in X.columns[X.columns.duplicated()]})
+            raise ValueError(f"X has duplicate column names: {dup}.")
+        if X.shape[0] < ensure_min_samples:
+            raise ValueError(
+                f"Found array with {X.shape[0]} sample(s) (shape={X.shape}) while "
+                f"a minimum of {ensure_min_samples} is required."
+            )
+        keep = list(range(X.shape[1]))
+        labels = None
+        if group_col is not None:
+            pos = _resolve_frame_column(X, group_col)
+            labels = X.iloc[:, pos].to_numpy(dtype=object, na_value=np.nan)
+            if isinstance(X.iloc[:, pos].dtype, pd.CategoricalDtype):
+                labels = np.asarray(X.iloc[:, pos].astype(object), dtype=object)
+            keep.remove(pos)
+        elif X.shape[1] == 0:
+            raise ValueError("X has 0 feature(s); a minimum of 1 is required.")
+        features, names = _frame_features(X, keep)
+        names = [str(n) for n in names]
+    else:
+        arr = check_array(
+            X,
+            dtype=None,
+            ensure_all_finite=False,
+            ensure_min_samples=ensure_min_samples,
+            ensure_min_features=1,
+            input_name="X",
+        )
+        keep = list(range(arr.shape[1]))
+        labels = None
+        if group_col is not None:
+            if not isinstance(group_col, numbers.Integral) or isinstance(
+                group_col, bool
+            ):
+                raise ValueError(
+                    f"group_col={group_col!r} must be an int position when X is "
+                    "not a DataFrame."
+                )
+            if not -arr.shape[1] <= group_col < arr.shape[1]:
+                raise ValueError(
+                    f"group_col={group_col} is out of range for X with "
+                    f"{arr.shape[1]} columns."
+                )
+            pos = int(group_col) % arr.shape[1]
+            labels = np.asarray(arr[:, pos], dtype=object)
+            keep.remove(pos)
+        features = check_array(
+            arr[:, keep],
+            dtype=np.float64,
+            ensure_all_finite=False,
+            ensure_min_features=0,
+            ensure_min_samples=0,
+            copy=True,
+            input_name="X",
+        )
+        names = [f"x{j}" for j in keep]
+    if groups is not None:
+        labels = np.asarray(column_or_1d(np.asarray(groups, dtype=object)))
+        if labels.shape[0] != features.shape[0]:
+            raise ValueError(
+                f"groups has {labels.shape[0]} labels but X has "
+                f"{features.shape[0]} rows."
+            )
+    inf = np.isinf(features)
+    if inf.any():
+        bad = [
+            f"{names[j]!r} ({int(inf[:, j].sum())} cell(s))"
+            for j in np.flatnonzero(inf.any(axis=0))
+        ]
+        raise ValueError(
+            "Input X contains infinity in feature column(s) "
+            + ", ".join(bad)
+            + ". Replace it with a finite value or NaN."
+        )
+    return ParsedX(features=features, labels=labels, feature_names=names)
+
+
+def _label_is_missing(labels: np.ndarray) -> np.ndarray:
+    return np.asarray(pd.isna(labels), dtype=bool)
+
+
+def encode_groups(labels: np.ndarray | None, n_samples: int):
+    """Encode fit-time group labels as integer codes.
+
+    Parameters
+    ----------
+    labels : ndarray of shape (n_samples,) or None
+        Group labels; None means one group.
+    n_samples : int
+        Number of rows.
+
+    Returns
+    -------
+    groups : ndarray of shape (n_groups,)
+        The distinct labels, sorted when they are comparable, else in order
+        of first appearance.
+    group_idx : ndarray of shape (n_samples,), int64
+        Code of each row.
+    """
+    if labels is None:
+        return np.array([0], dtype=object), np.zeros(n_samples, dtype=np.int64)
+    missing = _label_is_missing(labels)
+    if missing.any():
+        rows = np.flatnonzero(missing)
+        raise ValueError(
+            f"Group labels contain NaN/None at {_describe_rows(rows)}. Every row "
+            "used for fitting needs a group."
+        )
+    try:
+        codes, uniques = pd.factorize(labels, sort=True)
+    except TypeError:
+        codes, uniques = pd.factorize(labels, sort=False)
+    return np.asarray(uniques, dtype=object), codes.astype(np.int64)
+
+
+def lookup_groups(groups: np.ndarray, labels: np.ndarray | None, n_samples: int):
+    """Map predict-time labels to fitted group codes; -1 marks unseen groups.
+
+    Parameters
+    ----------
+    groups : ndarray of shape (n_groups,)
+        Labels seen at fit.
+    labels : ndarray of shape (n_samples,) or None
+        Labels at predict; None means the single fitted group.
+    n_samples : int
+        Number of rows.
+
+    Returns
+    -------
+    ndarray of shape (n_samples,), int64
+        Fitted code of each row, -1 for labels not seen at fit.
+    """
+    if labels is None:
+        if len(groups) != 1:
+            raise ValueError(
+                f"The model was fitted on {len(groups)} groups; give the group "
+                "of each row at predict (group_col in X or groups=)."
+            )
+        return np.zeros(n_samples, dtype=np.int64)
+    missing = _label_is_missing(labels)
+    if missing.any():
+        rows = np.flatnonzero(missing)
+        raise ValueError(f"Group labels contain NaN/None at {_describe_rows(rows)}.")
+    index = pd.Index(groups)
+    try:
+        return index.get_indexer(pd.Index(labels)).astype(np.int64)
+    except (TypeError, pd.errors.InvalidIndexError):
+        lookup = {label: i for i, label in enumerate(groups)}
+        return np.array([lookup.get(lab, -1) for lab in labels], dtype=np.int64)
+
+
+def check_target(y, n_samples: int) -> np.ndarray:
+    """Validate the target: 1-D, numeric, finite, one value per row.
+
+    Parameters
+    ----------
+    y : array-like of shape (n_samples,)
+        Target.
+    n_samples : int
+        Number of rows of X.
+
+    Returns
+    -------
+    ndarray of shape (n_samples,), float64
+        A copy of the target.
+    """
+    if isinstance(y, pd.Series | pd.DataFrame):
+        y = y.to_numpy(dtype=np.float64, na_value=np.nan)
+    y = check_array(
+        y,
+        ensure_2d=False,
+        dtype=np.float64,
+        ensure_all_finite=False,
+        input_name="y",
+        copy=True,
+    )
+    y = column_or_1d(y, warn=True)
+    if y.shape[0] != n_samples:
+        raise ValueError(f"y has {y.shape[0]} values but X has {n_samples} rows.")
+    nan = np.isnan(y)
+    if nan.any():
+        raise ValueError(
+            f"Input y contains NaN: {int(nan.sum())} value(s), at "
+            f"{_describe_rows(np.flatnonzero(nan))}. Rows with a missing target "
+            "are rows to predict, not to fit: drop them before fit."
+        )
+    inf = np.isinf(y)
+    if inf.any():
+        raise ValueError(
+            "Input y contains infinity or a value too large for dtype('float64'): "
+            f"{int(inf.sum())} value(s), at {_describe_rows(np.flatnonzero(inf))}."
+        )
+    return y
+
+
+def check_weights(sample_weight, features: np.ndarray) -> np.ndarray:
+    """Validate frequency weights: finite, non-negative, not all zero.
+
+    Parameters
+    ----------
+    sample_weight : array-like of shape (n_samples,) or None
+        Weights; None means ones.
+    features : ndarray of shape (n_samples, n_features)
+        The features, for the row count.
+
+    Returns
+    -------
+    ndarray of shape (n_samples,), float64
+        A copy of the weights.
+    """
+    w = _check_sample_weight(
+        sample_weight, features, dtype=np.float64, ensure_non_negative=True
+    )
+    w = np.array(w, dtype=np.float64, copy=True)
+    if not np.isfinite(w).all():
+        raise ValueError("sample_weight contains NaN or infinity.")
+    if w.sum() <= 0:
+        raise ValueError("sample_weight sums to zero: nothing to fit.")
+    return w

@@ -1,0 +1,16 @@
+"""Shared test settings: CPU only, fixed seeds, tiny NUTS runs."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest
+
+#: NUTS settings shared by most tests: one compiled program per data shape.
+FAST = {"num_warmup": 150, "num_samples": 150, "num_chains": 2, "random_state": 0}
+
+
+@pytest.fixture
+def fast():
+    """Keyword arguments for a quick, seeded fit."""
+    return dict(FAST)
