@@ -304,6 +304,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         self._mask = mask
         self._feature_names = list(names)
         self._seed = seed
+        self._fit_target = target
         self.groups_ = groups_
         self.intercept_ = posterior.coef_mean[:, 0].copy()
         self.coef_ = posterior.coef_mean[:, 1:] * mask
@@ -566,6 +567,42 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         float
         """
         return r2_score(y, self.predict(X, groups=groups), sample_weight=sample_weight)
+
+    # ------------------------------------------------------------- results
+    def summary(self, coverage=0.9):
+        """Posterior summary of every parameter.
+
+        Parameters
+        ----------
+        coverage : float in (0, 1), default=0.9
+            Mass of the central interval reported.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per parameter (``coef[group, feature]``, ...), with mean,
+            sd, interval bounds, bulk and tail ESS and R-hat.
+        """
+        check_is_fitted(self)
+        from ._summary import summary_frame
+
+        return summary_frame(self, coverage=coverage)
+
+    def to_arviz(self):
+        """The posterior as an :class:`arviz.InferenceData`.
+
+        Requires the optional extra ``hiermask[arviz]``.
+
+        Returns
+        -------
+        arviz.InferenceData
+            Posterior (coefficients labelled by group and feature; masked
+            ones NaN), sample stats and the observed target.
+        """
+        check_is_fitted(self)
+        from ._summary import to_inference_data
+
+        return to_inference_data(self)
 
     # ------------------------------------------------------------ pickling
     def __getstate__(self):
