@@ -35,6 +35,13 @@ MAX_R_HAT = 1.01
 MIN_ESS_PER_CHAIN = 100
 
 
+class _Options(StrOptions):
+    """String options whose error message lists the valid values sorted."""
+
+    def __str__(self):
+        return "a str among {" + ", ".join(sorted(map(repr, self.options))) + "}"
+
+
 class ConvergenceError(RuntimeError):
     """Raised by ``fit`` when ``on_bad_convergence="raise"`` and NUTS did not
     converge (R-hat above 1.01, bulk ESS below 100 per chain, or divergences).
@@ -174,21 +181,21 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
 
     _parameter_constraints: ClassVar[dict] = {
         "group_col": "no_validation",  # any column label or position
-        "pooling": [StrOptions({"partial", "none", "complete"})],
+        "pooling": [_Options({"partial", "none", "complete"})],
         "coef_prior_scale": [Interval(numbers.Real, 0, None, closed="neither")],
         "intercept_prior_scale": [Interval(numbers.Real, 0, None, closed="neither")],
         "group_scale_prior": [Interval(numbers.Real, 0, None, closed="neither")],
         "noise_prior_scale": [Interval(numbers.Real, 0, None, closed="neither")],
         "standardize": ["boolean"],
         "mask_threshold": [Interval(numbers.Real, 0, 1, closed="right")],
-        "missing": [StrOptions({"impute", "error"})],
-        "unseen_groups": [StrOptions({"population", "error"})],
-        "engine": [StrOptions({"auto", "collapsed", "direct"})],
+        "missing": [_Options({"impute", "error"})],
+        "unseen_groups": [_Options({"population", "error"})],
+        "engine": [_Options({"auto", "collapsed", "direct"})],
         "num_warmup": [Interval(numbers.Integral, 1, None, closed="left")],
         "num_samples": [Interval(numbers.Integral, 1, None, closed="left")],
         "num_chains": [Interval(numbers.Integral, 1, None, closed="left")],
         "target_accept_prob": [Interval(numbers.Real, 0, 1, closed="neither")],
-        "on_bad_convergence": [StrOptions({"warn", "raise", "ignore"})],
+        "on_bad_convergence": [_Options({"warn", "raise", "ignore"})],
         "progress_bar": ["boolean"],
         "random_state": ["random_state"],
     }

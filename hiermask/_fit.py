@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._collapsed import CollapsedData, collapsed_model, conditional_draws
+from ._masks import group_sum
 from ._model import DirectData, Hyper, direct_model
 from ._sampler import parameter_diagnostics, run_nuts
 from ._stats import Scaling, centred_design, compute_scaling, group_statistics
@@ -205,10 +206,8 @@ def _impute_moments(draws, data_cols, X, w, group_idx, mask, scaling):
     usable = mask[group_idx] & ~np.isnan(X)
     wu = np.where(usable, w[:, None], 0.0)
     xz = np.where(usable, X, 0.0)
-    count = np.zeros((n_groups, p))
-    total = np.zeros((n_groups, p))
-    np.add.at(count, group_idx, wu)
-    np.add.at(total, group_idx, wu * xz)
+    count = group_sum(wu, group_idx, n_groups)
+    total = group_sum(wu * xz, group_idx, n_groups)
     with np.errstate(invalid="ignore", divide="ignore"):
         fill = np.where(count > 0, total / count, scaling.x_mean)
     resid = np.where(usable, X - fill[group_idx], 0.0)
@@ -269,7 +268,9 @@ def fit_posterior(X, y, w, group_idx, mask, config: FitConfig) -> Posterior:
         target_accept_prob=config.target_accept_prob,
     )
     n_chains = config.num_chains
-    flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in values.items()}
+    flat = {
+        k: v.reshape(v.shape[0] * v.shape[1], *v.shape[2:]) for k, v in values.items()
+    }
     on = ma.astype(np.float64)
     if config.engine == "collapsed":
         with jax.enable_x64(True):
@@ -377,6 +378,8 @@ def _diagnose(draws, n_chains, mask):
     out = {}
 
     def add(name, arr, labels):
+        if not labels:
+            return
         x = arr.reshape(n_chains, -1, len(labels))
         r_hat, ess_bulk, ess_tail = parameter_diagnostics(x)
         for i, label in enumerate(labels):

@@ -3,8 +3,33 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
-__all__ = ["infer_mask", "nan_fraction"]
+__all__ = ["group_sum", "infer_mask", "nan_fraction"]
+
+
+def group_sum(values, group_idx, n_groups, weights=None):
+    """Sum the rows of ``values`` within each group.
+
+    Parameters
+    ----------
+    values : ndarray of shape (n_samples, k)
+        Values to sum.
+    group_idx : ndarray of shape (n_samples,)
+        Group code of each row, in ``range(n_groups)``.
+    n_groups : int
+        Number of groups.
+    weights : ndarray of shape (n_samples,), default=None
+        Row weights.
+
+    Returns
+    -------
+    ndarray of shape (n_groups, k)
+    """
+    n = group_idx.shape[0]
+    w = np.ones(n) if weights is None else weights
+    onehot = sp.csr_matrix((w, (group_idx, np.arange(n))), shape=(n_groups, n))
+    return np.asarray(onehot @ np.asarray(values, dtype=np.float64))
 
 
 def nan_fraction(X: np.ndarray, group_idx: np.ndarray, n_groups: int) -> np.ndarray:
@@ -25,14 +50,7 @@ def nan_fraction(X: np.ndarray, group_idx: np.ndarray, n_groups: int) -> np.ndar
         NaN fraction; 1.0 for a group without rows.
     """
     rows = np.bincount(group_idx, minlength=n_groups).astype(np.float64)
-    isnan = np.isnan(X)
-    counts = np.stack(
-        [
-            np.bincount(group_idx, weights=isnan[:, j], minlength=n_groups)
-            for j in range(X.shape[1])
-        ],
-        axis=1,
-    ).reshape(n_groups, X.shape[1])
+    counts = group_sum(np.isnan(X), group_idx, n_groups)
     with np.errstate(invalid="ignore", divide="ignore"):
         frac = counts / rows[:, None]
     return np.where(rows[:, None] > 0, frac, 1.0)

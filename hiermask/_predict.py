@@ -18,6 +18,9 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
+import pandas as pd
+
+from ._masks import group_sum
 
 __all__ = ["label_seed", "predictive_draws", "predictive_moments", "unseen_masks"]
 
@@ -51,25 +54,13 @@ def unseen_masks(X, group_idx, labels, fitted_active, threshold):
     codes = np.full(group_idx.shape[0], -1, dtype=np.int64)
     if rows.size == 0:
         return codes, np.zeros(0, dtype=object), np.zeros((0, X.shape[1]), bool)
-    try:
-        uniq, inv = np.unique(labels[rows].astype(str), return_inverse=True)
-        first = np.array([np.flatnonzero(inv == i)[0] for i in range(len(uniq))])
-        unseen_labels = labels[rows][first]
-    except TypeError:  # pragma: no cover - labels always stringify
-        raise
+    codes_rows, unseen_labels = pd.factorize(labels[rows])
+    inv = codes_rows.astype(np.int64)
+    uniq = np.asarray(unseen_labels, dtype=object)
+    unseen_labels = uniq
     codes[rows] = inv
-    isnan = np.isnan(X[rows])
     n = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
-    frac = (
-        np.stack(
-            [
-                np.bincount(inv, weights=isnan[:, j], minlength=len(uniq))
-                for j in range(X.shape[1])
-            ],
-            axis=1,
-        ).reshape(len(uniq), X.shape[1])
-        / n[:, None]
-    )
+    frac = group_sum(np.isnan(X[rows]), inv, len(uniq)) / n[:, None]
     return codes, unseen_labels, (frac < threshold) & fitted_active
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
+
+from ._masks import group_sum
 
 __all__ = [
     "GroupStats",
@@ -190,25 +191,19 @@ def group_statistics(
         on = mask[g]
         design, latent = centred_design(X[sl], on, scaling)
         observed = on & ~latent
-        for j in range(n_features):
-            wo = np.where(observed[:, j], wc, 0.0)
-            x_count[:, j] += np.bincount(g, weights=wo, minlength=n_groups)
-            x_sum[:, j] += np.bincount(g, weights=wo * design[:, j], minlength=n_groups)
-            x_sumsq[:, j] += np.bincount(
-                g, weights=wo * design[:, j] ** 2, minlength=n_groups
-            )
+        od = np.where(observed, design, 0.0)
+        x_count += group_sum(observed, g, n_groups, wc)
+        x_sum += group_sum(od, g, n_groups, wc)
+        x_sumsq += group_sum(od * od, g, n_groups, wc)
         has_latent = latent.any(axis=1)
         if has_latent.any():
             incomplete.append(start + np.flatnonzero(has_latent))
         wk = np.where(has_latent, 0.0, wc)
         u = (y[sl] - scaling.y_mean) / scaling.y_scale
         xt = np.concatenate([np.ones((design.shape[0], 1)), design], axis=1)
-        onehot = sp.csr_matrix(
-            (wk, (g, np.arange(g.shape[0]))), shape=(n_groups, g.shape[0])
-        )
         outer = (xt[:, :, None] * xt[:, None, :]).reshape(-1, q * q)
-        gram += onehot @ outer
-        xty += onehot @ (xt * u[:, None])
+        gram += group_sum(outer, g, n_groups, wk)
+        xty += group_sum(xt * u[:, None], g, n_groups, wk)
         yty += np.bincount(g, weights=wk * u * u, minlength=n_groups)
         total += np.bincount(g, weights=wk, minlength=n_groups)
     rows = np.concatenate(incomplete) if incomplete else np.zeros(0, dtype=np.int64)
