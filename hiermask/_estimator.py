@@ -305,6 +305,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         )
         posterior = fit_posterior(features, target, weights, group_idx, mask, config)
         convergence = self._convergence(posterior, groups_, names)
+        self._gate(convergence)  # may raise: before any fitted state is set
 
         # Everything is computed: set the fitted state in one go.
         self._posterior = posterior
@@ -330,7 +331,6 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             )
         self.posterior_ = posterior.draws
         self.convergence_ = convergence
-        self._gate(convergence)
         return self
 
     def _check_mask_and_missing(self, features, group_idx, groups_, mask, names):

@@ -25,7 +25,7 @@ from ._masks import group_sum
 __all__ = ["label_seed", "predictive_draws", "predictive_moments", "unseen_masks"]
 
 #: Rows per chunk in the predict loops.
-CHUNK_ROWS = 1 << 16
+CHUNK_ROWS = 1 << 13
 
 
 def unseen_masks(X, group_idx, labels, fitted_active, threshold):

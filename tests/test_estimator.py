@@ -503,8 +503,10 @@ def test_convergence_gate():
         est.fit(X, y)
     assert set(est.convergence_) >= {"max_r_hat", "min_ess_bulk", "n_divergences"}
     assert est.convergence_["max_r_hat"] > 1.01
+    strict = clone(est).set_params(on_bad_convergence="raise")
     with pytest.raises(ConvergenceError, match="r_hat"):
-        clone(est).set_params(on_bad_convergence="raise").fit(X, y)
+        strict.fit(X, y)
+    assert not hasattr(strict, "coef_")  # a failed fit leaves nothing half-set
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         clone(est).set_params(on_bad_convergence="ignore").fit(X, y)

@@ -1,0 +1,164 @@
+"""Closed-form oracles for the collapsed engine's algebra (issue 3).
+
+Everything is compared in the engine's internal units (centred and scaled
+design, standardized target), where the model's priors are written down
+independently here from the model equations of ``hiermask._model``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.stats import multivariate_normal
+
+from hiermask._collapsed import conditional_draws, marginal_loglik
+from hiermask._fit import FitConfig, _collapsed_data, _hyper, _prior_units
+from hiermask._stats import compute_scaling
+
+
+def _config(pooling, **priors):
+    base = {
+        "coef_prior_scale": 1.0,
+        "intercept_prior_scale": 1.0,
+        "group_scale_prior": 1.0,
+        "noise_prior_scale": 1.0,
+    }
+    base.update(priors)
+    return FitConfig(
+        pooling=pooling,
+        engine="collapsed",
+        standardize=True,
+        num_warmup=1,
+        num_samples=1,
+        num_chains=1,
+        target_accept_prob=0.8,
+        seed=0,
+        **base,
+    )
+
+
+def _prepare(X, y, group_idx, n_groups, pooling, **priors):
+    w = np.ones(len(y))
+    mask = np.ones((n_groups, X.shape[1]), bool)
+    scaling = compute_scaling(X, y, w, mask[group_idx])
+    config = _config(pooling, **priors)
+    ref = _prior_units(scaling, True)
+    data, _, _ = _collapsed_data(X, y, w, group_idx, mask, scaling, ref)
+    hyper = _hyper(config, scaling)
+    design = np.column_stack([np.ones(len(y)), (X - scaling.x_mean) / scaling.x_scale])
+    u = (y - scaling.y_mean) / scaling.y_scale
+    return data, hyper, design, u
+
+
+def _as_jax(tree):
+    return jax.tree_util.tree_map(jnp.asarray, tree)
+
+
+def test_one_group_no_pooling_fixed_noise_is_conjugate():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 2)) * [2.0, 0.5] + [1.0, -3.0]
+    y = 0.3 + X @ [1.0, 2.0] + rng.normal(0, 0.8, size=50)
+    data, hyper, Xt, u = _prepare(
+        X, y, np.zeros(50, int), 1, "none", coef_prior_scale=0.7
+    )
+    sigma = 0.4
+    # prior in internal units (standardize=True): intercept ~ N(0, 1),
+    # slopes ~ N(0, 0.7^2), independent
+    prior_var = np.array([1.0, 0.49, 0.49])
+    precision = Xt.T @ Xt / sigma**2 + np.diag(1 / prior_var)
+    cov = np.linalg.inv(precision)
+    mean = cov @ (Xt.T @ u / sigma**2)
+    with jax.enable_x64(True):
+        draws = {"noise": jnp.full(7, sigma)}
+        _, rb_mean, rb_cov = conditional_draws(
+            jax.random.PRNGKey(0), draws, _as_jax(data), _as_jax(hyper), "none"
+        )
+        loglik = marginal_loglik(
+            "none", {"sigma": sigma}, _as_jax(data), _as_jax(hyper), jnp.zeros(0)
+        )
+    # every draw has the same noise: the Rao-Blackwellized moments are the
+    # conjugate posterior itself (float64 round-off only)
+    np.testing.assert_allclose(np.asarray(rb_mean)[0], mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(rb_cov)[0], cov, rtol=1e-9, atol=1e-12)
+    marginal = multivariate_normal(
+        np.zeros(50), sigma**2 * np.eye(50) + Xt @ np.diag(prior_var) @ Xt.T
+    ).logpdf(u)
+    np.testing.assert_allclose(float(loglik), marginal, rtol=1e-10)
+
+
+def test_partial_pooling_marginal_matches_dense_gaussian():
+    rng = np.random.default_rng(1)
+    n_groups, n_per = 4, 12
+    group_idx = np.repeat(np.arange(n_groups), n_per)
+    X = rng.normal(size=(group_idx.size, 2)) + [2.0, -1.0]
+    y = (
+        X @ [1.0, -0.5]
+        + rng.normal(size=n_groups)[group_idx]
+        + rng.normal(size=group_idx.size)
+    )
+    data, hyper, Xt, u = _prepare(X, y, group_idx, n_groups, "partial")
+    tau_a, tau, sigma = 0.6, np.array([0.3, 0.2]), 0.5
+    k = np.asarray(data.k)
+    # Gaussian vector (ell, mu_1, mu_2, then z_a, z_1, z_2 per group); with
+    # standardize=True the model reads, per group g:
+    #   b_g = mu + tau * z_g
+    #   a_g = ell - mu.k + tau_a z_ag + b_g.k
+    n_latent = 3 + 3 * n_groups
+    prior_sd = np.concatenate([[1.0, 1.0, 1.0], np.ones(3 * n_groups)])
+    L = np.zeros((n_groups, 3, n_latent))  # theta_g = L[g] @ latent
+    for g in range(n_groups):
+        zs = 3 + 3 * g
+        L[g, 1:, 1:3] = np.eye(2)
+        L[g, 1:, zs + 1 : zs + 3] = np.diag(tau)
+        L[g, 0, 0] = 1.0
+        L[g, 0, zs] = tau_a
+        L[g, 0, :] += k @ L[g, 1:, :] - np.concatenate([[0], k, np.zeros(n_latent - 3)])
+    A = np.einsum("ni,nil->nl", Xt, L[group_idx])  # u = A latent + noise
+    cov = A @ np.diag(prior_sd**2) @ A.T + sigma**2 * np.eye(len(u))
+    expected = multivariate_normal(np.zeros(len(u)), cov).logpdf(u)
+    with jax.enable_x64(True):
+        got = marginal_loglik(
+            "partial",
+            {"sigma": sigma, "tau_a": tau_a, "tau": jnp.asarray(tau)},
+            _as_jax(data),
+            _as_jax(hyper),
+            jnp.zeros(0),
+        )
+    np.testing.assert_allclose(float(got), expected, rtol=1e-10)
+
+
+def test_float64_accuracy_at_a_million_rows():
+    rng = np.random.default_rng(2)
+    n, n_groups = 1_000_000, 10
+    group_idx = rng.integers(0, n_groups, size=n)
+    X = rng.normal(size=(n, 3)) * [1.0, 100.0, 0.01] + [5.0, 1000.0, 0.0]
+    coef = np.array([2.0, -0.03, 300.0]) + rng.normal(0, 0.01, size=(n_groups, 3))
+    y = 10.0 + np.sum(coef[group_idx] * X, axis=1) + rng.normal(0, 1e-3, size=n)
+    data, hyper, Xt, u = _prepare(X, y, group_idx, n_groups, "none")
+    sigma = 1e-3 / float(np.std(y))  # internal units; R^2 ~ 1 - 1e-7
+    with jax.enable_x64(True):
+        got = float(
+            marginal_loglik(
+                "none", {"sigma": sigma}, _as_jax(data), _as_jax(hyper), jnp.zeros(0)
+            )
+        )
+    # Oracle from the rows, free of the u'u cancellation: for each group, at
+    # the conditional mode theta*, log p(u) = sum_i log N(u_i | x_i theta*, s)
+    # + log N(theta* | 0, V0) + log|2 pi Sigma*| / 2.
+    prior_var = np.array([1.0, 1.0, 1.0, 1.0])
+    expected = 0.0
+    for g in range(n_groups):
+        rows = group_idx == g
+        Xg, ug = Xt[rows], u[rows]
+        precision = Xg.T @ Xg / sigma**2 + np.diag(1 / prior_var)
+        chol = np.linalg.cholesky(precision)
+        theta = np.linalg.solve(precision, Xg.T @ ug / sigma**2)
+        resid = ug - Xg @ theta
+        expected += (
+            -0.5 * len(ug) * np.log(2 * np.pi * sigma**2)
+            - 0.5 * resid @ resid / sigma**2
+            - 0.5 * np.sum(theta**2 / prior_var)
+            - 0.5 * np.sum(np.log(prior_var))
+            - np.sum(np.log(np.diag(chol)))
+        )
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert jax.config.jax_enable_x64 is False
