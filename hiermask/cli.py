@@ -1,0 +1,742 @@
+"""The ``hiermask`` command: ``hiermask demo | fit | predict``.
+
+``hiermask demo`` simulates the manufacturing example, fits it and prints what
+the estimator learned; ``hiermask fit`` fits a CSV or Parquet file and saves
+the model with joblib; ``hiermask predict`` writes predictions of a saved
+model as CSV. Errors are reported as one line, ``hiermask: error: ...``, on
+stderr: exit status 2 for bad command lines, 1 for everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["main"]
+
+PROG = "hiermask"
+
+#: Summaries with more rows than this print only their population-level rows.
+MAX_SUMMARY_ROWS = 60
+
+#: Seconds after which the progress line on a terminal starts ticking.
+_TICK_SECONDS = 0.5
+
+
+class CLIError(Exception):
+    """An error reported to the user as one line, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line: ``hiermask: error: ...``."""
+
+    def error(self, message):
+        hint = f" (see '{self.prog} --help')"
+        self.exit(2, f"{PROG}: error: {message}{hint}\n")
+
+
+def _one_line(exc):
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+# ----------------------------------------------------------------- parsing
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number in (0, 1), got {text!r}"
+        ) from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
+
+
+def _add_sampler_options(parser, *, defaults):
+    group = parser.add_argument_group("sampler")
+    group.add_argument(
+        "--num-warmup",
+        type=_positive_int,
+        default=defaults[0],
+        metavar="N",
+        help="NUTS warmup iterations per chain (default: %(default)s)",
+    )
+    group.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        default=defaults[1],
+        metavar="N",
+        help="draws kept per chain (default: %(default)s)",
+    )
+    group.add_argument(
+        "--num-chains",
+        type=_positive_int,
+        default=defaults[2],
+        metavar="N",
+        help="number of chains (default: %(default)s)",
+    )
+    group.add_argument(
+        "--target-accept",
+        type=_fraction,
+        default=defaults[3],
+        metavar="P",
+        help="NUTS step-size adaptation target (default: %(default)s)",
+    )
+    group.add_argument(
+        "--seed", type=int, default=0, help="random seed (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="do not print the progress note on stderr",
+    )
+
+
+def build_parser():
+    """The argument parser of the ``hiermask`` command.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+    """
+    from . import __version__
+
+    parser = _Parser(
+        prog=PROG,
+        description=(
+            "Bayesian hierarchical regression with per-group feature masks read "
+            "from the NaN pattern of the data."
+        ),
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    demo = sub.add_parser(
+        "demo",
+        help="simulate the manufacturing example, fit it and show the results",
+        description=(
+            "Simulate two product groups where Cutting_Wait_Time applies only to "
+            "Product_Group_2 (NaN in every Product_Group_1 row), fit, and print "
+            "the summary, the mask and predictions for one new row per group."
+        ),
+    )
+    demo.add_argument(
+        "--n-samples",
+        type=_positive_int,
+        default=500,
+        metavar="N",
+        help="rows to simulate (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--plot",
+        metavar="DIR",
+        type=Path,
+        help="write mask.png, shrinkage.png, forest.png and ppc.png into DIR",
+    )
+    # Two groups say little about the between-group sds: a higher adaptation
+    # target avoids the divergences their long-tailed posterior causes.
+    _add_sampler_options(demo, defaults=(500, 1000, 4, 0.95))
+
+    fit = sub.add_parser(
+        "fit",
+        help="fit a CSV or Parquet file and print the posterior summary",
+        description=(
+            "Fit MaskedHierarchicalRegressor on a table: every column other than "
+            "the target (or those named by --features) is a feature, NaN cells "
+            "included; a feature NaN in every row of a group is off for it."
+        ),
+    )
+    fit.add_argument("data", type=Path, metavar="DATA", help="a .csv or .parquet file")
+    fit.add_argument("--target", required=True, metavar="COL", help="target column")
+    fit.add_argument("--group", metavar="COL", help="group column (default: one group)")
+    fit.add_argument(
+        "--features",
+        metavar="COLS",
+        help="comma-separated feature columns (default: all but target and group)",
+    )
+    fit.add_argument(
+        "--pooling",
+        choices=("partial", "none", "complete"),
+        default="partial",
+        help="pooling of the group parameters (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--engine",
+        choices=("auto", "collapsed", "direct"),
+        default="auto",
+        help="inference engine (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--missing",
+        choices=("impute", "error"),
+        default="impute",
+        help="NaN in a feature that applies to the row's group (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--out",
+        type=Path,
+        metavar="MODEL",
+        help="save the fitted model with joblib (e.g. model.joblib)",
+    )
+    fit.add_argument(
+        "--summary-csv",
+        type=Path,
+        metavar="PATH",
+        help="also write the full posterior summary as CSV",
+    )
+    _add_sampler_options(fit, defaults=(500, 1000, 4, 0.8))
+
+    predict = sub.add_parser(
+        "predict",
+        help="predict the rows of a CSV or Parquet file with a saved model",
+        description=(
+            "Write the posterior-predictive mean and sd of every row (and, with "
+            "--interval, a central interval) as CSV."
+        ),
+    )
+    predict.add_argument("model", type=Path, metavar="MODEL", help="a saved model")
+    predict.add_argument(
+        "data", type=Path, metavar="DATA", help="a .csv or .parquet file"
+    )
+    predict.add_argument(
+        "--interval",
+        type=_fraction,
+        metavar="COVERAGE",
+        help="add columns lower and upper of the central interval (e.g. 0.9)",
+    )
+    predict.add_argument(
+        "--out", type=Path, metavar="PATH", help="output CSV (default: stdout)"
+    )
+    return parser
+
+
+# --------------------------------------------------------------------- I/O
+def read_table(path):
+    """Read a CSV or Parquet file into a DataFrame.
+
+    Parameters
+    ----------
+    path : path-like
+        ``.parquet``/``.pq`` files are read with :func:`pandas.read_parquet`,
+        anything else as CSV.
+
+    Returns
+    -------
+    pandas.DataFrame
+
+    Raises
+    ------
+    CLIError
+        If the file is missing, unreadable, empty or not a table.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CLIError(f"{path}: no such file")
+    if path.is_dir():
+        raise CLIError(f"{path}: is a directory, expected a .csv or .parquet file")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            try:
+                df = pd.read_parquet(path)
+            except ImportError as exc:
+                raise CLIError(
+                    f"reading {path} needs a Parquet engine: pip install pyarrow"
+                ) from exc
+        else:
+            df = pd.read_csv(path)
+    except CLIError:
+        raise
+    except pd.errors.EmptyDataError as exc:
+        raise CLIError(f"{path}: the file is empty") from exc
+    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise CLIError(f"cannot read {path}: {_one_line(exc)}") from exc
+    if df.shape[0] == 0:
+        raise CLIError(f"{path}: the table has no rows")
+    return df
+
+
+def _require_columns(df, columns, path):
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        have = ", ".join(map(str, df.columns[:20]))
+        more = "" if df.shape[1] <= 20 else f", ... ({df.shape[1]} in all)"
+        raise CLIError(
+            f"column(s) {', '.join(map(repr, missing))} not found in {path}; "
+            f"its columns are: {have}{more}"
+        )
+
+
+def _out(*lines):
+    for line in lines:
+        print(line)
+
+
+def _err(message):
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- progress
+class _Progress:
+    """A one-line progress note on stderr while a fit runs.
+
+    The fit runs as one compiled program with no per-iteration callback, so
+    on a terminal the line shows the elapsed time; elsewhere it is printed
+    once, with the time taken at the end.
+    """
+
+    def __init__(self, message, quiet):
+        self.message = message
+        self.quiet = quiet
+        self.tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        if self.quiet:
+            return self
+        if self.tty:
+            sys.stderr.write(f"{PROG}: {self.message} ")
+            sys.stderr.flush()
+            self._thread = threading.Thread(target=self._tick, daemon=True)
+            self._thread.start()
+        else:
+            _err(self.message)
+        return self
+
+    def _tick(self):
+        while not self._stop.wait(_TICK_SECONDS):
+            elapsed = time.perf_counter() - self.start
+            sys.stderr.write(f"\r{PROG}: {self.message} {elapsed:5.1f} s")
+            sys.stderr.flush()
+
+    def __exit__(self, exc_type, exc, tb):
+        elapsed = time.perf_counter() - self.start
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        if self.quiet:
+            return False
+        if self.tty:
+            status = "done" if exc_type is None else "failed"
+            sys.stderr.write(f"\r{PROG}: {self.message} {status} in {elapsed:.1f} s\n")
+            sys.stderr.flush()
+        elif exc_type is None:
+            _err(f"done in {elapsed:.1f} s")
+        return False
+
+
+class _Warnings(warnings.catch_warnings):
+    """Record warnings and print each once as ``hiermask: warning: ...``."""
+
+    def __init__(self):
+        super().__init__(record=True)
+
+    def __enter__(self):
+        self.log = super().__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        seen = set()
+        for w in self.log:
+            text = _one_line(w.message)
+            if text not in seen:
+                seen.add(text)
+                _err(f"warning: {text}")
+        return False
+
+
+# ------------------------------------------------------------- formatting
+def _format_count(v):
+    return "nan" if not np.isfinite(v) else f"{v:.0f}"
+
+
+def _column_format(values):
+    # Fixed decimals for the usual magnitudes, significant digits otherwise.
+    finite = np.abs(values[np.isfinite(values)])
+    nonzero = finite[finite > 0]
+    if nonzero.size == 0 or (0.01 <= np.median(nonzero) < 1e6):
+        return lambda v: "nan" if not np.isfinite(v) else f"{v:.3f}"
+    return lambda v: "nan" if not np.isfinite(v) else f"{v:.3g}"
+
+
+def format_summary(summary, max_rows=MAX_SUMMARY_ROWS):
+    """Render a posterior summary for the terminal.
+
+    Parameters
+    ----------
+    summary : pandas.DataFrame
+        As returned by ``est.summary()``.
+    max_rows : int, default=60
+        Above this many rows only the population-level rows are shown.
+
+    Returns
+    -------
+    str
+    """
+    table = summary.copy()
+    omitted = 0
+    if table.shape[0] > max_rows:
+        group_level = table.index.str.startswith(("intercept[", "coef["))
+        omitted = int(group_level.sum())
+        table = table[~group_level]
+    formatters = {}
+    for col in table.columns:
+        if col in ("ess_bulk", "ess_tail"):
+            formatters[col] = _format_count
+        elif col == "r_hat":
+            formatters[col] = "{:.3f}".format
+        else:
+            formatters[col] = _column_format(table[col].to_numpy(dtype=float))
+    text = table.to_string(formatters=formatters, na_rep="nan")
+    if omitted:
+        text += (
+            f"\n({omitted} group-level rows not shown; write them all with "
+            "--summary-csv PATH)"
+        )
+    return text
+
+
+def _convergence_line(est):
+    c = est.convergence_
+    return (
+        f"convergence: max r_hat {c['max_r_hat']:.3f}, min bulk ESS "
+        f"{c['min_ess_bulk']:.0f}, {c['n_divergences']} divergent transition(s)"
+    )
+
+
+def _fit_note(n_rows, n_groups, n_features, args):
+    return (
+        f"fitting {n_rows} rows, {n_groups} group(s), {n_features} feature(s) "
+        f"with NUTS ({args.num_chains} chain(s) x "
+        f"{args.num_warmup} + {args.num_samples} iterations)..."
+    )
+
+
+def _estimator(args, **params):
+    from ._estimator import MaskedHierarchicalRegressor
+
+    return MaskedHierarchicalRegressor(
+        num_warmup=args.num_warmup,
+        num_samples=args.num_samples,
+        num_chains=args.num_chains,
+        target_accept_prob=args.target_accept,
+        random_state=args.seed,
+        **params,
+    )
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise CLIError('--plot needs matplotlib: pip install "hiermask[plot]"') from exc
+
+
+def write_plots(est, X, y, directory):
+    """Write the four diagnostic plots of a fitted estimator as PNG files.
+
+    Parameters
+    ----------
+    est : MaskedHierarchicalRegressor
+        A fitted estimator.
+    X, y : DataFrame and Series
+        The training data (for the shrinkage and predictive-check plots).
+    directory : path-like
+        Created if needed.
+
+    Returns
+    -------
+    list of pathlib.Path
+        ``mask.png``, ``shrinkage.png``, ``forest.png`` and ``ppc.png``.
+    """
+    from matplotlib.figure import Figure
+
+    from . import plotting
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    jobs = {
+        "mask.png": ((7, 3.2), lambda ax: plotting.plot_mask(est, ax=ax)),
+        "shrinkage.png": ((7, 5), lambda ax: plotting.plot_shrinkage(est, X, y, ax=ax)),
+        "forest.png": ((7, 5), lambda ax: plotting.plot_forest(est, ax=ax)),
+        "ppc.png": ((7, 4.5), lambda ax: plotting.plot_ppc(est, X, y, ax=ax)),
+    }
+    paths = []
+    for name, (size, draw) in jobs.items():
+        fig = Figure(figsize=size)
+        draw(fig.subplots())
+        fig.tight_layout()
+        path = directory / name
+        fig.savefig(path, dpi=100)
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------- commands
+def cmd_demo(args):
+    """``hiermask demo``."""
+    from .datasets import (
+        MANUFACTURING_FEATURES,
+        MANUFACTURING_GROUPS,
+        MANUFACTURING_TRUE_COEF,
+        make_manufacturing,
+    )
+
+    if args.n_samples < 4:
+        raise CLIError("--n-samples must be at least 4 (two rows per group)")
+    if args.plot is not None:
+        _require_matplotlib()
+    X, y = make_manufacturing(args.n_samples, random_state=args.seed)
+    est = _estimator(args, group_col="Product_Group")
+    note = _fit_note(len(X), 2, len(MANUFACTURING_FEATURES), args)
+    with _Warnings(), _Progress(note, args.quiet):
+        est.fit(X, y)
+
+    sizes = X["Product_Group"].value_counts()
+    g1, g2 = MANUFACTURING_GROUPS
+    _out(
+        "Simulated manufacturing data: "
+        f"{len(X)} rows, {g1} ({sizes[g1]} rows) and {g2} ({sizes[g2]} rows).",
+        f"Cutting_Wait_Time is NaN in every {g1} row, so it is off for that group.",
+        "",
+        "Mask (True: the feature applies to the group):",
+        est.mask_.to_string(),
+        "",
+        "Coefficients: posterior mean (true value)",
+    )
+    coef = pd.DataFrame(est.coef_, index=est.mask_.index, columns=est.mask_.columns)
+    shown = coef.copy().astype(object)
+    for g in coef.index:
+        for f in coef.columns:
+            truth = MANUFACTURING_TRUE_COEF.loc[g, f]
+            shown.loc[g, f] = (
+                f"{coef.loc[g, f]:.3f} ({truth:g})" if est.mask_.loc[g, f] else "off"
+            )
+    _out(shown.to_string(), "", "Posterior summary:", format_summary(est.summary()))
+    _out(_convergence_line(est), "")
+
+    new = pd.DataFrame(
+        {
+            "Product_Group": [g1, g2],
+            "Feed_Speed": [3.0, 3.0],
+            "Pull_Acceleration": [2.0, 2.0],
+            "Cutting_Wait_Time": [np.nan, 2.0],
+        }
+    )
+    with _Warnings():
+        mean, sd = est.predict(new, return_std=True)
+    truth = [
+        float(
+            MANUFACTURING_TRUE_COEF.loc[g].to_numpy()
+            @ np.nan_to_num(new.iloc[i, 1:].to_numpy(dtype=float))
+        )
+        for i, g in enumerate(new["Product_Group"])
+    ]
+    table = new.assign(mean=mean, sd=sd, true_mean=truth)
+    _out(
+        "Predictions for one new row per group (sd includes the noise):",
+        table.to_string(index=False, float_format=lambda v: f"{v:.3f}"),
+    )
+    if args.plot is not None:
+        paths = write_plots(est, X, y, args.plot)
+        _out("", "Plots: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_fit(args):
+    """``hiermask fit``."""
+    df = read_table(args.data)
+    needed = [args.target] + ([args.group] if args.group is not None else [])
+    if args.features is not None:
+        features = [c.strip() for c in args.features.split(",") if c.strip()]
+        if not features:
+            raise CLIError("--features names no column")
+        needed += features
+    _require_columns(df, needed, args.data)
+    if args.group is not None and args.group == args.target:
+        raise CLIError("--target and --group name the same column")
+    if args.features is None:
+        features = [c for c in df.columns if c not in (args.target, args.group)]
+    else:
+        features = [c for c in features if c not in (args.target, args.group)]
+    if not features and args.group is None:
+        raise CLIError(f"{args.data} has no feature columns besides the target")
+    columns = ([args.group] if args.group is not None else []) + features
+    X = df[columns]
+    y = df[args.target]
+    if not pd.api.types.is_numeric_dtype(y):
+        raise CLIError(f"target column {args.target!r} is not numeric")
+    text = [c for c in features if not pd.api.types.is_numeric_dtype(df[c])]
+    if text:
+        raise CLIError(
+            f"feature column(s) {', '.join(map(repr, text))} are not numeric; "
+            "encode them or leave them out with --features"
+        )
+    n_groups = df[args.group].nunique() if args.group is not None else 1
+    if args.out is not None and not args.out.parent.exists():
+        raise CLIError(f"{args.out.parent}: no such directory")
+
+    est = _estimator(
+        args,
+        group_col=args.group,
+        pooling=args.pooling,
+        engine=args.engine,
+        missing=args.missing,
+    )
+    note = _fit_note(len(X), n_groups, len(features), args)
+    with _Warnings(), _Progress(note, args.quiet):
+        est.fit(X, y)
+    summary = est.summary()
+    _out(format_summary(summary), _convergence_line(est))
+    if args.summary_csv is not None:
+        summary.to_csv(args.summary_csv)
+        _out(f"summary written to {args.summary_csv}")
+    if args.out is not None:
+        import joblib
+
+        try:
+            joblib.dump(est, args.out)
+        except OSError as exc:
+            raise CLIError(f"cannot write {args.out}: {_one_line(exc)}") from exc
+        _out(f"model saved to {args.out}")
+    return 0
+
+
+def load_model(path):
+    """Load a model saved by ``hiermask fit --out``.
+
+    Parameters
+    ----------
+    path : path-like
+
+    Returns
+    -------
+    MaskedHierarchicalRegressor
+
+    Raises
+    ------
+    CLIError
+        If the file is missing or does not hold a fitted hiermask model.
+    """
+    import joblib
+
+    from ._estimator import MaskedHierarchicalRegressor
+
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"{path}: no such file")
+    try:
+        est = joblib.load(path)
+    except ValueError as exc:
+        # Includes the version check of MaskedHierarchicalRegressor.
+        raise CLIError(f"cannot load {path}: {_one_line(exc)}") from exc
+    except Exception as exc:
+        raise CLIError(
+            f"{path} is not a model saved by 'hiermask fit --out' "
+            f"({type(exc).__name__})"
+        ) from exc
+    if not isinstance(est, MaskedHierarchicalRegressor) or not hasattr(est, "_mask"):
+        raise CLIError(f"{path} does not hold a fitted MaskedHierarchicalRegressor")
+    return est
+
+
+def cmd_predict(args):
+    """``hiermask predict``."""
+    est = load_model(args.model)
+    df = read_table(args.data)
+    names = getattr(est, "feature_names_in_", None)
+    if names is not None:
+        _require_columns(df, list(names), args.data)
+        X = df[list(names)]
+    else:
+        if df.shape[1] != est.n_features_in_:
+            raise CLIError(
+                f"{args.data} has {df.shape[1]} columns; the model expects "
+                f"{est.n_features_in_}"
+            )
+        X = df
+    with _Warnings():
+        mean, sd = est.predict(X, return_std=True)
+        out = pd.DataFrame({"mean": mean, "sd": sd})
+        if args.interval is not None:
+            bounds = est.predict_interval(X, coverage=args.interval)
+            out["lower"], out["upper"] = bounds[:, 0], bounds[:, 1]
+    if args.out is None:
+        out.to_csv(sys.stdout, index=False)
+    else:
+        try:
+            out.to_csv(args.out, index=False)
+        except OSError as exc:
+            raise CLIError(f"cannot write {args.out}: {_one_line(exc)}") from exc
+        if not getattr(args, "quiet", False):
+            _err(f"{len(out)} predictions written to {args.out}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "fit": cmd_fit, "predict": cmd_predict}
+
+
+def main(argv=None):
+    """Run the ``hiermask`` command.
+
+    Parameters
+    ----------
+    argv : list of str, default=None
+        Arguments without the program name; None reads ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 2 for a bad command line, 1 for any
+        other error (reported as one line on stderr, without a traceback).
+
+    Examples
+    --------
+    >>> from hiermask.cli import main
+    >>> main(["demo", "--n-samples", "200", "--quiet"])  # doctest: +SKIP
+    0
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    try:
+        return COMMANDS[args.command](args)
+    except CLIError as exc:
+        _err(f"error: {exc}")
+    except KeyboardInterrupt:
+        _err("error: interrupted")
+        return 130
+    except (ValueError, TypeError, OSError, ImportError, KeyError) as exc:
+        _err(f"error: {_one_line(exc)}")
+    except Exception as exc:  # never a traceback on the command line
+        _err(f"error: {type(exc).__name__}: {_one_line(exc)}")
+    return 1

@@ -1,0 +1,537 @@
+"""Plots of a fitted :class:`~hiermask.MaskedHierarchicalRegressor`.
+
+Every function draws on a matplotlib Axes (a new figure when ``ax`` is None)
+and returns it. matplotlib is an optional dependency, imported only when a
+function is called: ``pip install "hiermask[plot]"``.
+
+- :func:`plot_mask`: which features apply to which group (heatmap).
+- :func:`plot_shrinkage`: per-group estimates without pooling against the
+  fitted (partially pooled) ones, with the population mean as a line.
+- :func:`plot_forest`: group coefficients with central intervals.
+- :func:`plot_ppc`: histogram of the observed target against histograms of
+  posterior-predictive draws.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.utils.validation import check_is_fitted
+
+__all__ = ["plot_forest", "plot_mask", "plot_ppc", "plot_shrinkage"]
+
+#: Install hint given when matplotlib is missing.
+PLOT_HINT = 'hiermask.plotting needs matplotlib: pip install "hiermask[plot]"'
+
+#: Colours: on/off cells of the mask, estimates, observed data.
+_ON, _OFF = "#3b7dd8", "#e8e8e8"
+_NONE_COLOR, _POOLED_COLOR, _POP_COLOR = "#d95f02", "#1b9e77", "#444444"
+
+#: At most this many tick labels are written on a categorical axis.
+_MAX_TICK_LABELS = 60
+
+
+def _axes(ax, figsize=None):
+    """Return ``ax``, or the Axes of a new figure, importing matplotlib lazily."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(PLOT_HINT) from exc
+    if ax is not None:
+        return ax
+    import matplotlib.pyplot as plt
+
+    _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+def _check_fitted(est):
+    check_is_fitted(est)
+    if not hasattr(est, "_mask"):
+        raise TypeError(
+            f"Expected a fitted MaskedHierarchicalRegressor, got {type(est).__name__}."
+        )
+
+
+def _labels(values):
+    return [str(v) for v in values]
+
+
+def _set_categorical_ticks(ax, axis, labels):
+    n = len(labels)
+    step = max(1, int(np.ceil(n / _MAX_TICK_LABELS)))
+    positions = np.arange(0, n, step)
+    if axis == "x":
+        ax.set_xticks(positions)
+        ax.set_xticklabels([labels[i] for i in positions], rotation=30, ha="right")
+    else:
+        ax.set_yticks(positions)
+        ax.set_yticklabels([labels[i] for i in positions])
+
+
+# --------------------------------------------------------------------- mask
+def plot_mask(est, ax=None):
+    """Heatmap of which features apply to which group.
+
+    Parameters
+    ----------
+    est : MaskedHierarchicalRegressor
+        A fitted estimator.
+    ax : matplotlib.axes.Axes, default=None
+        Axes to draw on; None creates a new figure.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        Groups on the rows, features on the columns; a filled cell means the
+        feature has a coefficient for the group (``est.mask_`` is True), a
+        grey cell that it is off (all NaN in the group's rows at fit).
+    """
+    _check_fitted(est)
+    mask = np.asarray(est._mask, dtype=bool)
+    n_groups, n_features = mask.shape
+    ax = _axes(
+        ax,
+        figsize=(
+            min(2.0 + 1.3 * max(n_features, 1), 12.0),
+            min(1.5 + 0.45 * n_groups, 10.0),
+        ),
+    )
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    if n_features == 0:
+        ax.text(
+            0.5,
+            0.5,
+            "no features: an intercept-only model",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"Feature mask ({n_groups} groups, no features)")
+        return ax
+    ax.imshow(
+        mask.astype(float),
+        cmap=ListedColormap([_OFF, _ON]),
+        vmin=0,
+        vmax=1,
+        aspect="auto",
+        interpolation="nearest",
+    )
+    groups, features = _labels(est.groups_), _labels(est._feature_names)
+    _set_categorical_ticks(ax, "x", features)
+    _set_categorical_ticks(ax, "y", groups)
+    if n_groups * n_features <= 400:
+        for g, j in np.ndindex(n_groups, n_features):
+            ax.text(
+                j,
+                g,
+                "on" if mask[g, j] else "off",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if mask[g, j] else "#555555",
+            )
+        # Grid lines between the cells.
+        ax.set_xticks(np.arange(-0.5, n_features), minor=True)
+        ax.set_yticks(np.arange(-0.5, n_groups), minor=True)
+        ax.grid(which="minor", color="white", linewidth=2)
+        ax.tick_params(which="minor", length=0)
+    ax.set_xlabel("feature")
+    ax.set_ylabel("group")
+    n_off = int((~mask).sum())
+    ax.set_title(f"Feature mask ({n_off} of {mask.size} group x feature pairs off)")
+    ax.legend(
+        handles=[
+            Patch(color=_ON, label="applies"),
+            Patch(color=_OFF, label="off (all NaN)"),
+        ],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        frameon=False,
+    )
+    return ax
+
+
+# ---------------------------------------------------------------- shrinkage
+def _parameter_index(est, parameter):
+    """Resolve ``parameter`` to None (intercept) or a feature position."""
+    names = list(est._feature_names)
+    if parameter is None:
+        active = np.flatnonzero(np.asarray(est._mask).any(axis=0))
+        return None if active.size == 0 else int(active[0])
+    if parameter == "intercept":
+        return None
+    if parameter in names:
+        return names.index(parameter)
+    raise ValueError(
+        f"Unknown parameter {parameter!r}; expected 'intercept' or one of the "
+        f"features {names}."
+    )
+
+
+def no_pooling_estimates(est, X, y, groups=None):
+    """Per-group least-squares estimates, each group fitted on its own.
+
+    For each group seen in fit, ordinary least squares of ``y`` on an
+    intercept and the features that apply to the group, on its rows without
+    NaN in those features; for a model without features, the group mean of
+    ``y``. Rows of groups not seen in fit are ignored.
+
+    Parameters
+    ----------
+    est : MaskedHierarchicalRegressor
+        A fitted estimator (its groups, mask and group column are used).
+    X : {array-like, DataFrame} of shape (n_samples, n_features_in)
+        Rows laid out as in fit.
+    y : array-like of shape (n_samples,)
+        Target.
+    groups : array-like of shape (n_samples,), default=None
+        Group labels, when they are not a column of ``X``.
+
+    Returns
+    -------
+    intercept : ndarray of shape (n_groups,)
+        NaN where a group has too few complete rows.
+    coef : ndarray of shape (n_groups, n_features)
+        NaN where masked or where a group has too few complete rows.
+    n_rows : ndarray of shape (n_groups,)
+        Complete rows used per group.
+    """
+    from ._validation import lookup_groups, split_groups
+
+    _check_fitted(est)
+    parsed = split_groups(X, est.group_col, groups)
+    features = parsed.features
+    n = features.shape[0]
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    if y.shape[0] != n:
+        raise ValueError(f"X has {n} rows but y has {y.shape[0]}.")
+    group_idx = lookup_groups(est.groups_, parsed.labels, n)
+    mask = np.asarray(est._mask, dtype=bool)
+    n_groups, p = mask.shape
+    intercept = np.full(n_groups, np.nan)
+    coef = np.full((n_groups, p), np.nan)
+    n_rows = np.zeros(n_groups, dtype=np.int64)
+    for g in range(n_groups):
+        on = np.flatnonzero(mask[g])
+        rows = group_idx == g
+        Xg = features[rows][:, on]
+        yg = y[rows]
+        keep = ~np.isnan(Xg).any(axis=1) & np.isfinite(yg)
+        Xg, yg = Xg[keep], yg[keep]
+        n_rows[g] = yg.shape[0]
+        if yg.shape[0] < on.size + 1:
+            continue
+        design = np.column_stack([np.ones(yg.shape[0]), Xg])
+        sol, _, rank, _ = np.linalg.lstsq(design, yg, rcond=None)
+        if rank < design.shape[1]:
+            continue
+        intercept[g] = sol[0]
+        coef[g, on] = sol[1:]
+    return intercept, coef, n_rows
+
+
+def _spread(positions, gap):
+    """Label positions near ``positions`` at least ``gap`` apart (same order)."""
+    positions = np.asarray(positions, dtype=float)
+    order = np.argsort(positions, kind="stable")
+    placed = positions[order].copy()
+    for i in range(1, placed.size):
+        placed[i] = max(placed[i], placed[i - 1] + gap)
+    placed -= placed.mean() - positions.mean()
+    out = np.empty_like(placed)
+    out[order] = placed
+    return out
+
+
+def plot_shrinkage(est, X, y, groups=None, ax=None, *, parameter=None):
+    """No-pooling against fitted estimates per group, with the population mean.
+
+    Each group is a line from its no-pooling estimate (least squares on its
+    own rows, or its mean of ``y`` for a model without features) on the left
+    to the estimator's posterior mean on the right; the dashed line is the
+    posterior mean of the population parameter. Under partial pooling the
+    lines lean towards it, the more so the less data a group has.
+
+    Parameters
+    ----------
+    est : MaskedHierarchicalRegressor
+        A fitted estimator.
+    X : {array-like, DataFrame} of shape (n_samples, n_features_in)
+        The training rows (laid out as in fit).
+    y : array-like of shape (n_samples,)
+        The training target.
+    groups : array-like of shape (n_samples,), default=None
+        Group labels, when they are not a column of ``X``.
+    ax : matplotlib.axes.Axes, default=None
+        Axes to draw on; None creates a new figure.
+    parameter : str, default=None
+        ``"intercept"`` or a feature name. None: the intercept for a model
+        without features, else the first feature that applies to a group.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    _check_fitted(est)
+    j = _parameter_index(est, parameter)
+    raw_intercept, raw_coef, n_rows = no_pooling_estimates(est, X, y, groups)
+    if j is None:
+        name = "intercept"
+        raw, fitted = raw_intercept, np.asarray(est.intercept_, dtype=float)
+        population = getattr(est, "population_intercept_", None)
+        applies = np.ones(len(raw), dtype=bool)
+    else:
+        name = str(est._feature_names[j])
+        raw, fitted = raw_coef[:, j], np.asarray(est.coef_, dtype=float)[:, j]
+        pop = getattr(est, "population_coef_", None)
+        population = None if pop is None else float(np.asarray(pop)[j])
+        applies = np.asarray(est._mask, dtype=bool)[:, j]
+    if j is None and len(est._feature_names) == 0:
+        name = "group mean"
+    labels = _labels(est.groups_)
+    shown = np.flatnonzero(applies)
+    ax = _axes(ax, figsize=(6.5, 5.0))
+
+    right = f"{est.pooling} pooling"
+    sizes = n_rows[shown].astype(float)
+    scale = 120.0 / max(sizes.max(), 1.0) if sizes.size else 1.0
+    for g in shown:
+        has_raw = np.isfinite(raw[g])
+        if has_raw:
+            ax.plot([0, 1], [raw[g], fitted[g]], color="#999999", lw=1, zorder=1)
+            ax.scatter(
+                [0], [raw[g]], s=20 + scale * n_rows[g], color=_NONE_COLOR, zorder=2
+            )
+        ax.scatter(
+            [1], [fitted[g]], s=20 + scale * n_rows[g], color=_POOLED_COLOR, zorder=2
+        )
+    if 0 < shown.size <= 15:
+        values = np.concatenate([raw[shown], fitted[shown]])
+        values = values[np.isfinite(values)]
+        if population is not None:
+            values = np.append(values, population)
+        span = float(np.ptp(values)) or max(abs(float(values[0])), 1.0)
+        target = fitted[shown]
+        placed = _spread(target, 0.055 * span)
+        for g, y_text in zip(shown, placed, strict=True):
+            ax.annotate(
+                f"{labels[g]} (n={n_rows[g]})",
+                (1, fitted[g]),
+                xytext=(1.1, y_text),
+                textcoords="data",
+                va="center",
+                fontsize=8,
+                arrowprops={"arrowstyle": "-", "color": "#bbbbbb", "lw": 0.6},
+            )
+    if population is not None:
+        ax.plot(
+            [-0.35, 1.04],
+            [population, population],
+            color=_POP_COLOR,
+            ls="--",
+            lw=1.2,
+            label=f"population mean ({population:.3g})",
+            zorder=0,
+        )
+        ax.legend(
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.19),
+            frameon=False,
+            fontsize=8,
+        )
+    ax.set_xticks([0, 1])
+    ax.set_xticklabels(["no pooling\n(each group alone)", f"{right}\n(hiermask)"])
+    ax.set_xlim(-0.35, 2.0 if shown.size <= 15 else 1.35)
+    if name == "group mean":
+        ax.set_ylabel("group mean")
+        ax.set_title("Shrinkage of the group means")
+    elif name == "intercept":
+        ax.set_ylabel("intercept")
+        ax.set_title("Shrinkage of the group intercepts")
+    else:
+        ax.set_ylabel(f"coefficient of {name}")
+        ax.set_title(f"Shrinkage of the {name} coefficients")
+    ax.set_xlabel("marker area ~ rows in the group", fontsize=8, color="#666666")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return ax
+
+
+# ------------------------------------------------------------------- forest
+def plot_forest(est, feature=None, coverage=0.9, ax=None):
+    """Group coefficients with central posterior intervals.
+
+    Parameters
+    ----------
+    est : MaskedHierarchicalRegressor
+        A fitted estimator.
+    feature : str, default=None
+        A feature name or ``"intercept"``: one row per group (groups where
+        the feature is off are left out). None: every feature that applies to
+        some group, in blocks (the intercept when the model has no features).
+    coverage : float in (0, 1), default=0.9
+        Mass of the central interval drawn around each posterior mean.
+    ax : matplotlib.axes.Axes, default=None
+        Axes to draw on; None creates a new figure.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        One row per coefficient: the posterior mean (dot) and the interval
+        (line); where the pooling has a population, a diamond row for the
+        population mean of each block.
+    """
+    from ._summary import interval_labels
+
+    _check_fitted(est)
+    interval_labels(coverage)  # validates coverage
+    tail = (1.0 - float(coverage)) / 2.0
+    names = list(est._feature_names)
+    mask = np.asarray(est._mask, dtype=bool)
+    draws = est.posterior_
+    if feature is None:
+        blocks = [int(j) for j in np.flatnonzero(mask.any(axis=0))] or [None]
+    else:
+        blocks = [_parameter_index(est, feature)]
+    groups = _labels(est.groups_)
+
+    rows = []  # (label, draws, kind)
+    sizes = []  # rows per block
+    for j in blocks:
+        if j is None:
+            title = "intercept"
+            member = np.ones(len(groups), dtype=bool)
+            values = draws["intercept"]
+            pop = draws.get("population_intercept")
+        else:
+            title = names[j]
+            member = mask[:, j]
+            values = draws["coef"][:, :, j]
+            pop = draws.get("population_coef")
+            pop = None if pop is None else pop[:, j]
+        prefix = f"{title}: " if len(blocks) > 1 else ""
+        if pop is not None:
+            rows.append((f"{prefix}population mean", pop, "population"))
+        for g in np.flatnonzero(member):
+            rows.append((f"{prefix}{groups[g]}", values[:, g], "group"))
+        sizes.append(int(member.sum()) + (pop is not None))
+
+    n = len(rows)
+    ax = _axes(ax, figsize=(6.5, min(1.5 + 0.35 * n, 14.0)))
+    y_pos = np.arange(n)[::-1]
+    for (_, vals, kind), yp in zip(rows, y_pos, strict=True):
+        lo, hi = np.quantile(vals, [tail, 1.0 - tail])
+        mean = float(np.mean(vals))
+        color = _POP_COLOR if kind == "population" else _POOLED_COLOR
+        ax.plot([lo, hi], [yp, yp], color=color, lw=2, solid_capstyle="butt")
+        ax.plot(
+            [mean],
+            [yp],
+            marker="D" if kind == "population" else "o",
+            color=color,
+            ms=6,
+        )
+    labels = [r[0] for r in rows]
+    ax.set_ylim(-0.7, n - 0.3)
+    step = max(1, int(np.ceil(n / _MAX_TICK_LABELS)))
+    ax.set_yticks(y_pos[::step])
+    ax.set_yticklabels(labels[::step])
+    # A reference line at 0 only where it does not stretch the axis.
+    x_lo, x_hi = ax.get_xlim()
+    if x_lo - 0.1 * (x_hi - x_lo) <= 0.0 <= x_hi + 0.1 * (x_hi - x_lo):
+        ax.axvline(0.0, color="#bbbbbb", lw=0.8, zorder=0)
+    if len(blocks) == 1:
+        j = blocks[0]
+        ax.set_xlabel("intercept" if j is None else f"coefficient of {names[j]}")
+    else:
+        ax.set_xlabel("coefficient")
+        # Separate the feature blocks.
+        edges = n - np.cumsum(sizes)[:-1] - 0.5
+        for e in edges:
+            ax.axhline(e, color="#dddddd", lw=0.8)
+    ax.set_title(f"Posterior means and {coverage:.0%} intervals")
+    ax.grid(axis="x", color="#eeeeee", lw=0.6)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return ax
+
+
+# ---------------------------------------------------------------------- ppc
+def plot_ppc(est, X, y, groups=None, n_samples=50, ax=None, *, random_state=None):
+    """Histogram of the observed target against posterior-predictive draws.
+
+    Parameters
+    ----------
+    est : MaskedHierarchicalRegressor
+        A fitted estimator.
+    X : {array-like, DataFrame} of shape (n_samples, n_features_in)
+        Rows (usually the training rows).
+    y : array-like of shape (n_samples,)
+        Observed target of those rows.
+    groups : array-like of shape (n_samples,), default=None
+        Group labels, when they are not a column of ``X``.
+    n_samples : int, default=50
+        Number of replicated data sets drawn with ``est.sample_y``.
+    ax : matplotlib.axes.Axes, default=None
+        Axes to draw on; None creates a new figure.
+    random_state : int, RandomState instance or None, default=None
+        Seed of the draws; None uses the estimator's.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        Black: the density histogram of the observed ``y``; green: the median
+        and the band between the 5% and 95% quantiles, bin by bin, of the
+        density histograms of the replicated data sets, on the same bins.
+    """
+    _check_fitted(est)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    reps = est.sample_y(
+        X, groups=groups, n_samples=n_samples, random_state=random_state
+    )
+    if reps.shape[0] != y.shape[0]:
+        raise ValueError(f"X has {reps.shape[0]} rows but y has {y.shape[0]}.")
+    ax = _axes(ax, figsize=(6.5, 4.5))
+    finite = y[np.isfinite(y)]
+    lo = min(np.min(finite), np.quantile(reps, 0.005))
+    hi = max(np.max(finite), np.quantile(reps, 0.995))
+    n_bins = int(np.clip(np.sqrt(finite.size) * 1.5, 10, 60))
+    bins = np.linspace(lo, hi, n_bins + 1)
+    dens = np.stack(
+        [
+            np.histogram(reps[:, k], bins=bins, density=True)[0]
+            for k in range(reps.shape[1])
+        ]
+    )
+    band_lo, band_mid, band_hi = np.quantile(dens, [0.05, 0.5, 0.95], axis=0)
+    ax.fill_between(
+        bins,
+        np.append(band_lo, band_lo[-1]),
+        np.append(band_hi, band_hi[-1]),
+        step="post",
+        color=_POOLED_COLOR,
+        alpha=0.3,
+        lw=0,
+        label=f"posterior predictive, 90% of {reps.shape[1]} draws",
+    )
+    ax.stairs(
+        band_mid,
+        bins,
+        color=_POOLED_COLOR,
+        lw=1.2,
+        label="posterior predictive, median",
+    )
+    observed, _ = np.histogram(finite, bins=bins, density=True)
+    ax.stairs(observed, bins, color="black", lw=2, label="observed")
+    ax.set_xlabel("y")
+    ax.set_ylabel("density")
+    ax.set_title(f"Posterior predictive check ({reps.shape[1]} replicated data sets)")
+    ax.legend(loc="best", frameon=False)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return ax

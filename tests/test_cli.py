@@ -1,0 +1,257 @@
+"""The ``hiermask`` command line, run in-process (issue 4)."""
+
+import subprocess
+import sys
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+
+from hiermask import MaskedHierarchicalRegressor
+from hiermask.cli import format_summary, main, read_table
+from hiermask.datasets import make_manufacturing
+
+from .conftest import FAST
+
+SAMPLER = [
+    "--num-warmup",
+    str(FAST["num_warmup"]),
+    "--num-samples",
+    str(FAST["num_samples"]),
+    "--num-chains",
+    str(FAST["num_chains"]),
+    "--seed",
+    str(FAST["random_state"]),
+]
+
+
+def _one_line_error(err, code, rc):
+    assert rc == code
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("hiermask: error: ")
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory):
+    X, y = make_manufacturing(200, random_state=1)
+    path = tmp_path_factory.mktemp("cli") / "train.csv"
+    X.assign(Production_Speed=y).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_file(data_csv):
+    out = data_csv.parent / "model.joblib"
+    rc = main(
+        [
+            "fit",
+            str(data_csv),
+            "--target",
+            "Production_Speed",
+            "--group",
+            "Product_Group",
+            "--out",
+            str(out),
+            "--quiet",
+            *SAMPLER,
+        ]
+    )
+    assert rc == 0
+    return out
+
+
+def test_demo_prints_results_and_writes_plots(tmp_path, capsys):
+    # --target-accept 0.8 (the estimator's default, not the demo's) shares the
+    # compiled sampler with the other fits of the manufacturing data.
+    argv = ["demo", "--n-samples", "200", "--quiet", "--plot", str(tmp_path)]
+    rc = main([*argv, *SAMPLER, "--target-accept", "0.8"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert "Mask" in out
+    assert "coef[Product_Group_1, Feed_Speed]" in out
+    assert "coef[Product_Group_1, Cutting_Wait_Time]" not in out
+    assert "Predictions for one new row per group" in out
+    assert "fitting" not in err  # --quiet
+    for name in ("mask", "shrinkage", "forest", "ppc"):
+        path = tmp_path / f"{name}.png"
+        assert path.stat().st_size > 1000
+    # The two prediction rows: group 1 without cutting wait time.
+    assert "13.5" in out and "10.000" in out
+
+
+def test_fit_prints_summary_progress_note_and_saves(data_csv, tmp_path, capsys):
+    out_path = tmp_path / "m.joblib"
+    summary_path = tmp_path / "summary.csv"
+    rc = main(
+        [
+            "fit",
+            str(data_csv),
+            "--target",
+            "Production_Speed",
+            "--group",
+            "Product_Group",
+            "--out",
+            str(out_path),
+            "--summary-csv",
+            str(summary_path),
+            *SAMPLER,
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert "coef[Product_Group_2, Cutting_Wait_Time]" in out
+    assert "r_hat" in out
+    assert "fitting 200 rows, 2 group(s), 3 feature(s)" in err
+    assert "Traceback" not in err
+    est = joblib.load(out_path)
+    assert isinstance(est, MaskedHierarchicalRegressor)
+    assert est.mask_.loc["Product_Group_1", "Cutting_Wait_Time"] == np.False_
+    summary = pd.read_csv(summary_path, index_col=0)
+    assert "noise" in summary.index
+
+
+def test_predict_with_interval_to_csv(model_file, data_csv, tmp_path, capsys):
+    out = tmp_path / "preds.csv"
+    rc = main(
+        [
+            "predict",
+            str(model_file),
+            str(data_csv),
+            "--interval",
+            "0.9",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    preds = pd.read_csv(out)
+    assert list(preds.columns) == ["mean", "sd", "lower", "upper"]
+    assert len(preds) == 200
+    assert (preds["lower"] < preds["mean"]).all() and (
+        preds["mean"] < preds["upper"]
+    ).all()
+    est = joblib.load(model_file)
+    data = pd.read_csv(data_csv)
+    mean, sd = est.predict(data.drop(columns="Production_Speed"), return_std=True)
+    np.testing.assert_allclose(preds["mean"], mean, rtol=1e-9)
+    np.testing.assert_allclose(preds["sd"], sd, rtol=1e-9)
+
+
+def test_predict_to_stdout_ignores_extra_columns(model_file, data_csv, capsys):
+    capsys.readouterr()
+    rc = main(["predict", str(model_file), str(data_csv)])
+    out, _ = capsys.readouterr()
+    assert rc == 0
+    lines = out.strip().splitlines()
+    assert lines[0] == "mean,sd"
+    assert len(lines) == 201
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    ("argv", "code", "needle"),
+    [
+        (["fit", "{missing}", "--target", "y"], 1, "no such file"),
+        (
+            ["fit", "{data}", "--target", "nope", "--group", "Product_Group"],
+            1,
+            "'nope' not found",
+        ),
+        (
+            ["fit", "{data}", "--target", "Production_Speed", "--group", "grp"],
+            1,
+            "'grp' not found",
+        ),
+        (["fit", "{data}", "--target", "Product_Group"], 1, "not numeric"),
+        (
+            ["fit", "{data}", "--target", "Production_Speed", "--bogus"],
+            2,
+            "unrecognized arguments",
+        ),
+        (["fit", "{data}"], 2, "--target"),
+        (
+            ["fit", "{data}", "--target", "Production_Speed", "--pooling", "some"],
+            2,
+            "invalid choice",
+        ),
+        (
+            ["fit", "{data}", "--target", "Production_Speed", "--num-samples", "0"],
+            2,
+            "positive integer",
+        ),
+        (["fit", "{empty}", "--target", "y"], 1, "empty"),
+        (["predict", "{data}", "{data}"], 1, "not a model"),
+        (["predict", "{missing}", "{data}"], 1, "no such file"),
+        (["predict", "{model}", "{data}", "--interval", "1.5"], 2, "(0, 1)"),
+        (["predict", "{model}", "{wrong}"], 1, "not found"),
+        (["frobnicate"], 2, "invalid choice"),
+        ([], 2, "required"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(
+    argv, code, needle, data_csv, model_file, tmp_path, capsys
+):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    wrong = tmp_path / "wrong.csv"
+    pd.DataFrame({"a": [1.0, 2.0]}).to_csv(wrong, index=False)
+    paths = {
+        "missing": str(tmp_path / "missing.csv"),
+        "data": str(data_csv),
+        "empty": str(empty),
+        "model": str(model_file),
+        "wrong": str(wrong),
+    }
+    capsys.readouterr()
+    rc = main([a.format(**paths) for a in argv])
+    _, err = capsys.readouterr()
+    line = _one_line_error(err, code, rc)
+    assert needle in line
+
+
+def test_help_and_version_exit_zero(capsys):
+    assert main(["--help"]) == 0
+    assert "demo" in capsys.readouterr().out
+    assert main(["--version"]) == 0
+    assert "hiermask" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs():
+    proc = subprocess.run(
+        [sys.executable, "-m", "hiermask", "fit", "missing.csv", "--target", "y"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "hiermask: error: missing.csv: no such file"
+
+
+def test_read_table_parquet(tmp_path):
+    path = tmp_path / "data.parquet"
+    frame = pd.DataFrame({"a": [1.0, 2.0], "g": ["x", "y"]})
+    try:
+        frame.to_parquet(path)
+    except ImportError:
+        path.write_bytes(b"PAR1")
+        with pytest.raises(Exception, match="pip install pyarrow"):
+            read_table(path)
+    else:
+        pd.testing.assert_frame_equal(read_table(path), frame)
+
+
+def test_format_summary_hides_group_rows_of_large_models():
+    index = [f"intercept[g{i}]" for i in range(70)] + ["population_intercept", "noise"]
+    table = pd.DataFrame(
+        np.ones((72, 7)),
+        index=index,
+        columns=["mean", "sd", "5%", "95%", "ess_bulk", "ess_tail", "r_hat"],
+    )
+    text = format_summary(table)
+    assert "population_intercept" in text
+    assert "intercept[g0]" not in text
+    assert "70 group-level rows not shown" in text
