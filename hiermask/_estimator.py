@@ -112,6 +112,11 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
     on_bad_convergence : {"warn", "raise", "ignore"}, default="warn"
         What to do when R-hat exceeds 1.01, the bulk ESS is below 100 per
         chain, or a transition diverged.
+    max_posterior_bytes : int, default=4_000_000_000
+        Memory budget for the draws of every group's coefficients that fit
+        keeps (``num_chains * num_samples * n_groups * (n_features + 1) * 8``
+        bytes); fit raises a ValueError before sampling when it would be
+        exceeded.
     progress_bar : bool, default=False
         Reserved for showing sampling progress; sampling runs as one compiled
         program, so no per-iteration bar is shown.
@@ -196,6 +201,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         "num_chains": [Interval(numbers.Integral, 1, None, closed="left")],
         "target_accept_prob": [Interval(numbers.Real, 0, 1, closed="neither")],
         "on_bad_convergence": [_Options({"warn", "raise", "ignore"})],
+        "max_posterior_bytes": [Interval(numbers.Integral, 1, None, closed="left")],
         "progress_bar": ["boolean"],
         "random_state": ["random_state"],
     }
@@ -219,6 +225,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         num_chains=4,
         target_accept_prob=0.8,
         on_bad_convergence="warn",
+        max_posterior_bytes=4_000_000_000,
         progress_bar=False,
         random_state=None,
     ):
@@ -238,6 +245,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         self.num_chains = num_chains
         self.target_accept_prob = target_accept_prob
         self.on_bad_convergence = on_bad_convergence
+        self.max_posterior_bytes = max_posterior_bytes
         self.progress_bar = progress_bar
         self.random_state = random_state
 
@@ -285,6 +293,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         names = parsed.feature_names
         mask = infer_mask(features, group_idx, len(groups_), self.mask_threshold)
         self._check_mask_and_missing(features, group_idx, groups_, mask, names)
+        self._check_memory(len(groups_), features.shape[1])
         engine = "collapsed" if self.engine == "auto" else self.engine
         seed = int(
             check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
@@ -332,6 +341,18 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         self.posterior_ = posterior.draws
         self.convergence_ = convergence
         return self
+
+    def _check_memory(self, n_groups, n_features):
+        n_draws = self.num_chains * self.num_samples
+        need = n_draws * n_groups * (n_features + 1) * 8
+        if need > self.max_posterior_bytes:
+            raise ValueError(
+                f"The posterior would keep {need / 1e9:.2f} GB of draws "
+                f"({n_draws} draws x {n_groups} groups x {n_features + 1} "
+                f"coefficients x 8 bytes), above max_posterior_bytes="
+                f"{self.max_posterior_bytes}. Lower num_samples or num_chains, or "
+                "raise max_posterior_bytes."
+            )
 
     def _check_mask_and_missing(self, features, group_idx, groups_, mask, names):
         dropped = ~mask.any(axis=0)

@@ -461,6 +461,17 @@ def test_mask_threshold():
     assert est.fit(X, y).mask_.loc["Product_Group_2", "Cutting_Wait_Time"]
 
 
+def test_posterior_memory_budget():
+    X, y = make_manufacturing(40, random_state=0)
+    est = MaskedHierarchicalRegressor(
+        group_col=GROUP, max_posterior_bytes=10_000, **FAST
+    )
+    # 300 draws x 2 groups x 4 coefficients x 8 bytes = 19,200 bytes
+    with pytest.raises(ValueError, match=r"300 draws x 2 groups x 4 coefficients"):
+        est.fit(X, y)
+    assert not hasattr(est, "coef_")
+
+
 def test_invalid_parameter_lists_valid_options():
     with pytest.raises(
         InvalidParameterError, match=r"\{'complete', 'none', 'partial'\}"
