@@ -8,7 +8,7 @@ units of the data. It takes and returns arrays and small dataclasses only.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +75,6 @@ class Posterior:
     diagnostics: dict  # name -> (r_hat, ess_bulk, ess_tail) arrays
     diverging: np.ndarray  # (n_chains, n_draws)
     tree_steps: np.ndarray  # (n_chains, n_draws)
-    summary_names: list = field(default_factory=list)
 
 
 def _prior_units(scaling: Scaling, standardize: bool):
@@ -98,27 +97,22 @@ def _hyper(config: FitConfig, scaling: Scaling) -> Hyper:
     )
 
 
-def _latent_layout(latent, group_idx, rows):
-    # latent: (n, p) bool; rows: which rows of latent are stored (in order).
-    cols_with_cells = np.flatnonzero(latent.any(axis=0))
+def _latent_layout(latent):
+    """Positions of the latent cells and the features that hold any."""
+    cols = np.flatnonzero(latent.any(axis=0))
     slot_of = np.full(latent.shape[1], -1)
-    slot_of[cols_with_cells] = np.arange(cols_with_cells.shape[0])
-    sub = latent[rows]
-    miss_row, miss_col = np.nonzero(sub)
-    return cols_with_cells, miss_row, miss_col, slot_of[miss_col]
+    slot_of[cols] = np.arange(cols.shape[0])
+    miss_row, miss_col = np.nonzero(latent)
+    return cols, miss_row, miss_col, slot_of[miss_col]
 
 
-def _collapsed_data(X, y, w, group_idx, mask, scaling, ref):
+def _collapsed_data(X, y, w, group_idx, mask, scaling, ref) -> CollapsedData:
     stats = group_statistics(X, y, w, group_idx, mask, scaling)
-    on = mask.astype(np.float64)
     rows = stats.incomplete_rows
-    on_rows = mask[group_idx[rows]]
-    design, latent_sub = centred_design(X[rows], on_rows, scaling)
-    latent = np.zeros(X.shape, dtype=bool)
-    latent[rows] = latent_sub
-    cols, miss_row, miss_col, miss_slot = _latent_layout(latent, group_idx, rows)
-    data = CollapsedData(
-        on=on,
+    design, latent = centred_design(X[rows], mask[group_idx[rows]], scaling)
+    cols, miss_row, miss_col, miss_slot = _latent_layout(latent)
+    return CollapsedData(
+        on=mask.astype(np.float64),
         k=scaling.x_mean / scaling.x_scale,
         K=ref[2] / scaling.x_scale,
         e_y=np.asarray((scaling.y_mean - ref[0]) / scaling.y_scale),
@@ -138,17 +132,13 @@ def _collapsed_data(X, y, w, group_idx, mask, scaling, ref):
         x_sum=stats.x_sum[:, cols],
         x_sumsq=stats.x_sumsq[:, cols],
     )
-    return data, latent, stats
 
 
-def _direct_data(X, y, w, group_idx, mask, scaling, ref):
+def _direct_data(X, y, w, group_idx, mask, scaling, ref) -> DirectData:
     on_rows = mask[group_idx]
     design, latent = centred_design(X, on_rows, scaling)
-    cols, miss_row, miss_col, miss_slot = _latent_layout(
-        latent, group_idx, np.arange(X.shape[0])
-    )
-    observed = (on_rows & ~latent)[:, cols] * w[:, None]
-    data = DirectData(
+    cols, miss_row, miss_col, miss_slot = _latent_layout(latent)
+    return DirectData(
         on=mask.astype(np.float64),
         k=scaling.x_mean / scaling.x_scale,
         K=ref[2] / scaling.x_scale,
@@ -161,9 +151,8 @@ def _direct_data(X, y, w, group_idx, mask, scaling, ref):
         miss_col=miss_col,
         miss_slot=miss_slot,
         impute_cols=cols,
-        impute_observed=observed,
+        impute_observed=(on_rows & ~latent)[:, cols] * w[:, None],
     )
-    return data, latent
 
 
 def _to_original(coef_internal, on, scaling):
@@ -253,10 +242,8 @@ def fit_posterior(X, y, w, group_idx, mask, config: FitConfig) -> Posterior:
     ref = _prior_units(scaling, config.standardize)
     hyper = _hyper(config, scaling)
     model = MODELS[(config.engine, config.pooling)]
-    if config.engine == "collapsed":
-        data, _, _ = _collapsed_data(Xa, y, w, group_idx, ma, scaling, ref)
-    else:
-        data, _ = _direct_data(Xa, y, w, group_idx, ma, scaling, ref)
+    build = _collapsed_data if config.engine == "collapsed" else _direct_data
+    data = build(Xa, y, w, group_idx, ma, scaling, ref)
     values, stats = run_nuts(
         model,
         data,
@@ -319,19 +306,16 @@ def fit_posterior(X, y, w, group_idx, mask, config: FitConfig) -> Posterior:
             unseen_cov = unseen_cov + np.diag(
                 np.concatenate([[np.mean(tau_a**2)], np.mean(tau**2, axis=0)])
             )
-    full_mean = _expand(mean, np.concatenate([[True], active]))
-    full_cov = _expand(
-        _expand(cov, np.concatenate([[True], active]), axis=-1),
-        np.concatenate([[True], active]),
-        axis=-2,
-    )
+    with_intercept = np.concatenate([[True], active])
+
+    def expand_square(m):
+        return _expand(_expand(m, with_intercept, axis=-1), with_intercept, axis=-2)
+
+    full_mean = _expand(mean, with_intercept)
+    full_cov = expand_square(cov)
     if unseen_mean is not None:
-        unseen_mean = _expand(unseen_mean, np.concatenate([[True], active]))
-        unseen_cov = _expand(
-            _expand(unseen_cov, np.concatenate([[True], active]), axis=-1),
-            np.concatenate([[True], active]),
-            axis=-2,
-        )
+        unseen_mean = _expand(unseen_mean, with_intercept)
+        unseen_cov = expand_square(unseen_cov)
 
     cols = np.asarray(data.impute_cols)
     fill, var, fill_pop, var_pop = _impute_moments(

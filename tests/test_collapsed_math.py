@@ -42,7 +42,7 @@ def _prepare(X, y, group_idx, n_groups, pooling, **priors):
     scaling = compute_scaling(X, y, w, mask[group_idx])
     config = _config(pooling, **priors)
     ref = _prior_units(scaling, True)
-    data, _, _ = _collapsed_data(X, y, w, group_idx, mask, scaling, ref)
+    data = _collapsed_data(X, y, w, group_idx, mask, scaling, ref)
     hyper = _hyper(config, scaling)
     design = np.column_stack([np.ones(len(y)), (X - scaling.x_mean) / scaling.x_scale])
     u = (y - scaling.y_mean) / scaling.y_scale
