@@ -30,6 +30,28 @@ from ._validation import (
 
 __all__ = ["ConvergenceError", "MaskedHierarchicalRegressor"]
 
+#: Attributes set by fit (some only under some pooling modes); a refit
+#: removes all of them before installing its own.
+_FITTED_ATTRIBUTES = frozenset(
+    {
+        "_posterior",
+        "_mask",
+        "_feature_names",
+        "_seed",
+        "_fit_target",
+        "groups_",
+        "intercept_",
+        "coef_",
+        "noise_scale_",
+        "population_intercept_",
+        "population_coef_",
+        "group_intercept_scale_",
+        "group_coef_scale_",
+        "posterior_",
+        "convergence_",
+    }
+)
+
 #: Convergence thresholds of the ``on_bad_convergence`` gate.
 MAX_R_HAT = 1.01
 MIN_ESS_PER_CHAIN = 100
@@ -278,6 +300,24 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         self : MaskedHierarchicalRegressor
             The fitted estimator.
         """
+        saved = self.__dict__.copy()
+        try:
+            fitted = self._fit(X, y, groups, sample_weight)
+            # One assignment: drop the previous fit's attributes (those that
+            # depend on pooling included) and install the new ones.
+            state = {
+                k: v for k, v in self.__dict__.items() if k not in _FITTED_ATTRIBUTES
+            }
+            state.update(fitted)
+            self.__dict__ = state
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
+        return self
+
+    def _fit(self, X, y, groups, sample_weight):
+        """fit's work; returns the fitted attributes without setting them."""
         parsed = split_groups(X, self.group_col, groups)
         validate_data(self, X, y, reset=True, skip_check_array=True)
         features = parsed.features
@@ -316,31 +356,32 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         convergence = self._convergence(posterior, groups_, names)
         self._gate(convergence)  # may raise: before any fitted state is set
 
-        # Everything is computed: set the fitted state in one go.
-        self._posterior = posterior
-        self._mask = mask
-        self._feature_names = list(names)
-        self._seed = seed
-        self._fit_target = target
-        self.groups_ = groups_
-        self.intercept_ = posterior.coef_mean[:, 0].copy()
-        self.coef_ = posterior.coef_mean[:, 1:] * mask
-        self.noise_scale_ = float(np.mean(posterior.draws["noise"]))
-        if "population_intercept" in posterior.draws:
-            self.population_intercept_ = float(
-                np.mean(posterior.draws["population_intercept"])
+        # Everything is computed: the caller sets the fitted state in one go.
+        fitted = {
+            "_posterior": posterior,
+            "_mask": mask,
+            "_feature_names": list(names),
+            "_seed": seed,
+            "_fit_target": target,
+            "groups_": groups_,
+            "intercept_": posterior.coef_mean[:, 0].copy(),
+            "coef_": posterior.coef_mean[:, 1:] * mask,
+            "noise_scale_": float(np.mean(posterior.draws["noise"])),
+        }
+        draws = posterior.draws
+        if "population_intercept" in draws:
+            fitted["population_intercept_"] = float(
+                np.mean(draws["population_intercept"])
             )
-            self.population_coef_ = np.mean(posterior.draws["population_coef"], axis=0)
-        if "group_intercept_scale" in posterior.draws:
-            self.group_intercept_scale_ = float(
-                np.mean(posterior.draws["group_intercept_scale"])
+            fitted["population_coef_"] = np.mean(draws["population_coef"], axis=0)
+        if "group_intercept_scale" in draws:
+            fitted["group_intercept_scale_"] = float(
+                np.mean(draws["group_intercept_scale"])
             )
-            self.group_coef_scale_ = np.mean(
-                posterior.draws["group_coef_scale"], axis=0
-            )
-        self.posterior_ = posterior.draws
-        self.convergence_ = convergence
-        return self
+            fitted["group_coef_scale_"] = np.mean(draws["group_coef_scale"], axis=0)
+        fitted["posterior_"] = draws
+        fitted["convergence_"] = convergence
+        return fitted
 
     def _check_memory(self, n_groups, n_features):
         n_draws = self.num_chains * self.num_samples
@@ -363,7 +404,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
                 + " are off (NaN) in every group and are dropped; their "
                 "coefficients are 0.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         latent = mask[group_idx] & np.isnan(features)
         if self.missing == "error" and latent.any():
@@ -385,7 +426,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
                     f"({', '.join(map(repr, single[:5]))}); under pooling='none' "
                     "their coefficients are determined by the prior.",
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
 
     def _convergence(self, posterior: Posterior, groups_, names):
@@ -480,7 +521,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
                 "Groups not seen in fit are predicted from the prior: under "
                 "pooling='none' there is no population to draw them from.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         unseen = unseen_masks(
             parsed.features,

@@ -73,6 +73,16 @@ def _frame_features(X: pd.DataFrame, keep: list[int]) -> tuple[np.ndarray, list]
         col = X.iloc[:, j]
         name = X.columns[j]
         names.append(name)
+        if (
+            pd.api.types.is_datetime64_any_dtype(col.dtype)
+            or pd.api.types.is_timedelta64_dtype(col.dtype)
+            or isinstance(col.dtype, pd.PeriodDtype)
+        ):
+            raise ValueError(
+                f"Feature column {name!r} has non-numeric dtype {col.dtype}. "
+                "Features must be numeric: convert dates and durations to "
+                "numbers (e.g. days since a reference date) first."
+            )
         if pd.api.types.is_bool_dtype(col.dtype) or pd.api.types.is_numeric_dtype(
             col.dtype
         ):
