@@ -17,7 +17,7 @@ import numpy as np
 from ._collapsed import CollapsedData, collapsed_model, conditional_draws
 from ._masks import group_sum
 from ._model import DirectData, Hyper, direct_model
-from ._sampler import parameter_diagnostics, run_nuts
+from ._sampler import COMPILER_OPTIONS, parameter_diagnostics, run_nuts
 from ._stats import Scaling, centred_design, compute_scaling, group_statistics
 
 __all__ = ["FitConfig", "Posterior", "fit_posterior"]
@@ -349,7 +349,9 @@ def fit_posterior(X, y, w, group_idx, mask, config: FitConfig) -> Posterior:
     )
 
 
-_conditional = jax.jit(conditional_draws, static_argnames="pooling")
+_conditional = jax.jit(
+    conditional_draws, static_argnames="pooling", compiler_options=COMPILER_OPTIONS
+)
 
 
 def _diagnose(draws, n_chains, mask):
