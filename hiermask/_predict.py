@@ -115,6 +115,19 @@ def group_moments(posterior, unseen_mask):
     return mean, cov
 
 
+def _row_fields(rows, group_idx, codes, mask, umask, posterior):
+    """Per-row group fields of a chunk: seen flag, fitted or unseen group code,
+    mask, and the expectation and variance used for NaN in applicable cells."""
+    g = group_idx[rows]
+    seen = g >= 0
+    gs = np.where(seen, g, 0)
+    uc = np.where(seen, 0, codes[rows])
+    on = np.where(seen[:, None], mask[gs], umask[uc] if len(umask) else False)
+    fill = np.where(seen[:, None], posterior.x_fill[gs], posterior.x_fill_population)
+    xvar = np.where(seen[:, None], posterior.x_var[gs], posterior.x_var_population)
+    return seen, gs, uc, on, fill, xvar
+
+
 def predictive_moments(X, group_idx, mask, posterior, unseen):
     """Mean and sd of the posterior predictive of every row.
 
@@ -140,15 +153,9 @@ def predictive_moments(X, group_idx, mask, posterior, unseen):
     var = np.empty(n)
     for start in range(0, n, CHUNK_ROWS):
         sl = slice(start, min(start + CHUNK_ROWS, n))
-        g = group_idx[sl]
-        seen = g >= 0
-        gs = np.where(seen, g, 0)
-        uc = np.where(seen, 0, codes[sl])
-        on = np.where(seen[:, None], mask[gs], umask[uc] if len(umask) else False)
-        fill = np.where(
-            seen[:, None], posterior.x_fill[gs], posterior.x_fill_population
+        seen, gs, uc, on, fill, xvar = _row_fields(
+            sl, group_idx, codes, mask, umask, posterior
         )
-        xvar = np.where(seen[:, None], posterior.x_var[gs], posterior.x_var_population)
         m = np.where(
             seen[:, None], posterior.coef_mean[gs], umean[uc] if len(umean) else 0
         )
@@ -238,17 +245,12 @@ def predictive_draws(X, group_idx, mask, posterior, unseen, n_samples, seed):
         _unseen_draws(posterior, ulabels[u], umask[u], seed, draw_idx)
         for u in range(len(ulabels))
     ]
-    for start in range(0, n, max(1, CHUNK_ROWS // max(n_samples, 1))):
-        sl = slice(start, min(start + max(1, CHUNK_ROWS // max(n_samples, 1)), n))
-        g = group_idx[sl]
-        seen = g >= 0
-        gs = np.where(seen, g, 0)
-        uc = np.where(seen, 0, codes[sl])
-        on = np.where(seen[:, None], mask[gs], umask[uc] if len(umask) else False)
-        fill = np.where(
-            seen[:, None], posterior.x_fill[gs], posterior.x_fill_population
+    step = max(1, CHUNK_ROWS // n_samples)
+    for start in range(0, n, step):
+        sl = slice(start, min(start + step, n))
+        seen, gs, uc, on, fill, xvar = _row_fields(
+            sl, group_idx, codes, mask, umask, posterior
         )
-        xvar = np.where(seen[:, None], posterior.x_var[gs], posterior.x_var_population)
         Xc = X[sl]
         latent = np.isnan(Xc) & on
         # x: (rows, samples, p), latent cells drawn from their predictive
@@ -258,9 +260,9 @@ def predictive_draws(X, group_idx, mask, posterior, unseen, n_samples, seed):
         coef = np.empty((Xc.shape[0], n_samples, p + 1))
         if seen.any():
             rows = np.flatnonzero(seen)
-            coef[rows, :, 0] = draws["intercept"][draw_idx][:, g[rows]].T
+            coef[rows, :, 0] = draws["intercept"][draw_idx][:, gs[rows]].T
             coef[rows, :, 1:] = np.transpose(
-                draws["coef"][draw_idx][:, g[rows]], (1, 0, 2)
+                draws["coef"][draw_idx][:, gs[rows]], (1, 0, 2)
             )
         for r in np.flatnonzero(~seen):
             coef[r] = unseen_coef[uc[r]]
