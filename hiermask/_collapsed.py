@@ -64,8 +64,12 @@ __all__ = [
 
 #: Matrices up to this size are factorized by unrolled elementwise code
 #: (vectorized over the groups, no LAPACK call per group); larger ones by
-#: LAPACK, whose compile time does not grow with the size.
+#: LAPACK, whose compile time does not grow with the size. Up to
+#: UNROLL_MAX_SIZE_LARGE when there are at least UNROLL_MIN_BATCH of them
+#: (running time then outweighs the longer compilation).
 UNROLL_MAX_SIZE = 8
+UNROLL_MAX_SIZE_LARGE = 12
+UNROLL_MIN_BATCH = 64
 
 
 class CollapsedData(NamedTuple):
@@ -133,7 +137,10 @@ def _triangular_inverse_entries(chol, size):
 def _inverse_cholesky(m):
     """``T = L^-1`` (lower, ``m = L L'``) and ``log|m|``; batch axes last."""
     size = m.shape[0]
-    if size <= UNROLL_MAX_SIZE:
+    batch = math.prod(m.shape[2:])
+    if size <= UNROLL_MAX_SIZE or (
+        size <= UNROLL_MAX_SIZE_LARGE and batch >= UNROLL_MIN_BATCH
+    ):
         chol = _cholesky_entries(m)
         inv = _triangular_inverse_entries(chol, size)
         logdet = 2.0 * sum(jnp.log(chol[j, j]) for j in range(size))
@@ -805,14 +812,15 @@ def _conditional_one(pooling, data, hyper, prep, normals, sigma, tau_a, tau, cel
         # phi ~ N(lam^-1 h, lam^-1), lam^-1 = t_pop' t_pop
         white = _mm(t_pop, h[:, None, None]) + eps_pop[:, None, None]
         phi = _mtm(t_pop, white)[:, 0, 0]
-        b0 = f + jnp.einsum("gij,j->ig", _population_map(data), phi)
+        F = jnp.moveaxis(_population_map(data), 0, -1)  # (q, q, G)
+        b0 = f + sum(F[:, j] * phi[j] for j in range(q))
     if pooling == "complete":
         coef, mean, cov = b0, b0, jnp.zeros((q, q, n_groups))
     else:
         # theta = b0 + A D v, v | phi ~ N(M^-1 D (A'r - A'S F phi) / s2, M^-1)
         resid = prep.dev_xty
         if pooling == "partial":
-            resid = resid - jnp.einsum("ijg,j->ig", prep.dev_cross, phi)
+            resid = resid - sum(prep.dev_cross[:, j] * phi[j] for j in range(q))
         w = inv * _mm(t, (d * resid)[:, None])
         a_mat = jnp.moveaxis(_deviation_parts(pooling, data), 0, -1)
         factor = _mm(a_mat, d[:, None] * _tr(t))  # A D t'
@@ -908,9 +916,13 @@ def conditional_draws(rng_key, draws, data, hyper, pooling):
         )
         return coef, phi, sums
 
-    coef, phi, (s_mean, s_cov, s_outer) = jax.lax.map(
-        one_chunk, (jnp.arange(n_chunks), sigma, tau_a, tau, cells, weight)
-    )
+    chunks = (jnp.arange(n_chunks), sigma, tau_a, tau, cells, weight)
+    if n_chunks == 1:  # no loop: a smaller program
+        out = one_chunk(jax.tree_util.tree_map(lambda a: a[0], chunks))
+        coef, phi, sums = jax.tree_util.tree_map(lambda a: a[None], out)
+    else:
+        coef, phi, sums = jax.lax.map(one_chunk, chunks)
+    s_mean, s_cov, s_outer = sums
     onq = jnp.concatenate([jnp.ones((n_groups, 1)), data.on], axis=1)
     coef = coef.reshape(n_chunks * chunk, n_groups, q)[:n_draws] * onq
     phi = phi.reshape(n_chunks * chunk, q)[:n_draws]

@@ -479,7 +479,7 @@ def _initial_inverse_mass(grad):
     # first warmup window trajectories of hundreds of steps on a posterior
     # whose scales differ by orders of magnitude (Stan and NumPyro start from
     # the identity); the first slow window replaces it.
-    return jnp.clip(1.0 / jnp.abs(grad), 1e-8, 1.0)
+    return jnp.where(jnp.isfinite(grad), jnp.clip(1.0 / jnp.abs(grad), 1e-8, 1.0), 1.0)
 
 
 def _run_chains(
@@ -498,7 +498,9 @@ def _run_chains(
     Iteration 0 only evaluates the gradient at the starting points; the
     first warmup iteration then starts from step size 1 and the gradient
     metric, and dual averaging restarts from the current step size after
-    each slow window (Stan searches for a step size there instead).
+    each slow window (Stan searches for a step size there instead). Returns
+    draws, divergences, leapfrog steps and acceptance statistics per chain
+    and kept iteration (warmup ones too with ``keep_warmup``, for profiling).
     """
     n_chains, dim = z0.shape
     value_and_grad = jax.vmap(jax.value_and_grad(density.potential))

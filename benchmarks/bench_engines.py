@@ -1,0 +1,507 @@
+"""Engine benchmarks of issue 3, with a profile of where each fit's time goes.
+
+Every benchmark runs in its own Python process (so that "first fit" really is
+the first fit after ``import hiermask``, compilation included, and memory is
+returned between benchmarks), prints a table, and saves its rows to
+``benchmarks/results/<name>.csv``; all results, with the load average before
+and after each benchmark, go to ``benchmarks/results/bench_engines.json`` and
+the scaling curves to ``benchmarks/results/scaling.png``. The machine is shared
+and noisy: compare by ratios within one run and read the load averages.
+
+    python benchmarks/bench_engines.py --all              # everything
+    python benchmarks/bench_engines.py --all --quick      # small sizes, minutes
+    python benchmarks/bench_engines.py --manufacturing --million   # some
+
+Benchmarks (targets of issue 3 in brackets):
+
+--manufacturing  500 rows, 2 groups, 3 features: first fit [<= 3 s] and refits
+                 with other prior scales [<= 0.5 s].
+--ess            10,000 rows of the manufacturing example: ESS per second of
+                 the hand-written per-row NumPyro model (benchmarks/baseline.py),
+                 the direct engine and the collapsed engine [>= 100x baseline].
+--million        1,000,000 rows, 100 groups, 10 features, partial pooling
+                 [fit <= 20 s, max r_hat <= 1.01, no divergences]; predict on
+                 the 1,000,000 rows [<= 2 s].
+--groups         10,000 groups of 20 rows, 5 features [fit <= 60 s].
+--gridsearch     GridSearchCV, 5 folds x 4 prior scales, 10,000 rows, 20
+                 groups [<= 30 s in all].
+--scaling        fit time against rows (1e3 to 1e7; 10 groups, 3 features)
+                 and against groups (2 to 10,000; 20 rows each, 3 features).
+
+The profile columns split a fit into: ``validate_s`` (input checks, masks,
+everything of the estimator outside the engine), ``stats_s`` (scaling and the
+sufficient statistics or row design), ``trace_s`` and ``compile_s`` (the
+sampler program; 0 when a compiled program was reused), ``sample_s`` (NUTS),
+``draws_s`` (the collapsed engine's exact conditional draws, compilation of
+that program included the first time), ``diag_s`` (R-hat and ESS) and
+``post_s`` (everything else: conversion of draws to original units).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+BENCHMARKS = ("manufacturing", "ess", "million", "groups", "gridsearch", "scaling")
+PHASES = (
+    "validate_s",
+    "stats_s",
+    "trace_s",
+    "compile_s",
+    "sample_s",
+    "draws_s",
+    "diag_s",
+    "post_s",
+)
+
+
+# --------------------------------------------------------------------------
+# Instrumentation
+
+
+class Profiler:
+    """Times the phases of ``fit`` by wrapping the engine's module functions."""
+
+    def __init__(self):
+        from hiermask import _estimator, _fit, _sampler
+
+        self._fit, self._sampler, self._estimator = _fit, _sampler, _estimator
+        self.times = {}
+
+    def _wrap(self, name, phase, module=None):
+        module = self._fit if module is None else module
+        original = getattr(module, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            self.times[phase] = self.times.get(phase, 0.0) + (
+                time.perf_counter() - start
+            )
+            return out
+
+        setattr(module, name, timed)
+        return module, name, original
+
+    @contextlib.contextmanager
+    def fit(self):
+        """Profile one fit; ``self.row()`` then holds its phases."""
+        self.times = {}
+        patched = [
+            self._wrap("compute_scaling", "stats_s"),
+            self._wrap("_collapsed_data", "stats_s"),
+            self._wrap("_direct_data", "stats_s"),
+            self._wrap("run_nuts", "nuts_s"),
+            self._wrap("_conditional", "draws_s"),
+            self._wrap("_diagnose", "diag_s"),
+            self._wrap("fit_posterior", "engine_s", self._estimator),
+        ]
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield self
+        finally:
+            self.times["fit_s"] = time.perf_counter() - start
+            for module, name, original in patched:
+                setattr(module, name, original)
+            last = dict(self._sampler.LAST_TIMINGS)
+            self.times["trace_s"] = last.get("trace", 0.0)
+            self.times["compile_s"] = last.get("compile", 0.0)
+            self.times["sample_s"] = last.get("run", 0.0)
+
+    def row(self):
+        t = self.times
+        engine = t.get("engine_s", 0.0)
+        nuts_other = (
+            t.get("nuts_s", 0.0) - t["trace_s"] - t["compile_s"] - t["sample_s"]
+        )
+        accounted = sum(
+            t.get(k, 0.0) for k in ("stats_s", "nuts_s", "draws_s", "diag_s")
+        )
+        out = {"fit_s": t["fit_s"], "validate_s": t["fit_s"] - engine}
+        for phase in PHASES[1:-1]:
+            out[phase] = t.get(phase, 0.0)
+        out["post_s"] = engine - accounted + max(nuts_other, 0.0)
+        return out
+
+
+def convergence(est):
+    conv = est.convergence_
+    return {
+        "max_r_hat": conv["max_r_hat"],
+        "min_ess_bulk": conv["min_ess_bulk"],
+        "divergences": conv["n_divergences"],
+    }
+
+
+def load_average():
+    return os.getloadavg()[0]
+
+
+# --------------------------------------------------------------------------
+# Benchmarks (each returns a list of row dicts)
+
+
+def bench_manufacturing(quick):
+    """First fit (compilation included) and refits with other prior scales."""
+    from hiermask import MaskedHierarchicalRegressor
+    from hiermask.datasets import make_manufacturing
+
+    X, y = make_manufacturing(500, random_state=0)
+    prof = Profiler()
+    rows = []
+    scales = (1.0, 2.0, 0.5, 5.0) if not quick else (1.0, 2.0, 0.5)
+    for i, scale in enumerate(scales):
+        est = MaskedHierarchicalRegressor(
+            group_col="Product_Group", random_state=0, coef_prior_scale=scale
+        )
+        with prof.fit():
+            est.fit(X, y)
+        rows.append(
+            {
+                "case": "first fit" if i == 0 else "refit",
+                "coef_prior_scale": scale,
+                **prof.row(),
+                **convergence(est),
+                "coef": np.round(est.coef_, 3).tolist(),
+                "intercept": np.round(est.intercept_, 3).tolist(),
+                "noise_scale": round(est.noise_scale_, 4),
+            }
+        )
+    start = time.perf_counter()
+    est.predict(X)
+    rows.append({"case": "predict 500 rows", "fit_s": time.perf_counter() - start})
+    return rows
+
+
+def _min_ess(chains_draws):
+    from numpyro.diagnostics import effective_sample_size
+
+    return float(np.min(effective_sample_size(chains_draws)))
+
+
+def bench_ess(quick):
+    """ESS/s of the hand-written model, the direct and the collapsed engine.
+
+    The same data (manufacturing example) and the same model: independent
+    Normal(0, 5) priors per group, HalfNormal(5) noise, in raw units, which
+    is hiermask's ``pooling="none", standardize=False`` with prior scales 5.
+    The minimum ESS is NumPyro's (not rank-normalized) over the same
+    parameters for all: intercepts, applicable coefficients, noise scale.
+    """
+    from baseline import _manufacturing_inputs, fit_baseline
+
+    from hiermask import MaskedHierarchicalRegressor
+    from hiermask.datasets import make_manufacturing
+
+    n_rows = 2_000 if quick else 10_000
+    X, y = make_manufacturing(n_rows, random_state=0)
+    feats, target, group_idx, mask = _manufacturing_inputs(n_rows, 0)
+    rows = []
+    base = fit_baseline(feats, target, group_idx, mask, seed=0)
+    rows.append(
+        {
+            "case": "baseline per-row NumPyro (float32)",
+            "draws": "4 x (200 + 300)",
+            "fit_s": base["wall_s"],
+            "min_ess": base["min_ess"],
+            "ess_per_s": base["ess_per_s"],
+            "max_r_hat": base["max_r_hat"],
+            "divergences": base["n_divergences"],
+        }
+    )
+    model = {
+        "pooling": "none",
+        "standardize": False,
+        "coef_prior_scale": 5.0,
+        "intercept_prior_scale": 5.0,
+        "noise_prior_scale": 5.0,
+    }
+    prof = Profiler()
+    on = mask.astype(bool)
+    for engine in ("direct", "collapsed"):
+        est = MaskedHierarchicalRegressor(
+            group_col="Product_Group", engine=engine, random_state=0, **model
+        )
+        with prof.fit():
+            est.fit(X, y)
+        post = est.posterior_
+        n_chains = est.num_chains
+        params = [post["intercept"], post["coef"][:, on], post["noise"][:, None]]
+        ess = min(
+            _min_ess(p.reshape(n_chains, -1, p.shape[-1]).astype(np.float64))
+            for p in params
+        )
+        row = prof.row()
+        rows.append(
+            {
+                "case": f"{engine} engine (float64)",
+                "draws": f"4 x ({est.num_warmup} + {est.num_samples})",
+                "fit_s": row["fit_s"],
+                "min_ess": ess,
+                "ess_per_s": ess / row["fit_s"],
+                "max_r_hat": est.convergence_["max_r_hat"],
+                "divergences": est.convergence_["n_divergences"],
+                **{k: v for k, v in row.items() if k != "fit_s"},
+            }
+        )
+    for row in rows:
+        row["vs_baseline"] = row["ess_per_s"] / rows[0]["ess_per_s"]
+    return rows
+
+
+def _profiled_fit(X, y, label, predict=False, **params):
+    from hiermask import MaskedHierarchicalRegressor
+
+    est = MaskedHierarchicalRegressor(group_col="group", random_state=0, **params)
+    prof = Profiler()
+    with prof.fit():
+        est.fit(X, y)
+    row = {"case": label, "rows": len(y), **prof.row(), **convergence(est)}
+    if predict:
+        start = time.perf_counter()
+        est.predict(X)
+        row["predict_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        est.predict(X, return_std=True)
+        row["predict_std_s"] = time.perf_counter() - start
+    return row, est
+
+
+def bench_million(quick):
+    """1e6 rows, 100 groups, 10 features, partial pooling; predict 1e6 rows."""
+    from hiermask.datasets import make_grouped_regression
+
+    n_rows = 100_000 if quick else 1_000_000
+    X, y = make_grouped_regression(n_rows, 100, 10, random_state=0)
+    row, _ = _profiled_fit(X, y, "100 groups x 10 features", predict=True)
+    return [row]
+
+
+def bench_groups(quick):
+    """10,000 groups of 20 rows, 5 features."""
+    from hiermask.datasets import make_grouped_regression
+
+    n_groups = 1_000 if quick else 10_000
+    X, y = make_grouped_regression(20 * n_groups, n_groups, 5, random_state=0)
+    row, _ = _profiled_fit(X, y, f"{n_groups} groups x 5 features", predict=True)
+    return [row]
+
+
+def bench_gridsearch(quick):
+    """GridSearchCV over 4 prior scales, 5 folds, 10,000 rows and 20 groups."""
+    from sklearn.model_selection import GridSearchCV, KFold
+
+    from hiermask import MaskedHierarchicalRegressor, _sampler
+    from hiermask.datasets import make_grouped_regression
+
+    X, y = make_grouped_regression(10_000, 20, 3, random_state=0)
+    search = GridSearchCV(
+        MaskedHierarchicalRegressor(group_col="group", random_state=0),
+        {"coef_prior_scale": [0.25, 0.5, 1.0, 2.0]},
+        cv=KFold(3 if quick else 5, shuffle=True, random_state=0),
+    )
+    traces = sum(_sampler.TRACE_COUNTS.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        search.fit(X, y)
+        seconds = time.perf_counter() - start
+    n_fits = len(search.cv_results_["params"]) * search.n_splits_ + 1
+    return [
+        {
+            "case": f"{search.n_splits_} folds x 4 prior scales + refit",
+            "fits": n_fits,
+            "fit_s": seconds,
+            "per_fit_s": seconds / n_fits,
+            "compilations": sum(_sampler.TRACE_COUNTS.values()) - traces,
+            "best": search.best_params_["coef_prior_scale"],
+        }
+    ]
+
+
+def bench_scaling(quick):
+    """Fit time against rows (10 groups) and against groups (20 rows each)."""
+    from hiermask.datasets import make_grouped_regression
+
+    row_sizes = [1_000, 10_000, 100_000, 1_000_000] + ([] if quick else [10_000_000])
+    group_sizes = [2, 10, 100, 1_000] + ([] if quick else [10_000])
+    rows = []
+    for n_rows in row_sizes:
+        X, y = make_grouped_regression(n_rows, 10, 3, random_state=0)
+        row, _ = _profiled_fit(X, y, "rows", predict=True)
+        rows.append({"axis": "rows", "size": n_rows, **row})
+        del X, y
+    for n_groups in group_sizes:
+        X, y = make_grouped_regression(20 * n_groups, n_groups, 3, random_state=0)
+        row, _ = _profiled_fit(X, y, "groups", predict=True)
+        rows.append({"axis": "groups", "size": n_groups, **row})
+        del X, y
+    return rows
+
+
+def plot_scaling(rows, path):
+    """Fit time (and its main phases) against rows and against groups."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, axis, label in (
+        (axes[0], "rows", "rows (10 groups, 3 features)"),
+        (axes[1], "groups", "groups (20 rows each, 3 features)"),
+    ):
+        pts = sorted(
+            (r for r in rows if r.get("axis") == axis), key=lambda r: r["size"]
+        )
+        if not pts:
+            continue
+        size = [r["size"] for r in pts]
+        for key, style in (
+            ("fit_s", "o-"),
+            ("sample_s", "s--"),
+            ("stats_s", "^:"),
+            ("validate_s", "v:"),
+            ("predict_s", "d-."),
+        ):
+            ax.loglog(size, [max(r.get(key, 0.0), 1e-3) for r in pts], style, label=key)
+        ax.set_xlabel(label)
+        ax.set_ylabel("seconds")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        "hiermask collapsed engine, 4 chains x (500 + 1000) iterations "
+        "(first fit of each shape: compile included)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+RUNNERS = {
+    "manufacturing": bench_manufacturing,
+    "ess": bench_ess,
+    "million": bench_million,
+    "groups": bench_groups,
+    "gridsearch": bench_gridsearch,
+    "scaling": bench_scaling,
+}
+
+
+# --------------------------------------------------------------------------
+# Output
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        if value != value:  # nan
+            return "nan"
+        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def print_table(name, rows):
+    keys = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    width = {k: max(len(k), *(len(_fmt(r.get(k, ""))) for r in rows)) for k in keys}
+    print(f"\n== {name}")
+    print("  ".join(k.rjust(width[k]) for k in keys))
+    for row in rows:
+        print("  ".join(_fmt(row.get(k, "")).rjust(width[k]) for k in keys))
+
+
+def save_csv(name, rows):
+    keys = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with open(RESULTS / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()}
+            )
+
+
+def run_child(name, quick, out):
+    """Run one benchmark in this process and write its result as JSON."""
+    start_load = load_average()
+    start = time.perf_counter()
+    rows = RUNNERS[name](quick)
+    payload = {
+        "rows": rows,
+        "seconds": time.perf_counter() - start,
+        "load_average_start": start_load,
+        "load_average_end": load_average(),
+    }
+    Path(out).write_text(json.dumps(payload, default=float))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for name in BENCHMARKS:
+        parser.add_argument(f"--{name}", action="store_true", help=f"run {name}")
+    parser.add_argument("--all", action="store_true", help="run every benchmark")
+    parser.add_argument("--quick", action="store_true", help="small sizes")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        run_child(args.child, args.quick, args.out)
+        return
+    names = [n for n in BENCHMARKS if args.all or getattr(args, n)]
+    if not names:
+        parser.error("choose benchmarks (--manufacturing ... or --all)")
+    RESULTS.mkdir(exist_ok=True)
+    summary_path = RESULTS / "bench_engines.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            command = [sys.executable, __file__, "--child", name, "--out", str(out)]
+            if args.quick:
+                command.append("--quick")
+            subprocess.run(command, check=True)
+            payload = json.loads(out.read_text())
+        payload["quick"] = args.quick
+        summary[name] = payload
+        print_table(
+            f"{name} (load average {payload['load_average_start']:.2f} -> "
+            f"{payload['load_average_end']:.2f}, {payload['seconds']:.0f} s)",
+            payload["rows"],
+        )
+        save_csv(name, payload["rows"])
+        if name == "scaling":
+            plot_scaling(payload["rows"], RESULTS / "scaling.png")
+        summary_path.write_text(json.dumps(summary, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
