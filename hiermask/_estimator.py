@@ -140,8 +140,11 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         bytes); fit raises a ValueError before sampling when it would be
         exceeded.
     progress_bar : bool, default=False
-        Reserved for showing sampling progress; sampling runs as one compiled
-        program, so no per-iteration bar is shown.
+        Show a progress bar (tqdm, on stderr) over the warmup and sampling
+        iterations of all chains. The sampler then runs as a separately
+        compiled program that reports to Python about 100 times per run: the
+        first fit with the bar compiles once more, and the draws are the same
+        as without it.
     random_state : int, RandomState instance or None, default=None
         Seed of the sampler and of predictive draws.
 
@@ -351,6 +354,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             num_chains=int(self.num_chains),
             target_accept_prob=float(self.target_accept_prob),
             seed=seed,
+            progress_bar=bool(self.progress_bar),
         )
         posterior = fit_posterior(features, target, weights, group_idx, mask, config)
         convergence = self._convergence(posterior, groups_, names)

@@ -7,7 +7,10 @@ units of the data. It takes and returns arrays and small dataclasses only.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import functools
+import threading
 from dataclasses import dataclass
 
 import jax
@@ -51,6 +54,7 @@ class FitConfig:
     num_chains: int
     target_accept_prob: float
     seed: int
+    progress_bar: bool = False
 
 
 @dataclass
@@ -244,6 +248,9 @@ def fit_posterior(X, y, w, group_idx, mask, config: FitConfig) -> Posterior:
     model = MODELS[(config.engine, config.pooling)]
     build = _collapsed_data if config.engine == "collapsed" else _direct_data
     data = build(Xa, y, w, group_idx, ma, scaling, ref)
+    if config.engine == "collapsed":
+        # Compile the conditional draws while the sampler compiles and runs.
+        conditional_program = _conditional_program(config, data, hyper)
     values, stats = run_nuts(
         model,
         data,
@@ -253,6 +260,7 @@ def fit_posterior(X, y, w, group_idx, mask, config: FitConfig) -> Posterior:
         num_samples=config.num_samples,
         num_chains=config.num_chains,
         target_accept_prob=config.target_accept_prob,
+        progress_bar=config.progress_bar,
     )
     n_chains = config.num_chains
     flat = {
@@ -260,10 +268,13 @@ def fit_posterior(X, y, w, group_idx, mask, config: FitConfig) -> Posterior:
     }
     on = ma.astype(np.float64)
     if config.engine == "collapsed":
+        sites = {k: flat[k] for k in _CONDITIONAL_SITES if k in flat}
+        program = conditional_program.result()
         with jax.enable_x64(True):
             extra, rb_mean, rb_cov = _conditional(
+                program,
                 jax.random.PRNGKey(config.seed + 1),
-                {k: jnp.asarray(v) for k, v in flat.items()},
+                {k: jnp.asarray(v) for k, v in sites.items()},
                 jax.tree_util.tree_map(jnp.asarray, data),
                 jax.tree_util.tree_map(jnp.asarray, hyper),
                 pooling=config.pooling,
@@ -349,9 +360,85 @@ def fit_posterior(X, y, w, group_idx, mask, config: FitConfig) -> Posterior:
     )
 
 
-_conditional = jax.jit(
-    conditional_draws, static_argnames="pooling", compiler_options=COMPILER_OPTIONS
-)
+#: Sampled sites that the collapsed engine's conditional draws take.
+_CONDITIONAL_SITES = ("noise", "intercept_scale", "coef_scale", "x_missing")
+
+_conditional_jit = jax.jit(conditional_draws, static_argnames="pooling")
+
+#: Compiled conditional-draw programs (futures), most recently used last.
+_CONDITIONAL_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_CONDITIONAL_COMPILED_MAX = 16
+_CONDITIONAL_LOCK = threading.Lock()
+
+
+def _in_background(fn):
+    # A future of fn() computed in a new daemon thread (a thread per call,
+    # not a pool: a pool's threads do not survive os.fork).
+    future = concurrent.futures.Future()
+
+    def work():
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to whoever waits on the result
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="hiermask-compile", daemon=True).start()
+    return future
+
+
+def _conditional_spec(config, data, hyper):
+    # Shapes and dtypes of the conditional draws' arguments, known before
+    # sampling: one value per kept draw of each sampled site it takes.
+    n_draws = config.num_chains * config.num_samples
+    n_features = np.shape(data.on)[1]
+    sites = {"noise": (n_draws,)}
+    if config.pooling == "partial":
+        sites["intercept_scale"] = (n_draws,)
+        sites["coef_scale"] = (n_draws, n_features)
+    if np.shape(data.miss_row)[0]:
+        sites["x_missing"] = (n_draws, np.shape(data.miss_row)[0])
+
+    def struct(x):
+        x = np.asarray(x)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+    return (
+        jax.eval_shape(lambda: jax.random.PRNGKey(0)),
+        {k: jax.ShapeDtypeStruct(v, np.float64) for k, v in sites.items()},
+        jax.tree_util.tree_map(struct, data),
+        jax.tree_util.tree_map(struct, hyper),
+    )
+
+
+def _conditional_program(config, data, hyper):
+    """Future of the compiled conditional draws for this fit's shapes.
+
+    Compiled in a background thread, so that it overlaps the sampler's
+    compilation and run; cached per shape like the sampler.
+    """
+    spec = _conditional_spec(config, data, hyper)
+    leaves, treedef = jax.tree_util.tree_flatten(spec)
+    key = (config.pooling, treedef, tuple((x.shape, x.dtype) for x in leaves))
+
+    def compile_now():
+        with jax.enable_x64(True):
+            lowered = _conditional_jit.lower(*spec, pooling=config.pooling)
+            return lowered.compile(COMPILER_OPTIONS)
+
+    with _CONDITIONAL_LOCK:
+        future = _CONDITIONAL_COMPILED.pop(key, None)
+        if future is None or (future.done() and future.exception() is not None):
+            future = _in_background(compile_now)
+        _CONDITIONAL_COMPILED[key] = future
+        while len(_CONDITIONAL_COMPILED) > _CONDITIONAL_COMPILED_MAX:
+            _CONDITIONAL_COMPILED.popitem(last=False)
+    return future
+
+
+def _conditional(program, rng_key, sites, data, hyper, pooling):
+    """Run the compiled conditional draws (the profiler in benchmarks times it)."""
+    del pooling  # compiled in
+    return program(rng_key, sites, data, hyper)
 
 
 def _diagnose(draws, n_chains, mask):

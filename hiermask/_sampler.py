@@ -1,12 +1,16 @@
 """NUTS runner with a compile cache, and convergence diagnostics.
 
 The whole run (initialization, warmup with step-size and mass-matrix
-adaptation, sampling) of all chains is one XLA program: the iterations are
-one ``lax.scan`` and each NUTS transition is one ``lax.while_loop`` with one
-leapfrog step per iteration, so there is no per-iteration Python overhead.
-Small models run their chains in lockstep (every kernel serves all chains:
-on a CPU a small model's cost is the number of kernels run, not their size);
-large ones run them one after the other. Compiled programs are cached per
+adaptation, sampling) of a set of chains is one XLA program: the iterations
+are one ``lax.scan`` and each NUTS transition is one ``lax.while_loop`` with
+one leapfrog step per iteration, so there is no per-iteration Python
+overhead. Small models run pairs of chains in lockstep per program (every
+kernel serves both: on a CPU a small model's cost is the number of kernels
+run, not their size), large ones one chain per program; the programs of a
+run are executed by a thread pool, one thread per CPU this process may use
+(XLA releases the GIL), so chains run in parallel. The split depends only on
+the run, never on the machine: a seed gives the same draws everywhere.
+Compiled programs are cached per
 static configuration (model, pooling, numbers of warmup and draws, chains,
 target acceptance) and per shape of the data; prior scales and data values
 are arguments, so refits with other prior scales or other rows of the same
@@ -41,8 +45,12 @@ A model takes its density from a ``flat_density`` attribute when it has one
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
+import itertools
 import math
+import os
+import threading
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -75,8 +83,8 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 #: Half-width of the uniform initialization box in unconstrained space.
 _INIT_RADIUS = 2.0
 
-#: Chains run in lockstep (vectorized) while the model's data has at most this
-#: many numbers, one after the other above.
+#: Chains run in lockstep pairs (vectorized) while the model's data has at most
+#: this many numbers, one chain per program above (see :func:`_chain_parts`).
 LOCKSTEP_MAX_DATA = 20_000
 
 #: A trajectory whose energy error exceeds this is divergent (NumPyro, Stan).
@@ -492,8 +500,9 @@ def _run_chains(
     target_accept_prob,
     max_tree_depth,
     keep_warmup=False,
+    progress=None,
 ):
-    """Warmup and sampling of all chains in lockstep: one scan.
+    """Warmup and sampling of a set of chains in lockstep: one scan.
 
     Iteration 0 only evaluates the gradient at the starting points; the
     first warmup iteration then starts from step size 1 and the gradient
@@ -501,6 +510,9 @@ def _run_chains(
     each slow window (Stan searches for a step size there instead). Returns
     draws, divergences, leapfrog steps and acceptance statistics per chain
     and kept iteration (warmup ones too with ``keep_warmup``, for profiling).
+    With ``progress`` (the ``(token, part)`` of :func:`_progress_tick`), the
+    program reports its iteration to the host about ``_PROGRESS_UPDATES``
+    times.
     """
     n_chains, dim = z0.shape
     value_and_grad = jax.vmap(jax.value_and_grad(density.potential))
@@ -540,6 +552,14 @@ def _run_chains(
                 init, _initial_inverse_mass(point[:, dim : 2 * dim]), adapt.inv_mass
             )
         )
+        if progress is not None:
+            every = max(1, (num_warmup + num_samples) // _PROGRESS_UPDATES)
+            last = num_warmup + num_samples
+            jax.lax.cond(
+                (i % every == 0) | (i == last),
+                lambda: jax.debug.callback(_progress_tick, *progress, i),
+                lambda: None,
+            )
         return (point, adapt), (z, diverging, n_steps, accept)
 
     xs = (
@@ -599,12 +619,14 @@ LAST_TIMINGS: dict = {}
         "num_chains",
         "target_accept_prob",
         "max_tree_depth",
+        "progress",
     ),
 )
 def _sample(
     key_data,
     data,
     hyper,
+    progress_token,
     *,
     model,
     num_warmup,
@@ -612,6 +634,7 @@ def _sample(
     num_chains,
     target_accept_prob,
     max_tree_depth,
+    progress,
 ):
     TRACE_COUNTS[getattr(model, "__name__", repr(model))] += 1
     density = _flat_density(model, data, hyper)
@@ -624,25 +647,118 @@ def _sample(
         num_samples=num_samples,
         target_accept_prob=target_accept_prob,
         max_tree_depth=max_tree_depth,
+        progress=(progress_token[0], progress_token[1]) if progress else None,
     )
-    data_size = sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(data))
-    if data_size <= LOCKSTEP_MAX_DATA:
-        # All chains advance together: one leapfrog step of every chain per
-        # iteration of the trajectory loop, so each compiled kernel serves
-        # all chains (on a CPU the cost of a small model is the number of
-        # kernels run, not their size). A chain whose trajectory ends first
-        # waits for the others.
-        z, diverging, num_steps, accept = run(key_data[0], init)
-    else:
-        # Large models are compute-bound: chains one after the other, so that
-        # none waits for another's longer trajectory.
-        z, diverging, num_steps, accept = jax.tree_util.tree_map(
-            lambda a: a[:, 0],
-            jax.lax.map(lambda args: run(args[0], args[1][None]), (key_data, init)),
-        )
+    # All chains of the program advance together: one leapfrog step of every
+    # chain per iteration of the trajectory loop, so each compiled kernel
+    # serves all of them. A chain whose trajectory ends first waits.
+    z, diverging, num_steps, accept = run(key_data[0], init)
     values = jax.vmap(jax.vmap(density.constrain))(z)
     stats = {"diverging": diverging, "n_steps": num_steps, "accept_prob": accept}
     return values, stats
+
+
+#: A sampler compiled with a progress bar reports to the host about this many
+#: times per run.
+_PROGRESS_UPDATES = 100
+
+#: Progress reporters of the runs under way, by token (a run's programs pass
+#: their token and part number to :func:`_progress_tick`).
+_PROGRESS: dict = {}
+_PROGRESS_TOKENS = itertools.count(1)
+
+
+def _progress_tick(token, part, iteration):
+    # Host side of the sampler's progress callback.
+    report = _PROGRESS.get(int(token))
+    if report is not None:
+        report(int(part), int(iteration))
+
+
+class _ProgressBar:
+    """A tqdm bar over the iterations of every chain of one run.
+
+    Created for every run and shown only once the compiled program reports
+    (compilation can take seconds, during which no empty bar is shown).
+    """
+
+    def __init__(self, per_part, n_parts, num_warmup, num_samples):
+        self.per_part = per_part
+        self.num_warmup = num_warmup
+        self.done = [0] * n_parts
+        self.total = per_part * n_parts * (num_warmup + num_samples)
+        self.bar = None
+        self.lock = threading.Lock()
+
+    def update(self, part, iteration):
+        with self.lock:
+            if self.bar is None:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(
+                    total=self.total,
+                    desc="warmup",
+                    unit="it",
+                    leave=False,
+                    dynamic_ncols=True,
+                )
+            step = iteration - self.done[part]
+            self.done[part] = iteration
+            if min(self.done) > self.num_warmup:
+                self.bar.set_description("sample", refresh=False)
+            self.bar.update(step * self.per_part)
+
+    def close(self):
+        with self.lock:
+            if self.bar is not None:
+                self.bar.close()
+
+
+def _compiled_program(args, static, timings):
+    # The compiled sampler for these argument shapes and settings, from the
+    # in-memory cache or compiled now (recording trace and compile times).
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    cache_key = (
+        tuple(sorted(static.items(), key=lambda item: item[0])),
+        treedef,
+        tuple((leaf.shape, leaf.dtype) for leaf in leaves),
+    )
+    compiled = _COMPILED.pop(cache_key, None)
+    if compiled is None:
+        start = time.perf_counter()
+        lowered = _sample.lower(*args, **static)
+        timings["trace"] = time.perf_counter() - start
+        start = time.perf_counter()
+        compiled = lowered.compile(COMPILER_OPTIONS)
+        timings["compile"] = time.perf_counter() - start
+    _COMPILED[cache_key] = compiled
+    while len(_COMPILED) > _COMPILED_MAX:
+        _COMPILED.popitem(last=False)
+    return compiled
+
+
+def _chain_parts(num_chains, data_size):
+    """How many chains each compiled program runs, and how many programs.
+
+    Fixed by the run alone (never by the number of CPUs, so that a seed gives
+    the same draws on every machine): large models run one chain per
+    program; small ones pairs of chains in lockstep (two chains cost little
+    more than one when the cost is the number of kernels run). Odd numbers
+    of chains run one per program, so that one compiled program serves all.
+    """
+    if data_size > LOCKSTEP_MAX_DATA or num_chains % 2:
+        return 1, num_chains
+    return 2, num_chains // 2
+
+
+def _threads(n_parts):
+    # CPUs this process may run on (not the machine's count under a cgroup
+    # or affinity mask), and no more threads than programs.
+    try:
+        n_cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n_cpus = os.cpu_count() or 1
+    return max(1, min(n_parts, n_cpus))
 
 
 def run_nuts(
@@ -656,6 +772,7 @@ def run_nuts(
     num_chains,
     target_accept_prob,
     max_tree_depth=10,
+    progress_bar=False,
 ):
     """Run NUTS chains of ``model(data, hyper)`` in float64.
 
@@ -676,6 +793,10 @@ def run_nuts(
         Step-size adaptation target.
     max_tree_depth : int, default=10
         NUTS tree-depth cap.
+    progress_bar : bool, default=False
+        Show a progress bar (tqdm, on stderr) of the iterations of all
+        chains; compiles a separate program that reports to the host about
+        ``_PROGRESS_UPDATES`` times per chain.
 
     Returns
     -------
@@ -687,39 +808,63 @@ def run_nuts(
     key_data = _key_data(
         seed_value, num_chains, num_warmup, num_samples, max_tree_depth
     )
+    data_size = sum(math.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(data))
+    per_part, n_parts = _chain_parts(int(num_chains), data_size)
     static = {
         "model": model,
         "num_warmup": int(num_warmup),
         "num_samples": int(num_samples),
-        "num_chains": int(num_chains),
+        "num_chains": per_part,
         "target_accept_prob": float(target_accept_prob),
         "max_tree_depth": int(max_tree_depth),
+        "progress": bool(progress_bar),
     }
     timings = dict.fromkeys(("trace", "compile", "run"), 0.0)
+    token = next(_PROGRESS_TOKENS)
     with jax.enable_x64(True):
-        args = jax.tree_util.tree_map(jnp.asarray, (key_data, data, hyper))
-        leaves, treedef = jax.tree_util.tree_flatten(args)
-        cache_key = (
-            tuple(sorted(static.items(), key=lambda item: item[0])),
-            treedef,
-            tuple((leaf.shape, leaf.dtype) for leaf in leaves),
+        args = jax.tree_util.tree_map(
+            jnp.asarray, (key_data[:per_part], data, hyper, np.zeros(2, np.int32))
         )
-        compiled = _COMPILED.pop(cache_key, None)
-        if compiled is None:
-            start = time.perf_counter()
-            lowered = _sample.lower(*args, **static)
-            timings["trace"] = time.perf_counter() - start
-            start = time.perf_counter()
-            compiled = lowered.compile(COMPILER_OPTIONS)
-            timings["compile"] = time.perf_counter() - start
-        _COMPILED[cache_key] = compiled
-        while len(_COMPILED) > _COMPILED_MAX:
-            _COMPILED.popitem(last=False)
+        compiled = _compiled_program(args, static, timings)
+        parts = [
+            (
+                jnp.asarray(key_data[i * per_part : (i + 1) * per_part]),
+                *args[1:3],
+                jnp.asarray([token, i], dtype=np.int32),
+            )
+            for i in range(n_parts)
+        ]
+
+        def run_part(part_args):
+            with jax.enable_x64(True):  # the setting is per thread
+                return jax.block_until_ready(compiled(*part_args))
+
         start = time.perf_counter()
-        values, stats = jax.block_until_ready(compiled(*args))
+        n_threads = _threads(n_parts)
+        bar = _ProgressBar(per_part, n_parts, num_warmup, num_samples)
+        if progress_bar:
+            _PROGRESS[token] = bar.update
+        try:
+            if n_threads == 1:
+                results = [run_part(part) for part in parts]
+            else:
+                # XLA releases the GIL while a program runs: parts run in
+                # parallel.
+                with concurrent.futures.ThreadPoolExecutor(n_threads) as pool:
+                    results = list(pool.map(run_part, parts))
+        finally:
+            _PROGRESS.pop(token, None)
+            bar.close()
         timings["run"] = time.perf_counter() - start
-        values = {k: np.asarray(v, dtype=np.float64) for k, v in values.items()}
-        stats = {k: np.asarray(v) for k, v in stats.items()}
+
+        def gather(index):
+            return {
+                k: np.concatenate([np.asarray(r[index][k]) for r in results])
+                for k in results[0][index]
+            }
+
+        values = {k: v.astype(np.float64) for k, v in gather(0).items()}
+        stats = gather(1)
     LAST_TIMINGS.clear()
     LAST_TIMINGS.update(timings)
     return values, stats

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -25,9 +24,6 @@ PROG = "hiermask"
 
 #: Summaries with more rows than this print only their population-level rows.
 MAX_SUMMARY_ROWS = 60
-
-#: Seconds after which the progress line on a terminal starts ticking.
-_TICK_SECONDS = 0.5
 
 
 class CLIError(Exception):
@@ -109,7 +105,7 @@ def _add_sampler_options(parser, *, defaults):
         "--quiet",
         "-q",
         action="store_true",
-        help="do not print the progress note on stderr",
+        help="no progress note or progress bar on stderr",
     )
 
 
@@ -301,51 +297,30 @@ def _err(message):
 
 # ---------------------------------------------------------------- progress
 class _Progress:
-    """A one-line progress note on stderr while a fit runs.
+    """Progress of a fit on stderr.
 
-    The fit runs as one compiled program with no per-iteration callback, so
-    on a terminal the line shows the elapsed time; elsewhere it is printed
-    once, with the time taken at the end.
+    On a terminal: the note, the estimator's per-iteration progress bar
+    (``progress_bar=True``) while the chains run, and the time taken.
+    Elsewhere (a log file, a pipe): the note and the time taken, no bar.
+    ``--quiet`` silences all of it.
     """
 
-    def __init__(self, message, quiet):
+    def __init__(self, message, quiet, est):
         self.message = message
         self.quiet = quiet
         self.tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
-        self._stop = threading.Event()
-        self._thread = None
+        if self.tty and not quiet:
+            est.set_params(progress_bar=True)
 
     def __enter__(self):
         self.start = time.perf_counter()
-        if self.quiet:
-            return self
-        if self.tty:
-            sys.stderr.write(f"{PROG}: {self.message} ")
-            sys.stderr.flush()
-            self._thread = threading.Thread(target=self._tick, daemon=True)
-            self._thread.start()
-        else:
+        if not self.quiet:
             _err(self.message)
         return self
 
-    def _tick(self):
-        while not self._stop.wait(_TICK_SECONDS):
-            elapsed = time.perf_counter() - self.start
-            sys.stderr.write(f"\r{PROG}: {self.message} {elapsed:5.1f} s")
-            sys.stderr.flush()
-
     def __exit__(self, exc_type, exc, tb):
         elapsed = time.perf_counter() - self.start
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-        if self.quiet:
-            return False
-        if self.tty:
-            status = "done" if exc_type is None else "failed"
-            sys.stderr.write(f"\r{PROG}: {self.message} {status} in {elapsed:.1f} s\n")
-            sys.stderr.flush()
-        elif exc_type is None:
+        if not self.quiet and exc_type is None:
             _err(f"done in {elapsed:.1f} s")
         return False
 
@@ -516,7 +491,7 @@ def cmd_demo(args):
     X, y = make_manufacturing(args.n_samples, random_state=args.seed)
     est = _estimator(args, group_col="Product_Group")
     note = _fit_note(len(X), 2, len(MANUFACTURING_FEATURES), args)
-    with _Warnings(), _Progress(note, args.quiet):
+    with _Warnings(), _Progress(note, args.quiet, est):
         est.fit(X, y)
 
     sizes = X["Product_Group"].value_counts()
@@ -611,7 +586,7 @@ def cmd_fit(args):
         missing=args.missing,
     )
     note = _fit_note(len(X), n_groups, len(features), args)
-    with _Warnings(), _Progress(note, args.quiet):
+    with _Warnings(), _Progress(note, args.quiet, est):
         est.fit(X, y)
     summary = est.summary()
     _out(format_summary(summary), _convergence_line(est))

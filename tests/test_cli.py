@@ -255,3 +255,17 @@ def test_format_summary_hides_group_rows_of_large_models():
     assert "population_intercept" in text
     assert "intercept[g0]" not in text
     assert "70 group-level rows not shown" in text
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_demo_shows_a_progress_bar_on_a_terminal(quiet, monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    rc = main(["demo", "--n-samples", "60", *SAMPLER, *(["--quiet"] if quiet else [])])
+    err = capsys.readouterr().err
+    assert rc == 0
+    total = FAST["num_chains"] * (FAST["num_warmup"] + FAST["num_samples"])
+    if quiet:  # warnings still show
+        assert "it/s" not in err and "done in" not in err
+    else:
+        assert f"/{total}" in err and "it/s" in err
+        assert "done in" in err

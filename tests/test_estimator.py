@@ -25,7 +25,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils._param_validation import InvalidParameterError
 
-from hiermask import ConvergenceError, MaskedHierarchicalRegressor
+from hiermask import ConvergenceError, MaskedHierarchicalRegressor, _sampler
 from hiermask.datasets import (
     MANUFACTURING_TRUE_COEF,
     make_manufacturing,
@@ -546,3 +546,32 @@ def test_pickle_numpy_only_and_fresh_process(manufacturing, tmp_path):
     mean, sd = json.loads(out.stdout)
     np.testing.assert_array_equal(mean, expected[0])
     np.testing.assert_array_equal(sd, expected[1])
+
+
+def test_progress_bar_reports_every_iteration_and_keeps_the_draws(monkeypatch, capsys):
+    X, y = make_manufacturing(200, random_state=3)
+    plain = MaskedHierarchicalRegressor(group_col="Product_Group", **FAST).fit(X, y)
+    calls = []
+    original = _sampler._ProgressBar.update
+
+    def record(self, part, iteration):
+        calls.append((part, iteration))
+        original(self, part, iteration)
+
+    monkeypatch.setattr(_sampler._ProgressBar, "update", record)
+    shown = MaskedHierarchicalRegressor(
+        group_col="Product_Group", progress_bar=True, **FAST
+    ).fit(X, y)
+    err = capsys.readouterr().err
+    n_iter = FAST["num_warmup"] + FAST["num_samples"]
+    total = FAST["num_chains"] * n_iter
+    assert f"/{total}" in err and "warmup" in err
+    # Every program reports its start, about 100 steps and its last iteration.
+    last = {}
+    for part, iteration in calls:
+        assert iteration >= last.get(part, 0)
+        last[part] = iteration
+    assert set(last.values()) == {n_iter}
+    assert len(calls) >= 100
+    for name, draws in plain.posterior_.items():
+        np.testing.assert_array_equal(shown.posterior_[name], draws)
