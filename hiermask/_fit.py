@@ -14,7 +14,6 @@ import threading
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ._collapsed import CollapsedData, collapsed_model, conditional_draws
@@ -273,10 +272,10 @@ def fit_posterior(X, y, w, group_idx, mask, config: FitConfig) -> Posterior:
         with jax.enable_x64(True):
             extra, rb_mean, rb_cov = _conditional(
                 program,
-                jax.random.PRNGKey(config.seed + 1),
-                {k: jnp.asarray(v) for k, v in sites.items()},
-                jax.tree_util.tree_map(jnp.asarray, data),
-                jax.tree_util.tree_map(jnp.asarray, hyper),
+                _conditional_key(config.seed),
+                sites,
+                jax.tree_util.tree_map(np.asarray, data),
+                jax.tree_util.tree_map(np.asarray, hyper),
                 pooling=config.pooling,
             )
             extra = {k: np.asarray(v) for k, v in extra.items()}
@@ -403,11 +402,17 @@ def _conditional_spec(config, data, hyper):
         return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
     return (
-        jax.eval_shape(lambda: jax.random.PRNGKey(0)),
+        jax.ShapeDtypeStruct((2,), np.uint32),
         {k: jax.ShapeDtypeStruct(v, np.float64) for k, v in sites.items()},
         jax.tree_util.tree_map(struct, data),
         jax.tree_util.tree_map(struct, hyper),
     )
+
+
+def _conditional_key(seed):
+    # Key words of the conditional draws: jax.random.PRNGKey(seed + 1)'s value
+    # (the program only mixes the words), built without running JAX.
+    return np.array([0, (seed + 1) % 2**32], dtype=np.uint32)
 
 
 def _conditional_program(config, data, hyper):

@@ -822,15 +822,17 @@ def run_nuts(
     timings = dict.fromkeys(("trace", "compile", "run"), 0.0)
     token = next(_PROGRESS_TOKENS)
     with jax.enable_x64(True):
+        # NumPy arguments: the compiled program transfers them (jnp.asarray
+        # would compile a small conversion program per shape on first use).
         args = jax.tree_util.tree_map(
-            jnp.asarray, (key_data[:per_part], data, hyper, np.zeros(2, np.int32))
+            np.asarray, (key_data[:per_part], data, hyper, np.zeros(2, np.int32))
         )
         compiled = _compiled_program(args, static, timings)
         parts = [
             (
-                jnp.asarray(key_data[i * per_part : (i + 1) * per_part]),
+                key_data[i * per_part : (i + 1) * per_part],
                 *args[1:3],
-                jnp.asarray([token, i], dtype=np.int32),
+                np.array([token, i], dtype=np.int32),
             )
             for i in range(n_parts)
         ]
