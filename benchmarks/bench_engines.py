@@ -16,6 +16,10 @@ Benchmarks (targets of issue 3 in brackets):
 
 --manufacturing  500 rows, 2 groups, 3 features: first fit [<= 3 s] and refits
                  with other prior scales [<= 0.5 s].
+--coldstart      the manufacturing example's first fit in fresh processes:
+                 without a persistent compilation cache, then with JAX's
+                 persistent cache (set by environment variables, as a user
+                 would) empty and warm.
 --ess            10,000 rows of the manufacturing example: ESS per second of
                  the hand-written per-row NumPyro model (benchmarks/baseline.py),
                  the direct engine and the collapsed engine [>= 100x baseline].
@@ -58,7 +62,15 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
-BENCHMARKS = ("manufacturing", "ess", "million", "groups", "gridsearch", "scaling")
+BENCHMARKS = (
+    "manufacturing",
+    "coldstart",
+    "ess",
+    "million",
+    "groups",
+    "gridsearch",
+    "scaling",
+)
 PHASES = (
     "validate_s",
     "stats_s",
@@ -188,6 +200,47 @@ def bench_manufacturing(quick):
     start = time.perf_counter()
     est.predict(X)
     rows.append({"case": "predict 500 rows", "fit_s": time.perf_counter() - start})
+    return rows
+
+
+_COLDSTART = """
+import json, time, warnings
+warnings.simplefilter("ignore")
+t0 = time.perf_counter()
+from hiermask import MaskedHierarchicalRegressor, _sampler
+from hiermask.datasets import make_manufacturing
+X, y = make_manufacturing(500, random_state=0)
+t1 = time.perf_counter()
+MaskedHierarchicalRegressor(group_col="Product_Group", random_state=0).fit(X, y)
+t2 = time.perf_counter()
+timings = {f"{k}_s": v for k, v in _sampler.LAST_TIMINGS.items()}
+print(json.dumps({"import_s": t1 - t0, "fit_s": t2 - t1, **timings}))
+"""
+
+
+def bench_coldstart(quick):
+    """First fit in a fresh process, without and with JAX's persistent cache."""
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        jax_cache = {
+            "JAX_COMPILATION_CACHE_DIR": cache,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        }
+        cases = [
+            ("fresh process, no persistent cache", {}),
+            ("fresh process, JAX cache empty", jax_cache),
+            ("fresh process, JAX cache warm", jax_cache),
+        ]
+        for label, env in cases:
+            done = subprocess.run(
+                [sys.executable, "-c", _COLDSTART],
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            rows.append({"case": label, **json.loads(done.stdout.splitlines()[-1])})
     return rows
 
 
@@ -398,6 +451,7 @@ def plot_scaling(rows, path):
 
 RUNNERS = {
     "manufacturing": bench_manufacturing,
+    "coldstart": bench_coldstart,
     "ess": bench_ess,
     "million": bench_million,
     "groups": bench_groups,

@@ -37,6 +37,7 @@ __all__ = ["TRACKED", "run_sbc", "simulate", "uniformity_test"]
 import argparse
 import json
 import os
+import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -176,6 +177,21 @@ def _draws(est, key, index):
     return arr[(slice(None), *index)]
 
 
+def _source():
+    # The commit the run used (and whether the checkout had changes).
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return "git " + done.stdout.strip()
+
+
 def run_sbc(
     engine="collapsed",
     pooling="partial",
@@ -246,6 +262,7 @@ def run_sbc(
     return {
         "hiermask_version": hiermask.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "source": _source(),
         "engine": engine,
         "pooling": pooling,
         "n_datasets": n_datasets,
