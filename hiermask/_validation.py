@@ -103,6 +103,24 @@ def _frame_features(X: pd.DataFrame, keep: list[int]) -> tuple[np.ndarray, list]
     return out, names
 
 
+def _non_numeric(arr, columns):
+    # The positions (and names, x<j>) of the columns that do not convert to
+    # float, with the number of such cells and the first offending value.
+    out = []
+    for j in columns:
+        bad = 0
+        first = None
+        for value in arr[:, j]:
+            try:
+                float(value)
+            except (TypeError, ValueError):
+                bad += 1
+                first = value if first is None else first
+        if bad:
+            out.append(f"'x{j}' ({bad} cell(s), e.g. {first!r})")
+    return ", ".join(out) or "none found"
+
+
 def split_groups(X, group_col=None, groups=None, *, ensure_min_samples=1) -> ParsedX:
     """Take the group labels out of ``X`` and convert the rest to float64.
 
@@ -175,16 +193,21 @@ def split_groups(X, group_col=None, groups=None, *, ensure_min_samples=1) -> Par
             pos = int(group_col) % arr.shape[1]
             labels = np.asarray(arr[:, pos], dtype=object)
             keep.remove(pos)
-        features = check_array(
-            arr[:, keep],
-            dtype=np.float64,
-            ensure_all_finite=False,
-            ensure_min_features=0,
-            ensure_min_samples=0,
-            copy=True,
-            input_name="X",
-        )
         names = [f"x{j}" for j in keep]
+        try:
+            features = check_array(
+                arr[:, keep],
+                dtype=np.float64,
+                ensure_all_finite=False,
+                ensure_min_features=0,
+                ensure_min_samples=0,
+                copy=True,
+                input_name="X",
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{exc}; non-numeric feature column(s): {_non_numeric(arr, keep)}."
+            ) from exc
     if groups is not None:
         labels = np.asarray(column_or_1d(np.asarray(groups, dtype=object)))
         if labels.shape[0] != features.shape[0]:

@@ -490,7 +490,8 @@ BAD_INPUTS = [
     ("datetime_feature", case_datetime_feature, "fit", ValueError,
      "Feature column 'x0' has non-numeric dtype"),
     ("text_in_array", case_text_in_array, "fit", ValueError,
-     "could not convert string to float"),
+     r"could not convert string to float: 'n/a'; non-numeric feature column\(s\): "
+     r"'x1' \(1 cell\(s\), e.g. 'n/a'\)"),
     ("nullable_Float64_pd_NA", case_nullable_float64, None, None, None),
     ("categorical_groups", case_categorical_groups, None, None, None),
     ("string_groups", case_string_groups, None, None, None),
