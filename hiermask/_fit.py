@@ -247,9 +247,14 @@ def fit_posterior(X, y, w, group_idx, mask, config: FitConfig) -> Posterior:
     model = MODELS[(config.engine, config.pooling)]
     build = _collapsed_data if config.engine == "collapsed" else _direct_data
     data = build(Xa, y, w, group_idx, ma, scaling, ref)
-    if config.engine == "collapsed":
-        # Compile the conditional draws while the sampler compiles and runs.
-        conditional_program = _conditional_program(config, data, hyper)
+    conditional_program = []
+
+    def compile_conditional():
+        # The conditional draws compile while the sampler compiles and runs
+        # (started after the sampler's tracing, which holds the GIL).
+        if config.engine == "collapsed":
+            conditional_program.append(_conditional_program(config, data, hyper))
+
     values, stats = run_nuts(
         model,
         data,
@@ -260,6 +265,7 @@ def fit_posterior(X, y, w, group_idx, mask, config: FitConfig) -> Posterior:
         num_chains=config.num_chains,
         target_accept_prob=config.target_accept_prob,
         progress_bar=config.progress_bar,
+        before_compile=compile_conditional,
     )
     n_chains = config.num_chains
     flat = {
@@ -268,7 +274,7 @@ def fit_posterior(X, y, w, group_idx, mask, config: FitConfig) -> Posterior:
     on = ma.astype(np.float64)
     if config.engine == "collapsed":
         sites = {k: flat[k] for k in _CONDITIONAL_SITES if k in flat}
-        program = conditional_program.result()
+        program = conditional_program[0].result()
         with jax.enable_x64(True):
             extra, rb_mean, rb_cov = _conditional(
                 program,

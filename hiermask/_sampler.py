@@ -714,9 +714,10 @@ class _ProgressBar:
                 self.bar.close()
 
 
-def _compiled_program(args, static, timings):
+def _compiled_program(args, static, timings, before_compile):
     # The compiled sampler for these argument shapes and settings, from the
-    # in-memory cache or compiled now (recording trace and compile times).
+    # in-memory cache or compiled now (recording trace and compile times);
+    # before_compile() runs once the program is traced (or found).
     leaves, treedef = jax.tree_util.tree_flatten(args)
     cache_key = (
         tuple(sorted(static.items(), key=lambda item: item[0])),
@@ -728,9 +729,12 @@ def _compiled_program(args, static, timings):
         start = time.perf_counter()
         lowered = _sample.lower(*args, **static)
         timings["trace"] = time.perf_counter() - start
+        before_compile()
         start = time.perf_counter()
         compiled = lowered.compile(COMPILER_OPTIONS)
         timings["compile"] = time.perf_counter() - start
+    else:
+        before_compile()
     _COMPILED[cache_key] = compiled
     while len(_COMPILED) > _COMPILED_MAX:
         _COMPILED.popitem(last=False)
@@ -773,6 +777,7 @@ def run_nuts(
     target_accept_prob,
     max_tree_depth=10,
     progress_bar=False,
+    before_compile=lambda: None,
 ):
     """Run NUTS chains of ``model(data, hyper)`` in float64.
 
@@ -797,6 +802,10 @@ def run_nuts(
         Show a progress bar (tqdm, on stderr) of the iterations of all
         chains; compiles a separate program that reports to the host about
         ``_PROGRESS_UPDATES`` times per chain.
+    before_compile : callable, optional
+        Called without arguments once the sampler is traced, before XLA
+        compiles it (or at once when a compiled program is reused): the
+        caller can start other work that overlaps the compilation.
 
     Returns
     -------
@@ -827,7 +836,7 @@ def run_nuts(
         args = jax.tree_util.tree_map(
             np.asarray, (key_data[:per_part], data, hyper, np.zeros(2, np.int32))
         )
-        compiled = _compiled_program(args, static, timings)
+        compiled = _compiled_program(args, static, timings, before_compile)
         parts = [
             (
                 key_data[i * per_part : (i + 1) * per_part],
