@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import numbers
 import warnings
 from importlib import metadata
@@ -17,7 +18,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._fit import FitConfig, Posterior, fit_posterior
+from . import _dask
+from ._fit import FitConfig, Posterior, fit_posterior, posterior_from_statistics
 from ._masks import infer_mask
 from ._predict import predictive_draws, predictive_moments, unseen_masks
 from ._validation import (
@@ -139,6 +141,11 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         keeps (``num_chains * num_samples * n_groups * (n_features + 1) * 8``
         bytes); fit raises a ValueError before sampling when it would be
         exceeded.
+    max_latent_rows : int, default=100_000
+        Dask input only: the most rows holding latent cells (NaN in a feature
+        that applies to the row's group) that a fit brings to the client,
+        where they stay rows of the sampled density; fit raises a ValueError
+        beyond it. In-memory input has no such limit.
     progress_bar : bool, default=False
         Show a progress bar (tqdm, on stderr) over the warmup and sampling
         iterations of all chains. The sampler then runs as a separately
@@ -195,6 +202,14 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
     interval of the moment-matched normal predictive distribution; use
     ``sample_y`` for the exact mixture.
 
+    ``fit``, ``predict``, ``predict_interval`` and ``sample_y`` also accept a
+    ``dask.dataframe.DataFrame`` (with ``y``, ``groups`` and
+    ``sample_weight`` as dask Series partitioned like it; extra
+    ``hiermask[dask]``): fit sums the statistics over the partitions on the
+    workers and gives the posterior of the in-memory fit of the same rows;
+    the predict methods return lazy dask objects. Only the collapsed engine
+    fits dask data.
+
     Examples
     --------
     >>> import numpy as np
@@ -227,6 +242,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         "target_accept_prob": [Interval(numbers.Real, 0, 1, closed="neither")],
         "on_bad_convergence": [_Options({"warn", "raise", "ignore"})],
         "max_posterior_bytes": [Interval(numbers.Integral, 1, None, closed="left")],
+        "max_latent_rows": [Interval(numbers.Integral, 0, None, closed="left")],
         "progress_bar": ["boolean"],
         "random_state": ["random_state"],
     }
@@ -251,6 +267,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         target_accept_prob=0.8,
         on_bad_convergence="warn",
         max_posterior_bytes=4_000_000_000,
+        max_latent_rows=100_000,
         progress_bar=False,
         random_state=None,
     ):
@@ -271,6 +288,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         self.target_accept_prob = target_accept_prob
         self.on_bad_convergence = on_bad_convergence
         self.max_posterior_bytes = max_posterior_bytes
+        self.max_latent_rows = max_latent_rows
         self.progress_bar = progress_bar
         self.random_state = random_state
 
@@ -287,15 +305,21 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : {array-like, DataFrame} of shape (n_samples, n_features_in)
+        X : {array-like, DataFrame, dask DataFrame} of shape \
+                (n_samples, n_features_in)
             Features, with the group column when ``group_col`` is set. NaN
             marks a missing cell; a feature that is NaN in (a fraction
-            ``mask_threshold`` of) every row of a group is off for it.
-        y : array-like of shape (n_samples,)
-            Target; NaN or inf raise a ValueError.
-        groups : array-like of shape (n_samples,), default=None
+            ``mask_threshold`` of) every row of a group is off for it. A
+            dask DataFrame is fitted without collecting it (collapsed engine
+            only): the statistics are summed over its partitions on the
+            workers, in two passes over the data.
+        y : array-like or dask Series of shape (n_samples,)
+            Target; NaN or inf raise a ValueError. A dask Series, partitioned
+            like ``X``, when ``X`` is a dask DataFrame.
+        groups : array-like or dask Series of shape (n_samples,), default=None
             Group labels, when they are not a column of ``X``.
-        sample_weight : array-like of shape (n_samples,), default=None
+        sample_weight : array-like or dask Series of shape (n_samples,), \
+                default=None
             Frequency weights.
 
         Returns
@@ -304,8 +328,12 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             The fitted estimator.
         """
         saved = self.__dict__.copy()
+        dask_input = any(
+            _dask.is_dask_collection(v) for v in (X, y, groups, sample_weight)
+        )
         try:
-            fitted = self._fit(X, y, groups, sample_weight)
+            fitter = self._fit_dask if dask_input else self._fit
+            fitted = fitter(X, y, groups, sample_weight)
             # One assignment: drop the previous fit's attributes (those that
             # depend on pooling included) and install the new ones.
             state = {
@@ -335,13 +363,67 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         groups_, group_idx = encode_groups(parsed.labels, n_samples)
         names = parsed.feature_names
         mask = infer_mask(features, group_idx, len(groups_), self.mask_threshold)
-        self._check_mask_and_missing(features, group_idx, groups_, mask, names)
+        self._check_mask_and_missing(
+            (mask[group_idx] & np.isnan(features)).sum(axis=0),
+            np.bincount(group_idx, minlength=len(groups_)),
+            groups_,
+            mask,
+            names,
+        )
         self._check_memory(len(groups_), features.shape[1])
+        config = self._fit_config()
+        posterior = fit_posterior(features, target, weights, group_idx, mask, config)
+        return self._fitted_state(posterior, mask, groups_, names, config.seed, target)
+
+    def _fit_dask(self, X, y, groups, sample_weight):
+        """fit's work on dask input: two passes over the partitions, then the
+        sampler on the client; returns the fitted attributes."""
+        if self.engine == "direct":
+            raise ValueError(
+                "engine='direct' needs every row in memory and cannot fit dask "
+                "data; use engine='collapsed' (or 'auto'), or fit on X.compute()."
+            )
+        names = _dask.check_fit_inputs(X, y, groups, sample_weight, self.group_col)
+        validate_data(self, X._meta, reset=True, skip_check_array=True)
+        summary = _dask.summarize(X, y, groups, sample_weight, self.group_col)
+        if summary.n_rows < 2:
+            raise ValueError(
+                f"Found {summary.n_rows} sample(s): n_samples=1 is too few; at "
+                "least 2 rows are needed to fit."
+            )
+        if summary.weight_sum <= 0:
+            raise ValueError("sample_weight sums to zero: nothing to fit.")
+        groups_ = summary.labels
+        # The rule of infer_mask, on the counts summed over the partitions.
+        mask = summary.nans / summary.rows[:, None] < self.mask_threshold
+        self._check_mask_and_missing(
+            np.where(mask, summary.nans, 0).sum(axis=0),
+            summary.rows,
+            groups_,
+            mask,
+            names,
+        )
+        self._check_memory(len(groups_), len(names))
+        config = self._fit_config()
+        fit_stats = _dask.fit_statistics(
+            X,
+            y,
+            groups,
+            sample_weight,
+            self.group_col,
+            summary,
+            mask,
+            self.max_latent_rows,
+        )
+        posterior = posterior_from_statistics(fit_stats, config)
+        return self._fitted_state(posterior, mask, groups_, names, config.seed, None)
+
+    def _fit_config(self):
         engine = "collapsed" if self.engine == "auto" else self.engine
         seed = int(
             check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
         )
-        config = FitConfig(
+        return FitConfig(
             pooling=self.pooling,
             engine=engine,
             standardize=bool(self.standardize),
@@ -356,7 +438,9 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             seed=seed,
             progress_bar=bool(self.progress_bar),
         )
-        posterior = fit_posterior(features, target, weights, group_idx, mask, config)
+
+    def _fitted_state(self, posterior, mask, groups_, names, seed, target):
+        """The fitted attributes of a posterior (raises on bad convergence)."""
         convergence = self._convergence(posterior, groups_, names)
         self._gate(convergence)  # may raise: before any fitted state is set
 
@@ -399,7 +483,10 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
                 "raise max_posterior_bytes."
             )
 
-    def _check_mask_and_missing(self, features, group_idx, groups_, mask, names):
+    def _check_mask_and_missing(self, latent_counts, row_counts, groups_, mask, names):
+        """Warn about dropped features and single-row groups; refuse latent
+        cells under ``missing="error"``. ``latent_counts`` (n_features,)
+        counts NaN in applicable cells, ``row_counts`` (n_groups,) rows."""
         dropped = ~mask.any(axis=0)
         if dropped.any():
             warnings.warn(
@@ -410,11 +497,11 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
                 UserWarning,
                 stacklevel=4,
             )
-        latent = mask[group_idx] & np.isnan(features)
-        if self.missing == "error" and latent.any():
+        latent_counts = np.asarray(latent_counts)
+        if self.missing == "error" and latent_counts.any():
             cols = [
-                f"{names[j]!r} ({int(latent[:, j].sum())} cell(s))"
-                for j in np.flatnonzero(latent.any(axis=0))
+                f"{names[j]!r} ({int(latent_counts[j])} cell(s))"
+                for j in np.flatnonzero(latent_counts)
             ]
             raise ValueError(
                 "X has NaN in features that apply to the row's group, in column(s) "
@@ -422,8 +509,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
                 + ". Use missing='impute' to impute them, or fill them."
             )
         if self.pooling == "none":
-            counts = np.bincount(group_idx, minlength=len(groups_))
-            single = groups_[counts == 1]
+            single = groups_[np.asarray(row_counts) == 1]
             if len(single):
                 warnings.warn(
                     f"{len(single)} group(s) have a single row "
@@ -488,7 +574,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         )
         if self.on_bad_convergence == "raise":
             raise ConvergenceError(msg)
-        warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+        warnings.warn(msg, ConvergenceWarning, stacklevel=4)
 
     # -------------------------------------------------------------- predict
     @property
@@ -502,7 +588,12 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             columns=pd.Index(self._feature_names, name="feature"),
         )
 
-    def _prepare(self, X, groups):
+    def _prepare(self, X, groups, unseen_table=None):
+        """Features, fitted group codes (-1: unseen) and unseen-group masks.
+
+        ``unseen_table`` (dask partitions) gives the unseen groups' labels
+        and masks read from every partition; without it they are read from
+        ``X``'s own rows."""
         check_is_fitted(self)
         parsed = split_groups(X, self.group_col, groups, ensure_min_samples=0)
         validate_data(self, X, reset=False, skip_check_array=True)
@@ -527,25 +618,77 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
                 UserWarning,
                 stacklevel=4,
             )
-        unseen = unseen_masks(
-            parsed.features,
-            group_idx,
-            parsed.labels,
-            self._mask.any(axis=0),
-            self.mask_threshold,
-        )
+        if unseen_table is not None:
+            unseen = unseen_table.lookup(parsed.labels, group_idx)
+        else:
+            unseen = unseen_masks(
+                parsed.features,
+                group_idx,
+                parsed.labels,
+                self._mask.any(axis=0),
+                self.mask_threshold,
+            )
         return parsed.features, group_idx, unseen
+
+    def _lazy(self, X, groups, what, extra=()):
+        """Lazy dask DataFrame of per-row outputs (see _predict_partition)."""
+        check_is_fitted(self)
+        n_features = _dask.check_predict_inputs(X, groups, self.group_col)
+        validate_data(self, X._meta, reset=False, skip_check_array=True)
+        if n_features != self._mask.shape[1]:
+            raise ValueError(
+                f"X has {n_features} feature columns, but the model was fitted "
+                f"with {self._mask.shape[1]}."
+            )
+        # A snapshot: a later refit of self does not change these results.
+        return _dask.lazy_predictions(
+            copy.copy(self),
+            X,
+            groups,
+            what,
+            extra,
+            fitted=self.groups_,
+            fitted_active=self._mask.any(axis=0),
+        )
+
+    def _predict_partition(self, X, groups, unseen_table, what, extra, number):
+        """One pandas partition's outputs for :meth:`_lazy`, as an ndarray."""
+        features, group_idx, unseen = self._prepare(X, groups, unseen_table)
+        if what == "draws":
+            n_samples, seed = extra
+            return _dask.partition_draws(
+                features,
+                group_idx,
+                self._mask,
+                self._posterior,
+                unseen,
+                n_samples,
+                seed,
+                number,
+            )
+        mean, sd = predictive_moments(
+            features, group_idx, self._mask, self._posterior, unseen
+        )
+        if what == ("lower", "upper"):
+            (z,) = extra
+            return np.column_stack([mean - z * sd, mean + z * sd])
+        return np.column_stack([mean, sd])[:, : len(what)]
+
+    @staticmethod
+    def _is_dask(X, groups):
+        return _dask.is_dask_collection(X) or _dask.is_dask_collection(groups)
 
     def predict(self, X, groups=None, return_std=False):
         """Posterior-predictive mean (and sd) of each row.
 
         Parameters
         ----------
-        X : {array-like, DataFrame} of shape (n_samples, n_features_in)
+        X : {array-like, DataFrame, dask DataFrame} of shape \
+                (n_samples, n_features_in)
             Rows to predict, laid out as in fit. Values of features that are
             off for a row's group are ignored; NaN in features that are on is
             integrated out.
-        groups : array-like of shape (n_samples,), default=None
+        groups : array-like or dask Series of shape (n_samples,), default=None
             Group labels, when they are not a column of ``X``.
         return_std : bool, default=False
             Whether to return the predictive sd (noise included).
@@ -553,9 +696,15 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         Returns
         -------
         y_mean : ndarray of shape (n_samples,)
+            A lazy dask Series named ``"mean"`` with ``X``'s index when ``X``
+            is a dask DataFrame.
         y_std : ndarray of shape (n_samples,)
-            Only with ``return_std=True``.
+            Only with ``return_std=True``; a lazy dask Series named ``"sd"``
+            for dask input (computing both together reads ``X`` once).
         """
+        if self._is_dask(X, groups):
+            frame = self._lazy(X, groups, ("mean", "sd") if return_std else ("mean",))
+            return (frame["mean"], frame["sd"]) if return_std else frame["mean"]
         features, group_idx, unseen = self._prepare(X, groups)
         mean, sd = predictive_moments(
             features, group_idx, self._mask, self._posterior, unseen
@@ -570,9 +719,10 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : {array-like, DataFrame} of shape (n_samples, n_features_in)
+        X : {array-like, DataFrame, dask DataFrame} of shape \
+                (n_samples, n_features_in)
             Rows to predict.
-        groups : array-like of shape (n_samples,), default=None
+        groups : array-like or dask Series of shape (n_samples,), default=None
             Group labels, when they are not a column of ``X``.
         coverage : float in (0, 1), default=0.9
             Probability mass inside the interval.
@@ -580,12 +730,15 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         Returns
         -------
         ndarray of shape (n_samples, 2)
-            Lower and upper bounds.
+            Lower and upper bounds; a lazy dask DataFrame with columns
+            ``"lower"`` and ``"upper"`` and ``X``'s index for dask input.
         """
         if not 0 < coverage < 1:
             raise ValueError(f"coverage must be in (0, 1), got {coverage!r}.")
-        mean, sd = self.predict(X, groups=groups, return_std=True)
         z = ndtri(0.5 + coverage / 2)
+        if self._is_dask(X, groups):
+            return self._lazy(X, groups, ("lower", "upper"), (float(z),))
+        mean, sd = self.predict(X, groups=groups, return_std=True)
         return np.column_stack([mean - z * sd, mean + z * sd])
 
     def sample_y(self, X, groups=None, n_samples=1, random_state=None):
@@ -596,9 +749,10 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : {array-like, DataFrame} of shape (n_rows, n_features_in)
+        X : {array-like, DataFrame, dask DataFrame} of shape \
+                (n_rows, n_features_in)
             Rows to predict.
-        groups : array-like of shape (n_rows,), default=None
+        groups : array-like or dask Series of shape (n_rows,), default=None
             Group labels, when they are not a column of ``X``.
         n_samples : int, default=1
             Draws per row.
@@ -608,15 +762,31 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         Returns
         -------
         ndarray of shape (n_rows, n_samples)
+            A lazy dask DataFrame with integer columns ``0 .. n_samples - 1``
+            and ``X``'s index for dask input. Column ``k`` uses the same
+            posterior draw, and an unseen group the same effects, in every
+            partition; the noise is drawn per partition (the first partition
+            continues the in-memory stream), so the values equal those for
+            the computed frame only when it has one partition.
+
+        Notes
+        -----
+        Column ``k`` uses one posterior draw for every row.
         """
         if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}.")
-        features, group_idx, unseen = self._prepare(X, groups)
+        dask_input = self._is_dask(X, groups)
+        if dask_input:
+            check_is_fitted(self)
+        else:
+            features, group_idx, unseen = self._prepare(X, groups)
         rs = self.random_state if random_state is None else random_state
         if rs is None:
             seed = self._seed
         else:
             seed = int(check_random_state(rs).randint(np.iinfo(np.int32).max))
+        if dask_input:
+            return self._lazy(X, groups, "draws", (int(n_samples), seed))
         return predictive_draws(
             features, group_idx, self._mask, self._posterior, unseen, n_samples, seed
         )
@@ -639,6 +809,11 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         -------
         float
         """
+        if any(_dask.is_dask_collection(v) for v in (X, y, groups, sample_weight)):
+            raise TypeError(
+                "score does not take dask input; compute R^2 from the lazy "
+                "predict(X) with dask reductions, or score a computed sample."
+            )
         return r2_score(y, self.predict(X, groups=groups), sample_weight=sample_weight)
 
     # ------------------------------------------------------------- results
@@ -673,6 +848,11 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             ones NaN), sample stats and the observed target.
         """
         check_is_fitted(self)
+        if self._fit_target is None:
+            raise ValueError(
+                "to_arviz needs the target of the fit, which a fit on dask data "
+                "does not collect; summary() and posterior_ hold the posterior."
+            )
         from ._summary import to_inference_data
 
         return to_inference_data(self)

@@ -17,12 +17,28 @@ import jax
 import numpy as np
 
 from ._collapsed import CollapsedData, collapsed_model, conditional_draws
-from ._masks import group_sum
 from ._model import DirectData, Hyper, direct_model
 from ._sampler import COMPILER_OPTIONS, parameter_diagnostics, run_nuts
-from ._stats import Scaling, centred_design, compute_scaling, group_statistics
+from ._stats import (
+    GroupStats,
+    Moments,
+    Scaling,
+    cell_moments,
+    centred_design,
+    group_statistics,
+    pool_moments,
+    scaling_from_moments,
+    vector_moments,
+)
 
-__all__ = ["FitConfig", "Posterior", "fit_posterior"]
+__all__ = [
+    "FitConfig",
+    "FitStatistics",
+    "LatentRows",
+    "Posterior",
+    "fit_posterior",
+    "posterior_from_statistics",
+]
 
 #: One model object per (engine, pooling), so that the jit cache sees the same
 #: static argument from fit to fit.
@@ -54,6 +70,54 @@ class FitConfig:
     target_accept_prob: float
     seed: int
     progress_bar: bool = False
+
+
+@dataclass(frozen=True)
+class LatentRows:
+    """The rows that hold latent cells, over the active features.
+
+    Attributes
+    ----------
+    X : ndarray of shape (n_rows, n_active)
+        Their features, NaN where missing or off.
+    y, w, group_idx : ndarray of shape (n_rows,)
+        Their target, weight and group code.
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    w: np.ndarray
+    group_idx: np.ndarray
+
+
+@dataclass(frozen=True)
+class FitStatistics:
+    """Everything the collapsed engine needs from the rows; nothing row-sized
+    except the rows that hold latent cells.
+
+    ``n_active`` counts the features that apply to at least one group.
+
+    Attributes
+    ----------
+    mask : ndarray of shape (n_groups, n_features), bool
+        Which features apply to which group (all features).
+    scaling : Scaling
+        Internal location and scale of the active features and the target.
+    stats : GroupStats
+        Per-group statistics of the complete rows over the active features,
+        computed with ``scaling``; ``incomplete_rows`` is not used.
+    latent : LatentRows
+        The rows left out of ``stats`` because they hold latent cells.
+    cells : Moments
+        Per-group moments of the observed cells of the active features,
+        shape (n_groups, n_active); entries of off pairs are ignored.
+    """
+
+    mask: np.ndarray
+    scaling: Scaling
+    stats: GroupStats
+    latent: LatentRows
+    cells: Moments
 
 
 @dataclass
@@ -112,7 +176,14 @@ def _latent_layout(latent):
 def _collapsed_data(X, y, w, group_idx, mask, scaling, ref) -> CollapsedData:
     stats = group_statistics(X, y, w, group_idx, mask, scaling)
     rows = stats.incomplete_rows
-    design, latent = centred_design(X[rows], mask[group_idx[rows]], scaling)
+    latent = LatentRows(X[rows], y[rows], w[rows], group_idx[rows])
+    return _collapsed_from_statistics(stats, latent, mask, scaling, ref)
+
+
+def _collapsed_from_statistics(
+    stats, rows: LatentRows, mask, scaling, ref
+) -> CollapsedData:
+    design, latent = centred_design(rows.X, mask[rows.group_idx], scaling)
     cols, miss_row, miss_col, miss_slot = _latent_layout(latent)
     return CollapsedData(
         on=mask.astype(np.float64),
@@ -123,10 +194,10 @@ def _collapsed_data(X, y, w, group_idx, mask, scaling, ref) -> CollapsedData:
         gram=stats.gram,
         xty=stats.xty,
         yty=stats.yty,
-        inc_group=group_idx[rows],
+        inc_group=rows.group_idx,
         inc_design=design,
-        inc_y=(y[rows] - scaling.y_mean) / scaling.y_scale,
-        inc_w=w[rows],
+        inc_y=(rows.y - scaling.y_mean) / scaling.y_scale,
+        inc_w=rows.w,
         miss_row=miss_row,
         miss_col=miss_col,
         miss_slot=miss_slot,
@@ -192,19 +263,13 @@ def _expand(values, active, axis=-1):
     return out
 
 
-def _impute_moments(draws, data_cols, X, w, group_idx, mask, scaling):
+def _impute_moments(draws, data_cols, cells, mask, scaling):
     """E[x] and Var[x] for NaN in applicable cells, per group and for new ones."""
     n_groups, p = mask.shape
-    usable = mask[group_idx] & ~np.isnan(X)
-    wu = np.where(usable, w[:, None], 0.0)
-    xz = np.where(usable, X, 0.0)
-    count = group_sum(wu, group_idx, n_groups)
-    total = group_sum(wu * xz, group_idx, n_groups)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        fill = np.where(count > 0, total / count, scaling.x_mean)
-    resid = np.where(usable, X - fill[group_idx], 0.0)
+    count = np.where(mask, cells.count, 0.0)
+    fill = np.where(count > 0, cells.mean, scaling.x_mean)
     dof = np.maximum(count.sum(axis=0) - (count > 0).sum(axis=0), 1.0)
-    pooled_var = (wu * resid**2).sum(axis=0) / dof
+    pooled_var = np.where(mask, cells.m2, 0.0).sum(axis=0) / dof
     var = np.broadcast_to(pooled_var, (n_groups, p)).copy()
     if "x_loc" in draws and len(data_cols):
         s = scaling.x_scale[data_cols]
@@ -240,13 +305,61 @@ def fit_posterior(X, y, w, group_idx, mask, config: FitConfig) -> Posterior:
     active = mask.any(axis=0)
     Xa = X[:, active]
     ma = mask[:, active]
-    on_rows = ma[group_idx]
-    scaling = compute_scaling(Xa, y, w, on_rows)
+    # The scaling as the distributed path computes it (from per-group
+    # moments): it equals compute_scaling's to rounding.
+    cells = cell_moments(Xa, w, group_idx, mask.shape[0])
+    scaling = scaling_from_moments(pool_moments(cells, ma), vector_moments(y, w))
+    if config.engine == "collapsed":
+        stats = group_statistics(Xa, y, w, group_idx, ma, scaling)
+        rows = stats.incomplete_rows
+        latent = LatentRows(Xa[rows], y[rows], w[rows], group_idx[rows])
+        return posterior_from_statistics(
+            FitStatistics(mask, scaling, stats, latent, cells), config
+        )
+    ref = _prior_units(scaling, config.standardize)
+    data = _direct_data(Xa, y, w, group_idx, ma, scaling, ref)
+    return _sample(data, mask, scaling, cells, config)
+
+
+def posterior_from_statistics(fit_stats: FitStatistics, config: FitConfig):
+    """Fit the collapsed model from precomputed statistics.
+
+    This is everything :func:`fit_posterior` does after its pass over the
+    rows, so the statistics may come from anywhere (e.g. summed over the
+    partitions of a distributed data frame).
+
+    Parameters
+    ----------
+    fit_stats : FitStatistics
+        Statistics of the rows, mask and scaling.
+    config : FitConfig
+        Settings; ``config.engine`` must be ``"collapsed"``.
+
+    Returns
+    -------
+    Posterior
+    """
+    if config.engine != "collapsed":
+        raise ValueError(
+            f"Statistics can only be fitted by the collapsed engine, not "
+            f"{config.engine!r}."
+        )
+    mask, scaling = fit_stats.mask, fit_stats.scaling
+    ref = _prior_units(scaling, config.standardize)
+    ma = mask[:, mask.any(axis=0)]
+    data = _collapsed_from_statistics(
+        fit_stats.stats, fit_stats.latent, ma, scaling, ref
+    )
+    return _sample(data, mask, scaling, fit_stats.cells, config)
+
+
+def _sample(data, mask, scaling, cells, config: FitConfig) -> Posterior:
+    """Run NUTS on an engine's data and convert the posterior to data units."""
+    active = mask.any(axis=0)
+    ma = mask[:, active]
     ref = _prior_units(scaling, config.standardize)
     hyper = _hyper(config, scaling)
     model = MODELS[(config.engine, config.pooling)]
-    build = _collapsed_data if config.engine == "collapsed" else _direct_data
-    data = build(Xa, y, w, group_idx, ma, scaling, ref)
     conditional_program = []
 
     def compile_conditional():
@@ -334,9 +447,7 @@ def fit_posterior(X, y, w, group_idx, mask, config: FitConfig) -> Posterior:
         unseen_cov = expand_square(unseen_cov)
 
     cols = np.asarray(data.impute_cols)
-    fill, var, fill_pop, var_pop = _impute_moments(
-        flat, cols, Xa, w, group_idx, ma, scaling
-    )
+    fill, var, fill_pop, var_pop = _impute_moments(flat, cols, cells, ma, scaling)
     prior_reference = {
         "y_ref": ref[0],
         "y_unit": ref[1],

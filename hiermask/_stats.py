@@ -19,10 +19,16 @@ from ._masks import group_sum
 
 __all__ = [
     "GroupStats",
+    "Moments",
     "Scaling",
+    "cell_moments",
     "centred_design",
     "compute_scaling",
     "group_statistics",
+    "merge_moments",
+    "pool_moments",
+    "scaling_from_moments",
+    "vector_moments",
 ]
 
 #: Cells (rows x entries of an outer product) handled per chunk.
@@ -217,3 +223,145 @@ def group_statistics(
         x_sum=x_sum,
         x_sumsq=x_sumsq,
     )
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Weighted count, mean and sum of squared deviations, elementwise.
+
+    Moments of disjoint sets of values merge exactly (up to rounding) with
+    :func:`merge_moments`, so they can be computed per partition of the rows
+    and combined in any tree.
+
+    Attributes
+    ----------
+    count : ndarray
+        Sum of the weights.
+    mean : ndarray
+        Weighted mean (0.0 where ``count`` is 0).
+    m2 : ndarray
+        Weighted sum of squared deviations from ``mean``.
+    """
+
+    count: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+    """Moments of the union of two disjoint sets (Chan, Golub and LeVeque).
+
+    Parameters
+    ----------
+    a, b : Moments
+        Moments of the two sets, of the same shape.
+
+    Returns
+    -------
+    Moments
+    """
+    count = a.count + b.count
+    delta = b.mean - a.mean
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(count > 0, b.count / count, 0.0)
+    return Moments(
+        count=count,
+        mean=a.mean + delta * frac,
+        m2=a.m2 + b.m2 + delta * delta * a.count * frac,
+    )
+
+
+def vector_moments(v, w) -> Moments:
+    """Weighted moments of one vector.
+
+    Parameters
+    ----------
+    v : ndarray of shape (n_samples,)
+        Values.
+    w : ndarray of shape (n_samples,)
+        Weights.
+
+    Returns
+    -------
+    Moments
+        Scalar (0-d) moments.
+    """
+    count = np.asarray(w.sum(), dtype=np.float64)
+    mean = np.asarray(np.dot(w, v) / count if count > 0 else 0.0)
+    return Moments(count, mean, np.asarray(np.dot(w, (v - mean) ** 2)))
+
+
+def cell_moments(X, w, group_idx, n_groups) -> Moments:
+    """Weighted moments of the observed cells of each feature within each group.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+        Features, NaN where missing.
+    w : ndarray of shape (n_samples,)
+        Frequency weights.
+    group_idx : ndarray of shape (n_samples,)
+        Group code of each row.
+    n_groups : int
+        Number of groups.
+
+    Returns
+    -------
+    Moments
+        Arrays of shape (n_groups, n_features).
+    """
+    observed = ~np.isnan(X)
+    wo = np.where(observed, w[:, None], 0.0)
+    count = group_sum(wo, group_idx, n_groups)
+    total = group_sum(np.where(observed, X, 0.0), group_idx, n_groups, w)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / count, 0.0)
+    resid = np.where(observed, X - mean[group_idx], 0.0)
+    m2 = group_sum(resid * resid, group_idx, n_groups, w)
+    return Moments(count, mean, m2)
+
+
+def pool_moments(cells: Moments, mask) -> Moments:
+    """Moments of each feature over the groups where it applies.
+
+    Parameters
+    ----------
+    cells : Moments
+        Per-group moments of shape (n_groups, n_features).
+    mask : ndarray of shape (n_groups, n_features), bool
+        Which features apply to which group.
+
+    Returns
+    -------
+    Moments
+        Arrays of shape (n_features,).
+    """
+    count_g = np.where(mask, cells.count, 0.0)
+    count = count_g.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, (count_g * cells.mean).sum(axis=0) / count, 0.0)
+    between = (count_g * (cells.mean - mean) ** 2).sum(axis=0)
+    m2 = np.where(mask, cells.m2, 0.0).sum(axis=0) + between
+    return Moments(count, mean, m2)
+
+
+def scaling_from_moments(x: Moments, y: Moments) -> Scaling:
+    """The :class:`Scaling` that :func:`compute_scaling` gives, from moments.
+
+    Parameters
+    ----------
+    x : Moments
+        Moments of the observed applicable cells of each feature, shape
+        (n_features,) (see :func:`pool_moments`).
+    y : Moments
+        Scalar moments of the target.
+
+    Returns
+    -------
+    Scaling
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        x_sd = np.sqrt(x.m2 / x.count)
+        y_sd = np.sqrt(y.m2 / y.count)
+    x_mean = np.where(x.count > 0, x.mean, 0.0)
+    return Scaling(float(y.mean), float(_safe_scale(y_sd)), x_mean, _safe_scale(x_sd))

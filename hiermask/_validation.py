@@ -7,6 +7,7 @@ that the callers do not write to.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from dataclasses import dataclass
 
@@ -14,6 +15,11 @@ import numpy as np
 import pandas as pd
 from sklearn.utils import check_array, column_or_1d
 from sklearn.utils.validation import _check_sample_weight
+
+#: scikit-learn >= 1.7 refuses all-zero weights unless told otherwise.
+_ALL_ZERO_OPTION = (
+    "allow_all_zero_weights" in inspect.signature(_check_sample_weight).parameters
+)
 
 __all__ = [
     "ParsedX",
@@ -347,7 +353,9 @@ def check_target(y, n_samples: int) -> np.ndarray:
     return y
 
 
-def check_weights(sample_weight, features: np.ndarray) -> np.ndarray:
+def check_weights(
+    sample_weight, features: np.ndarray, *, require_positive_sum=True
+) -> np.ndarray:
     """Validate frequency weights: finite, non-negative, not all zero.
 
     Parameters
@@ -356,18 +364,24 @@ def check_weights(sample_weight, features: np.ndarray) -> np.ndarray:
         Weights; None means ones.
     features : ndarray of shape (n_samples, n_features)
         The features, for the row count.
+    require_positive_sum : bool, default=True
+        Whether all-zero weights are an error (False for one partition of
+        the rows, whose sum the caller checks over all partitions).
 
     Returns
     -------
     ndarray of shape (n_samples,), float64
         A copy of the weights.
     """
+    extra = {}
+    if not require_positive_sum and _ALL_ZERO_OPTION:
+        extra["allow_all_zero_weights"] = True
     w = _check_sample_weight(
-        sample_weight, features, dtype=np.float64, ensure_non_negative=True
+        sample_weight, features, dtype=np.float64, ensure_non_negative=True, **extra
     )
     w = np.array(w, dtype=np.float64, copy=True)
     if not np.isfinite(w).all():
         raise ValueError("sample_weight contains NaN or infinity.")
-    if w.sum() <= 0:
+    if require_positive_sum and w.sum() <= 0:
         raise ValueError("sample_weight sums to zero: nothing to fit.")
     return w
