@@ -210,8 +210,8 @@ def split_groups(X, group_col=None, groups=None, *, ensure_min_samples=1) -> Par
                 copy=True,
                 input_name="X",
             )
-        except (TypeError, ValueError) as exc:
-            raise ValueError(
+        except (TypeError, ValueError) as exc:  # same type, with the column
+            raise type(exc)(
                 f"{exc}; non-numeric feature column(s): {_non_numeric(arr, keep)}."
             ) from exc
     if groups is not None:
