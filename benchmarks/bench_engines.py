@@ -116,8 +116,9 @@ class Profiler:
         """Profile one fit; ``self.row()`` then holds its phases."""
         self.times = {}
         patched = [
-            self._wrap("compute_scaling", "stats_s"),
-            self._wrap("_collapsed_data", "stats_s"),
+            self._wrap("cell_moments", "stats_s"),
+            self._wrap("group_statistics", "stats_s"),
+            self._wrap("_collapsed_from_statistics", "stats_s"),
             self._wrap("_direct_data", "stats_s"),
             self._wrap("run_nuts", "nuts_s"),
             self._wrap("_conditional", "draws_s"),

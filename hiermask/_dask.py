@@ -206,7 +206,7 @@ def _in_partition(number, n_partitions):
         raise ValueError(f"{where}: {exc}") from None
 
 
-def _parse(X, y, groups, w, group_col, need_target=True):
+def _parse(X, y, groups, w, group_col):
     """One partition as arrays: what the in-memory fit validates, per row."""
     parsed = split_groups(X, group_col, groups, ensure_min_samples=0)
     n = parsed.features.shape[0]
@@ -219,8 +219,6 @@ def _parse(X, y, groups, w, group_col, need_target=True):
                 f"{_describe_rows(np.flatnonzero(missing))}. Every row used for "
                 "fitting needs a group."
             )
-    if not need_target:
-        return parsed, None, None
     if n == 0:
         for name, values in (("y", y), ("sample_weight", w)):
             if values is not None and len(values):
