@@ -27,11 +27,16 @@ The sampler evaluates this density in an equivalent form
 (D A'SF) / sigma^2`` and ``F' eta = (D^-1 A^-1 F)' M^-1 D A'r / sigma^2``, so
 the population precision is a product of positive factors rather than the
 difference of two terms that grow with the number of rows; one Cholesky
-factor of each group's ``M`` gives everything. The per-group algebra is
-stored groups-last and unrolled over the tiny matrix size (vectorized over
-groups, no LAPACK call per group), and its gradient is written by hand
-(:func:`_pooled_loglik`): both make the compiled program small and fast on a
-CPU. Everything here runs in float64 (the caller scopes ``jax.enable_x64``).
+factor of each group's ``M`` gives everything. The groups are processed in
+blocks sized to stay in a core's cache (a loop over the blocks; one block
+when they are few); within a block, matrices are stored groups-last and the
+algebra is unrolled over the small matrix size (vectorized over the block's
+groups; LAPACK for larger matrices and few groups, see
+:func:`_unrolled`). The gradient is written by hand
+(:func:`_pooled_loglik`): one pass over the blocks sums the forms the
+population terms need, a second forms each block's gradient. Conditional
+draws go the same way, block by block. Everything here runs in float64 (the
+caller scopes ``jax.enable_x64``).
 """
 
 from __future__ import annotations
@@ -52,24 +57,36 @@ from ._sampler import FlatDensity, _normal, _uniform
 
 __all__ = [
     "CollapsedData",
-    "GroupTerms",
     "collapsed_density",
     "collapsed_model",
     "conditional_draws",
-    "group_terms",
-    "logdet_forms",
     "marginal_loglik",
-    "none_factor",
 ]
 
-#: Matrices up to this size are factorized by unrolled elementwise code
-#: (vectorized over the groups, no LAPACK call per group); larger ones by
-#: LAPACK, whose compile time does not grow with the size. Up to
-#: UNROLL_MAX_SIZE_LARGE when there are at least UNROLL_MIN_BATCH of them
-#: (running time then outweighs the longer compilation).
+#: The population's matrix (one, of the size of the coefficient vector) is
+#: factorized by unrolled elementwise code up to this size, by LAPACK above
+#: it (whose compile time does not grow with the size).
 UNROLL_MAX_SIZE = 8
-UNROLL_MAX_SIZE_LARGE = 12
-UNROLL_MIN_BATCH = 64
+
+#: Each group's matrix is factorized by unrolled code (one vectorized loop
+#: over a block's groups per column) up to UNROLL_MAX_SIZE_GROUPS, and up to
+#: UNROLL_MAX_SIZE_MANY when there are at least UNROLL_MANY_GROUPS groups;
+#: by LAPACK (one call per matrix) otherwise. The unrolled program, and its
+#: compile time, grow as the size squared. Measured on the 2-core benchmark
+#: machine (gradient of the density): at size 6 and 10,000 groups unrolled
+#: code runs 2x faster; at size 11 and 3,000 groups 1.3x faster for 1.8 s
+#: more compilation; at size 11 and 100 groups, or 21 and 1,000, LAPACK
+#: runs as fast or faster and compiles 1-6 s sooner.
+UNROLL_MAX_SIZE_GROUPS = 8
+UNROLL_MAX_SIZE_MANY = 16
+UNROLL_MANY_GROUPS = 1000
+
+
+def _unrolled(q, n_groups):
+    # Whether the groups' q x q matrices are factorized by unrolled code.
+    return q <= UNROLL_MAX_SIZE_GROUPS or (
+        q <= UNROLL_MAX_SIZE_MANY and n_groups >= UNROLL_MANY_GROUPS
+    )
 
 
 class CollapsedData(NamedTuple):
@@ -137,10 +154,7 @@ def _triangular_inverse_entries(chol, size):
 def _inverse_cholesky(m):
     """``T = L^-1`` (lower, ``m = L L'``) and ``log|m|``; batch axes last."""
     size = m.shape[0]
-    batch = math.prod(m.shape[2:])
-    if size <= UNROLL_MAX_SIZE or (
-        size <= UNROLL_MAX_SIZE_LARGE and batch >= UNROLL_MIN_BATCH
-    ):
+    if size <= UNROLL_MAX_SIZE:
         chol = _cholesky_entries(m)
         inv = _triangular_inverse_entries(chol, size)
         logdet = 2.0 * sum(jnp.log(chol[j, j]) for j in range(size))
@@ -154,6 +168,12 @@ def _inverse_cholesky(m):
         # Materialize the factor: fused into its consumers, XLA would redo
         # the elimination for every element of every product that uses it.
         return jax.lax.optimization_barrier((t, logdet))
+    return _lapack_inverse_cholesky(m)
+
+
+def _lapack_inverse_cholesky(m):
+    # _inverse_cholesky by LAPACK, one call per matrix.
+    size = m.shape[0]
     front = jnp.moveaxis(m, (0, 1), (-2, -1))
     chol = jnp.linalg.cholesky(front)
     eye = jnp.broadcast_to(jnp.eye(size), front.shape)
@@ -162,127 +182,12 @@ def _inverse_cholesky(m):
     return jnp.moveaxis(inv, (-2, -1), (0, 1)), logdet
 
 
-def _mm(a, b):
-    # Batched product of small matrices, a (i, j, ...) by b (j, k, ...),
-    # unrolled over the contraction index into one elementwise expression:
-    # XLA fuses it into a single vectorized loop over the batch, where a
-    # dot_general is a library call per batch element. The barrier keeps
-    # XLA from fusing the product into its consumers (which would recompute
-    # it for each of their elements).
-    out = sum(a[:, j][:, None] * b[j][None] for j in range(a.shape[1]))
-    return jax.lax.optimization_barrier(out)
-
-
-def _mtm(a, b):
-    # a' b for batches of small matrices: a (j, i, ...), b (j, k, ...).
-    out = sum(a[j][:, None] * b[j][None] for j in range(a.shape[0]))
-    return jax.lax.optimization_barrier(out)
-
-
-def _mmt(a, b):
-    # a b' for batches of small matrices: a (i, j, ...), b (k, j, ...).
-    out = sum(a[:, j][:, None] * b[:, j][None] for j in range(a.shape[1]))
-    return jax.lax.optimization_barrier(out)
-
-
-def _sum0(a):
-    # Sum over the (short) first axis as elementwise adds: XLA's CPU
-    # reductions over a non-minor axis are slow.
-    return sum(a[j] for j in range(a.shape[0]))
-
-
 def _tr(a):
     return jnp.swapaxes(a, 0, 1)
 
 
-def _logdet_forms_fwd(m, a, b):
-    k = a.shape[1]
-    t, logdet = _inverse_cholesky(m)
-    tab = _mm(t, jnp.concatenate([a, b], axis=1))  # one pass over t
-    forms = _mtm(tab[:, :k], tab[:, k:])
-    return (logdet, forms), (t, tab)
-
-
-def _logdet_forms_grads(t, tab, c_logdet, c_forms):
-    # Gradients of c_logdet * log|m| + <c_forms, a' m^-1 b> with respect to
-    # m, a and b, given t = L^-1 and t [a, b].
-    size, k = t.shape[0], c_forms.shape[0]
-    inv_all = _mtm(t, jnp.concatenate([t, tab], axis=1))  # m^-1 [I, a, b]
-    m_inv, m_inv_a = inv_all[:, :size], inv_all[:, size : size + k]
-    m_inv_b = inv_all[:, size + k :]
-    grad_a = _mmt(m_inv_b, c_forms)
-    grad_b = _mm(m_inv_a, c_forms)
-    grad_m = c_logdet * m_inv - _mmt(grad_b, m_inv_b)
-    return grad_m, grad_a, grad_b
-
-
-def _logdet_forms_bwd(residuals, cotangents):
-    return _logdet_forms_grads(*residuals, *cotangents)
-
-
-@jax.custom_vjp
-def logdet_forms(m, a, b):
-    """``log|m|`` and the bilinear forms ``a' m^-1 b`` of small SPD matrices.
-
-    Batched over trailing axes (matrix axes first); reverse-mode
-    differentiable with a closed-form gradient (a few batched products, no
-    factorization).
-
-    Parameters
-    ----------
-    m : array of shape (s, s, ...)
-        Symmetric positive definite.
-    a, b : arrays of shape (s, k, ...)
-
-    Returns
-    -------
-    logdet : array of shape (...)
-    forms : array of shape (k, k, ...)
-    """
-    return _logdet_forms_fwd(m, a, b)[0]
-
-
-logdet_forms.defvjp(_logdet_forms_fwd, _logdet_forms_bwd)
-
-
 # --------------------------------------------------------------------------
 # The model's pieces.
-
-
-def group_prior(pooling, values, data):
-    """How each group's prior mean and spread depend on the population.
-
-    The prior mean of group ``g``'s coefficients is ``F_g phi + f_g``, linear
-    in the population vector ``phi = (ell, mu)``, and the group deviation is
-    ``C_g v_g``.
-
-    Parameters
-    ----------
-    pooling : {"partial", "none", "complete"}
-        Pooling mode.
-    values : dict
-        Sampled between-group sds ``tau_a`` and ``tau`` (partial pooling).
-    data : CollapsedData
-        Data; only ``on``, ``k``, ``K`` and ``e_y`` are used.
-
-    Returns
-    -------
-    F : array of shape (G, q, q) or None (no population under "none")
-    f : array of shape (G, q)
-    C : array of shape (G, q, q) or None (no group deviation under "complete")
-    """
-    on = data.on
-    n_groups, n_features = on.shape
-    q = n_features + 1
-    f = jnp.zeros((n_groups, q)).at[:, 0].set(-data.e_y)
-    if pooling == "none":
-        return None, f, None
-    F = _population_map(data)
-    if pooling == "complete":
-        return F, f, None
-    intercept_sd = jnp.broadcast_to(values["tau_a"], (n_groups,))
-    slope_sd = values["tau"] * on + (1.0 - on)
-    return F, f, _deviation_factor(intercept_sd, slope_sd, on * data.k)
 
 
 def _population_map(data):
@@ -296,53 +201,12 @@ def _population_map(data):
     return F.at[:, jnp.arange(1, q), jnp.arange(1, q)].set(on)
 
 
-def _deviation_factor(intercept_sd, slope_sd, row):
-    # C = A diag(d) where A is the identity with first row [1, row]
-    d = jnp.concatenate([intercept_sd[:, None], slope_sd], axis=1)
-    C = jnp.eye(d.shape[1]) * d[:, None, :]
-    return C.at[:, 0, 1:].set(row * slope_sd)
-
-
 def _deviation_parts(pooling, data):
     # A (unit upper triangular: identity with first row [1, row]) of C = A D.
     on = data.on
     row = on * data.k if pooling == "partial" else on * (data.k - data.K)
     q = on.shape[1] + 1
     return jnp.broadcast_to(jnp.eye(q), (on.shape[0], q, q)).at[:, 0, 1:].set(row)
-
-
-def _deviation_sd(pooling, values, data, hyper):
-    # The diagonal d of C = A diag(d), group-last: (..., q, G); leading batch
-    # axes of the values carry through.
-    on = data.on.T
-    if pooling == "partial":
-        intercept_sd, slope = values["tau_a"], values["tau"]
-    else:
-        intercept_sd, slope = hyper.intercept, hyper.coef
-    slope_sd = slope[..., :, None] * on + (1.0 - on)
-    intercept_sd = jnp.broadcast_to(
-        jnp.asarray(intercept_sd)[..., None, None],
-        (*slope_sd.shape[:-2], 1, on.shape[1]),
-    )
-    return jnp.concatenate([intercept_sd, slope_sd], axis=-2)
-
-
-def none_factor(data, hyper):
-    """Group deviation factor ``C`` under no pooling (fixed by the prior).
-
-    Parameters
-    ----------
-    data : CollapsedData
-    hyper : Hyper
-
-    Returns
-    -------
-    array of shape (G, q, q)
-    """
-    on = data.on
-    intercept_sd = jnp.broadcast_to(hyper.intercept, (on.shape[0],))
-    slope_sd = hyper.coef * on + (1.0 - on)
-    return _deviation_factor(intercept_sd, slope_sd, on * (data.k - data.K))
 
 
 def add_incomplete_rows(data, cells):
@@ -378,56 +242,6 @@ def add_incomplete_rows(data, cells):
     )
 
 
-class GroupTerms(NamedTuple):
-    """Each group's log marginal likelihood as a quadratic in its prior mean.
-
-    ``log p(u_g | b0) = const - b0'H b0 / 2 + b0'eta``.
-    """
-
-    const: jnp.ndarray  # (G,)
-    H: jnp.ndarray  # (G, q, q)
-    eta: jnp.ndarray  # (G, q)
-    chol: jnp.ndarray | None  # (G, q, q) Cholesky factor of M
-    proj: jnp.ndarray | None  # (G, q, q) L^-1 C'
-
-
-def group_terms(C, sigma, stats):
-    """Integrate every group's deviation out: quadratic form in its prior mean.
-
-    The textbook form of the module docstring; the sampler uses the
-    equivalent, cancellation-free form of :func:`marginal_loglik`.
-
-    Parameters
-    ----------
-    C : array of shape (G, q, q) or None
-        Group deviation factor (None: no deviation).
-    sigma : scalar
-        Residual sd, internal units.
-    stats : tuple
-        ``(n, gram, xty, yty)``.
-
-    Returns
-    -------
-    GroupTerms
-    """
-    n, gram, xty, yty = stats
-    s2 = sigma**2
-    const = -0.5 * n * jnp.log(2.0 * jnp.pi * s2) - 0.5 * yty / s2
-    if C is None:
-        return GroupTerms(const, gram / s2, xty / s2, None, None)
-    q = gram.shape[-1]
-    m = jnp.eye(q) + jnp.einsum("gki,gkl,glj->gij", C, gram, C) / s2
-    chol = jnp.linalg.cholesky(m)
-    proj = jsl.solve_triangular(chol, jnp.swapaxes(C, -1, -2), lower=True)
-    ps = jnp.einsum("gij,gjk->gik", proj, gram) / s2  # L^-1 C'S / s2
-    pr = jnp.einsum("gij,gj->gi", proj, xty) / s2  # L^-1 C'r / s2
-    logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
-    const = const - logdet + 0.5 * jnp.sum(pr**2, axis=-1)
-    H = gram / s2 - jnp.einsum("gki,gkj->gij", ps, ps)
-    eta = xty / s2 - jnp.einsum("gki,gk->gi", ps, pr)
-    return GroupTerms(const, H, eta, chol, proj)
-
-
 class _Prepared(NamedTuple):
     # Statistics shifted by f (so that b0 = F phi) and mapped by A and F;
     # groups last.
@@ -435,8 +249,6 @@ class _Prepared(NamedTuple):
     yty: jnp.ndarray  # (G,) (u - Xt f)'W(u - Xt f)
     dev_gram: jnp.ndarray | None  # (q, q, G) A'SA
     dev_xty: jnp.ndarray | None  # (q, G) A'r
-    dev_cross: jnp.ndarray | None  # (q, q, G) A'SF (partial pooling)
-    pop_left: jnp.ndarray | None  # (q, q, G) A^-1 F (partial pooling)
     pop_gram: jnp.ndarray | None  # (q, q) sum F'SF (complete pooling)
     pop_xty: jnp.ndarray | None  # (q,) sum F'r (complete pooling)
 
@@ -455,41 +267,304 @@ def _prepare(pooling, data, stats):
             yty,
             None,
             None,
-            None,
-            None,
             jnp.einsum("gki,gkl,glj->ij", F, gram, F),
             jnp.einsum("gki,gk->i", F, xty),
         )
     A = _deviation_parts(pooling, data)
     dev_gram = jnp.einsum("gki,gkl,glj->ijg", A, gram, A)
     dev_xty = jnp.einsum("gki,gk->ig", A, xty)
-    if pooling == "none":
-        return _Prepared(n, yty, dev_gram, dev_xty, None, None, None, None)
-    F = _population_map(data)
-    # A^-1 is the identity with first row [1, -row].
-    a_inv = 2.0 * jnp.eye(A.shape[-1]) - A
-    return _Prepared(
-        n,
-        yty,
-        dev_gram,
-        dev_xty,
-        jnp.einsum("gki,gkl,glj->ijg", A, gram, F),
-        jnp.einsum("gij,gjk->ikg", a_inv, F),
-        None,
-        None,
+    return _Prepared(n, yty, dev_gram, dev_xty, None, None)
+
+
+def _pop_left(data):
+    # A^-1 F under partial pooling, the same for every group where it
+    # matters: the identity with first row [1, -K]. (A group's own A^-1 F
+    # has zero rows at its masked features, where A'SA and A'r vanish.)
+    q = data.K.shape[0] + 1
+    return jnp.eye(q).at[0, 1:].set(-data.K)
+
+
+# --------------------------------------------------------------------------
+# Blocked per-group algebra. The groups are split into blocks of a few dozen
+# to a few hundred; a loop over the blocks keeps each block's intermediates
+# in a core's cache (on all groups at once, every intermediate streams
+# through memory). Within a block, matrices are stored groups-last and the
+# algebra is unrolled over the matrix size into operations on whole rows or
+# columns, each one vectorized loop over the block's groups.
+
+#: Target bytes of one block's intermediates (one chain); the number of
+#: groups per block follows from the matrix size.
+BLOCK_BYTES = 1 << 21
+
+#: Bytes of intermediates per group and per entry of a q x q matrix.
+_BYTES_PER_ENTRY = 8 * 16
+
+#: If set, the number of groups per block, overriding BLOCK_BYTES (tests use
+#: it to exercise several blocks, and a ragged last one, with few groups).
+BLOCK_GROUPS = None
+
+
+def _blocking(n_groups, q):
+    """Groups per block and number of blocks for ``n_groups`` groups.
+
+    Parameters
+    ----------
+    n_groups : int
+    q : int
+        Matrix size (features + intercept).
+
+    Returns
+    -------
+    size, n_blocks : int
+        ``size * n_blocks >= n_groups``; a single block (no loop, no
+        padding) when all groups fit in one.
+    """
+    if BLOCK_GROUPS is not None:
+        size = int(BLOCK_GROUPS)
+    else:
+        size = max(8, BLOCK_BYTES // (_BYTES_PER_ENTRY * q * q))
+    if n_groups <= size:
+        return n_groups, 1
+    n_blocks = -(-n_groups // size)
+    if BLOCK_GROUPS is None:
+        # Blocks as even as possible, in whole vectors of 8, and an odd
+        # number of them: rows of a block's matrices then start at
+        # addresses spread over the cache sets (a power-of-two row length
+        # maps every row of a matrix to the same set).
+        size = 8 * (-(-n_groups // (8 * n_blocks)) | 1)
+        n_blocks = -(-n_groups // size)
+    return size, n_blocks
+
+
+def _to_blocks(x, size, n_blocks):
+    # Groups-last (..., G) -> (n_blocks, ..., size), zero-padded.
+    pad = size * n_blocks - x.shape[-1]
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    x = x.reshape(*x.shape[:-1], n_blocks, size)
+    return jnp.moveaxis(x, -2, 0)
+
+
+def _from_blocks(x, n_groups):
+    # (n_blocks, ..., size) -> groups-last (..., G)
+    x = jnp.moveaxis(x, 0, -2)
+    return x.reshape(*x.shape[:-2], -1)[..., :n_groups]
+
+
+class _Blocks(NamedTuple):
+    # The group statistics in blocks, (n_blocks, ..., size): the groups of a
+    # block last. Padding groups have zero statistics and onq = 0 (so d = 1
+    # and M = I): they contribute exactly nothing.
+    gram: jnp.ndarray  # (nb, q, q, B) A'SA
+    xty: jnp.ndarray  # (nb, q, B) A'r
+    onq: jnp.ndarray  # (nb, q, B) 1 where d takes the base sd, else d = 1
+    unit: jnp.ndarray  # () 1.0, unknown to the compiler (see _keep)
+
+
+def _group_blocks(prep, on):
+    """The group statistics in blocks (see :func:`_blocking`).
+
+    Under complete pooling (no group statistics) only ``onq``.
+    """
+    n_groups, p = on.shape
+    size, n_blocks = _blocking(n_groups, p + 1)
+    onq = jnp.concatenate([jnp.ones((1, n_groups)), on.T], axis=0)
+    # 1.0 at run time, but not a constant of the program (0 * x is not
+    # simplified for floating point x).
+    unit = 1.0 + 0.0 * jnp.sum(prep.yty[:1])
+    return _Blocks(
+        *(
+            None if x is None else _to_blocks(x, size, n_blocks)
+            for x in (prep.dev_gram, prep.dev_xty, onq)
+        ),
+        jax.lax.stop_gradient(unit),
     )
 
 
-def _group_forms(pooling, inv, d, prep):
-    # M, and the bilinear forms [a, b] of the module docstring, per group.
+def _keep(x, unit):
+    # Materialize x. XLA's CPU fusion duplicates cheap producers into every
+    # consumer and every reuse (a row of a factor read by each entry of a
+    # product would be recomputed for each), and optimization barriers do
+    # not reach its fusion pass; it does not fuse an expensive operation
+    # (here a division by 1.0 that it cannot see is one) into a consumer
+    # that reuses its elements.
+    return x / unit
+
+
+def _cholesky_rows(m, unit, unroll):
+    """``T = L^-1`` and ``log|m|`` for SPD ``m = L L'``; batch axes last.
+
+    Column ``j`` of ``L`` (left-looking) and then row ``i`` of ``T`` are
+    one kernel each: divisions, so materialized (see :func:`_keep`).
+
+    Returns
+    -------
+    t : array of shape (q, q, ...)
+        Lower triangular.
+    logdet : array
+    """
+    size = m.shape[0]
+    if not unroll:
+        return _lapack_inverse_cholesky(m)
+    cols = []  # cols[j]: column j of L from row j down
+    for j in range(size):
+        s = m[j:, j]
+        for k in range(j):
+            s = s - cols[k][j - k :] * cols[k][j - k]
+        # the pivot's square root for every entry (s[0] + 0 s: not a
+        # broadcast, which XLA would compute in a kernel of its own): one
+        # kernel per column
+        cols.append(_keep(s / jnp.sqrt(s[0] + 0.0 * s), unit))
+    logdet = 2.0 * sum(jnp.log(c[0]) for c in cols)
+    rows = []
+    for i in range(size):
+        # row i of T: [-sum_k L[i, k] T[k, :], 1] / L[i, i], zero-padded
+        num = jnp.zeros((size, *m.shape[2:])).at[i].set(1.0)
+        for k in range(i):
+            num = num - cols[k][i - k] * rows[k]
+        # a division by the pivot for every entry: materialized, one kernel
+        rows.append(num / (cols[i][0] + 0.0 * num))
+    return jnp.stack(rows), logdet
+
+
+def _tri_mm(t, x, unit):
+    # t x for t (q, q, ...) and x (q, n, ...), one kernel.
+    return _keep(sum(t[:, k][:, None] * x[k][None] for k in range(t.shape[1])), unit)
+
+
+def _tri_tmm(t, x, unit):
+    # t' x for t (q, q, ...) and x (q, n, ...).
+    return _keep(sum(t[k][:, None] * x[k][None] for k in range(t.shape[0])), unit)
+
+
+def _tri_gram(t, unit):
+    # t't for t (q, q, ...).
+    return _keep(sum(t[k][:, None] * t[k][None] for k in range(t.shape[0])), unit)
+
+
+def _mmt_small(a, b, unit):
+    # a b' for batches of small dense matrices (matrix axes first).
+    out = sum(a[:, j][:, None] * b[:, j][None] for j in range(a.shape[1]))
+    return _keep(out, unit)
+
+
+class _Factors(NamedTuple):
+    # One block's factorization at given scales (see _block_factor).
+    d: jnp.ndarray  # (q, B) deviation sds
+    rows: list  # rows of T = L^-1, M = L L'
+    logdet: jnp.ndarray  # (B,) log|M|
+    u: jnp.ndarray  # (q, k, B) T [DS, Dr] (partial) or T Dr (none)
+    v: jnp.ndarray  # (q, k, B) M^-1 [DS, Dr] or M^-1 Dr
+
+
+def _block_chol(inv, base, blk, unroll):
+    # d, the rows of T = L^-1 and log|M| for M = I + inv D S D = L L'.
+    d = base[:, None] * blk.onq + (1.0 - blk.onq)
     q = d.shape[0]
-    m = jnp.eye(q)[:, :, None] + inv * (d[:, None] * d[None, :] * prep.dev_gram)
-    dr = (d * prep.dev_xty)[:, None]
+    eye = jnp.eye(q).reshape(q, q, *([1] * (blk.gram.ndim - 2)))
+    m = eye + inv * d[:, None] * blk.gram * d[None]
+    rows, logdet = _cholesky_rows(m, blk.unit, unroll)
+    return d, rows, logdet
+
+
+def _block_factor(pooling, inv, base, blk, unroll):
+    """Factorize one block's ``M = I + inv D S D`` and solve for its forms.
+
+    With ``D = diag(d)``, ``S = A'SA`` and ``r = A'r`` of the block's groups:
+    ``u = T [DS, Dr]`` and ``v = M^-1 [DS, Dr]`` (only the last column
+    under no pooling), from which the per-group terms of the density are
+    ``Y = D^-1 M^-1 D S`` (= v / d), ``z = D^-1 M^-1 D r`` and ``s = r'D
+    M^-1 D r = |u[:, -1]|^2``.
+    """
+    d, rows, logdet = _block_chol(inv, base, blk, unroll)
+    dr = (d * blk.xty)[:, None]
+    x = dr if pooling == "none" else jnp.concatenate([d[:, None] * blk.gram, dr], 1)
+    u = _tri_mm(rows, x, blk.unit)
+    v = _tri_tmm(rows, u, blk.unit)
+    return _Factors(d, rows, logdet, u, v)
+
+
+def _block_sums(pooling, f):
+    # The block's sums over its groups: log|M|, s and, under partial
+    # pooling, Y and z (module docstring).
+    logdet = jnp.sum(f.logdet, axis=-1)
+    s = jnp.sum(f.u[:, -1] ** 2, axis=(0, -1))
     if pooling == "none":
-        return m, dr, dr
-    a = jnp.concatenate([prep.pop_left / d[:, None], dr], axis=1)
-    b = jnp.concatenate([d[:, None] * prep.dev_cross, dr], axis=1)
-    return m, a, b
+        return logdet, s, None, None
+    q = f.d.shape[0]
+    y = jnp.sum(f.v[:, :q] / f.d[:, None], axis=-1)
+    z = jnp.sum(f.v[:, q] / f.d, axis=-1)
+    return logdet, s, y, z
+
+
+def _block_grads(pooling, want, inv, blk, f, cot):
+    """One block's gradients of its summed terms, given their cotangents.
+
+    ``cot = (c_logdet, c_s, c_y, c_z)``, the same for every group (``c_y``
+    and ``c_z`` None under no pooling). Returns the gradient with respect
+    to inv (summed over the block), the base sds (summed; with "base" in
+    ``want``) and the block's statistics (with "stats" in ``want``).
+    """
+    c_logdet, c_s, c_y, c_z = cot
+    unit = blk.unit
+    q, d = f.d.shape[0], f.d
+    gram = blk.gram
+    zt = f.v[:, -1]  # M^-1 D r
+    minv = _tri_gram(f.rows, unit)
+    # gradient with respect to M (module docstring):
+    # c_logdet M^-1 - M^-1 [C~, c~] [M^-1 DS, M^-1 Dr]' - c_s zt zt'
+    g_m = c_logdet * minv - c_s * zt[:, None] * zt[None]
+    g_e = None
+    if pooling == "partial":
+        # C~ = D^-1 c_y, c~ = D^-1 c_z; N = M^-1 [C~, c~]
+        c_t = jnp.concatenate([c_y, c_z[:, None]], axis=1)[:, :, None] / d[:, None]
+        n = _tri_tmm(f.rows, _tri_mm(f.rows, c_t, unit), unit)
+        g_m = g_m - _mmt_small(n, f.v, unit)
+        g_e = n[:, :q]  # gradient with respect to E = D S
+        g_dr = n[:, q] + 2.0 * c_s * zt  # ... to D r
+    else:
+        g_dr = 2.0 * c_s * zt
+    g_m = _keep(g_m, unit)
+    dsd = d[:, None] * gram * d[None]
+    grad_inv = jnp.sum(g_m * dsd)
+    grad_base = grad_blk = None
+    if "base" in want:
+        # M = I + inv D S D, E = D S, Dr; and C~, c~ through D^-1
+        g_sym = g_m + _tr(g_m)
+        grad_d = inv * _sum1(g_sym * gram * d[None]) + g_dr * blk.xty
+        if pooling == "partial":
+            y = f.v[:, :q] / d[:, None]
+            grad_d = grad_d + _sum1(g_e * gram) - _sum1(y * c_t[:, :q])
+            grad_d = grad_d - f.v[:, q] / d * c_t[:, q]
+        grad_base = jnp.sum(grad_d * blk.onq, axis=-1)
+    if "stats" in want:
+        g_gram = inv * d[:, None] * g_m * d[None]
+        if g_e is not None:
+            g_gram = g_gram + d[:, None] * g_e
+        grad_blk = _Blocks(g_gram, d * g_dr, None, None)
+    return grad_inv, grad_base, grad_blk
+
+
+def _sum1(a):
+    # Sum over the second (short) axis as elementwise adds.
+    return sum(a[:, j] for j in range(a.shape[1]))
+
+
+def _block_loop(body, carry, blocks):
+    # lax.scan over the blocks; no loop for a single block (a smaller
+    # program, the same as without blocking).
+    if blocks.onq.shape[0] == 1:
+        carry, ys = body(carry, _block(blocks, 0))
+        return carry, jax.tree_util.tree_map(lambda a: a[None], ys)
+
+    def step(carry, xs):
+        return body(carry, _Blocks(*xs, blocks.unit))
+
+    return jax.lax.scan(step, carry, (blocks.gram, blocks.xty, blocks.onq))
+
+
+def _block(blocks, i):
+    return _Blocks(blocks.gram[i], blocks.xty[i], blocks.onq[i], blocks.unit)
 
 
 def _population_terms(inv, total, prior_var):
@@ -506,90 +581,149 @@ def _population_terms(inv, total, prior_var):
     return logp, lam_inv, v
 
 
-def _pooled_loglik_fwd(pooling, inv, d, prep, prior_var):
-    m, a, b = _group_forms(pooling, inv, d, prep)
-    (logdet, forms), (t, tab) = _logdet_forms_fwd(m, a, b)
-    total = jnp.sum(forms, axis=-1)
-    n_total, y_total = jnp.sum(prep.n), jnp.sum(prep.yty)
-    k = total.shape[0] - 1
-    logp = (
-        0.5 * n_total * jnp.log(inv / (2.0 * jnp.pi))
-        - 0.5 * inv * y_total
-        - 0.5 * jnp.sum(logdet)
-        + 0.5 * inv**2 * total[k, k]
-    )
-    lam_inv = v = None
-    if pooling == "partial":
-        pop, lam_inv, v = _population_terms(inv, total, prior_var)
-        logp = logp + pop
-    return logp, (inv, d, prep, t, tab, total, lam_inv, v)
+def _pooled_total(pop_left, s, y, z):
+    # The summed forms [a, b]' M^-1 [a, b] of the population integral:
+    # F'H F and F'eta (times sigma^2 and sigma^4) and the r'..r term.
+    q = pop_left.shape[0]
+    total = jnp.zeros((q + 1, q + 1))
+    total = total.at[:q, :q].set(pop_left.T @ y @ pop_left)
+    return total.at[:q, q].set(pop_left.T @ z).at[q, q].set(s)
 
 
-def _pooled_loglik_bwd(pooling, residuals, g):
-    inv, d, prep, t, tab, total, lam_inv, v = residuals
-    q, k = d.shape[0], total.shape[0] - 1
-    # cotangent of every group's forms (the same for all groups)
-    c_forms = jnp.zeros((k + 1, k + 1)).at[k, k].set(0.5 * inv**2)
-    grad_inv = 0.5 * jnp.sum(prep.n) / inv - 0.5 * jnp.sum(prep.yty)
-    grad_inv = grad_inv + inv * total[k, k]
-    if pooling == "partial":
-        lam_bar = -0.5 * (lam_inv + jnp.outer(v, v))
-        c_forms = c_forms.at[:q, :q].set(inv * lam_bar).at[:q, q].set(inv * v)
-        grad_inv = grad_inv + jnp.sum(lam_bar * total[:q, :q]) + v @ total[:q, q]
-    grad_m, grad_a, grad_b = _logdet_forms_grads(t, tab, -0.5, c_forms[:, :, None])
-    # chain rule through M = I + inv (d d' o S~) and a, b (module docstring)
-    gram = prep.dev_gram
-    grad_inv = grad_inv + jnp.sum(_sum0(_sum0(grad_m * d[:, None] * d[None, :] * gram)))
-    grad_d = inv * sum((grad_m[:, j] + grad_m[j]) * d[j] * gram[:, j] for j in range(q))
-    grad_dr = grad_a[:, k] + grad_b[:, k]
-    grad_d = grad_d + grad_dr * prep.dev_xty
-    grad_dev_xty = grad_dr * d
-    grad_dev_cross = grad_pop_left = None
-    if pooling == "partial":
-        ga, gb = grad_a[:, :q], grad_b[:, :q]
-        grad_d = grad_d - sum(ga[:, c] * prep.pop_left[:, c] for c in range(q)) / d**2
-        grad_d = grad_d + sum(gb[:, c] * prep.dev_cross[:, c] for c in range(q))
-        grad_dev_cross = d[:, None] * gb
-        grad_pop_left = ga / d[:, None]
-    grad_prep = _Prepared(
-        n=jnp.broadcast_to(0.5 * jnp.log(inv / (2.0 * jnp.pi)), prep.n.shape),
-        yty=jnp.broadcast_to(-0.5 * inv, prep.yty.shape),
-        dev_gram=inv * grad_m * d[:, None] * d[None, :],
-        dev_xty=grad_dev_xty,
-        dev_cross=grad_dev_cross,
-        pop_left=grad_pop_left,
-        pop_gram=None,
-        pop_xty=None,
-    )
+def _pooled_loglik_fwd(static, inv, base, blocks, pop_left, prior_var):
+    pooling, want, unroll = static
+    zero = jnp.zeros(())
+    if pooling == "none":
+        # Cotangents known before the sum over groups: value and gradient
+        # in one pass.
+        cot = (-0.5, 0.5 * inv**2, None, None)
+
+        def body(carry, blk):
+            f = _block_factor(pooling, inv, base, blk, unroll)
+            logdet, s, _, _ = _block_sums(pooling, f)
+            grad_inv, _, grad_blk = _block_grads(pooling, want, inv, blk, f, cot)
+            return (carry[0] + logdet, carry[1] + s, carry[2] + grad_inv), grad_blk
+
+        (logdet, s, grad_inv), grad_blocks = _block_loop(
+            body, (zero, zero, zero), blocks
+        )
+        logp = -0.5 * logdet + 0.5 * inv**2 * s
+        return logp, (inv * s + grad_inv, grad_blocks)
+    q = base.shape[0]
+    if blocks.onq.shape[0] == 1:
+        # one block: keep its factors for the gradient
+        f = _block_factor(pooling, inv, base, _block(blocks, 0), unroll)
+        logdet, s, y, z = _block_sums(pooling, f)
+        saved = f
+    else:
+
+        def body(carry, blk):
+            sums = _block_sums(pooling, _block_factor(pooling, inv, base, blk, unroll))
+            return jax.tree_util.tree_map(jnp.add, carry, sums), None
+
+        zeros = (zero, zero, jnp.zeros((q, q)), jnp.zeros(q))
+        (logdet, s, y, z), _ = _block_loop(body, zeros, blocks)
+        saved = None
+    total = _pooled_total(pop_left, s, y, z)
+    pop, lam_inv, v = _population_terms(inv, total, prior_var)
+    logp = -0.5 * logdet + 0.5 * inv**2 * s + pop
+    return logp, (inv, base, blocks, pop_left, total, lam_inv, v, saved)
+
+
+def _pooled_loglik_bwd(static, residuals, g):
+    pooling, want, unroll = static
     scale = lambda x: None if x is None else g * x  # noqa: E731
+    if pooling == "none":
+        grad_inv, grad_blocks = residuals
+        return (
+            g * grad_inv,
+            None,
+            jax.tree_util.tree_map(scale, grad_blocks),
+            None,
+            None,
+        )
+    inv, base, blocks, pop_left, total, lam_inv, v, saved = residuals
+    q = base.shape[0]
+    # cotangents of the summed forms (the same for every group) and the
+    # gradient with respect to inv of the population terms given them
+    lam_bar = -0.5 * (lam_inv + jnp.outer(v, v))
+    c_y = inv * pop_left @ lam_bar @ pop_left.T
+    c_z = inv * pop_left @ v
+    cot = (-0.5, 0.5 * inv**2, c_y, c_z)
+    grad_inv = inv * total[q, q] + jnp.sum(lam_bar * total[:q, :q]) + v @ total[:q, q]
+    if saved is not None:
+        grads = _block_grads(pooling, want, inv, _block(blocks, 0), saved, cot)
+        grad_groups, grad_base = grads[0], grads[1]
+        grad_blocks = jax.tree_util.tree_map(lambda a: a[None], grads[2])
+    else:
+        # second pass: each block's factorization again, then its gradient
+
+        def body(carry, blk):
+            f = _block_factor(pooling, inv, base, blk, unroll)
+            grads = _block_grads(pooling, want, inv, blk, f, cot)
+            return (carry[0] + grads[0], carry[1] + grads[1]), grads[2]
+
+        zeros = (jnp.zeros(()), jnp.zeros(q))
+        (grad_groups, grad_base), grad_blocks = _block_loop(body, zeros, blocks)
     return (
-        g * grad_inv,
-        g * grad_d,
-        jax.tree_util.tree_map(scale, grad_prep),
+        g * (grad_inv + grad_groups),
+        scale(grad_base),
+        jax.tree_util.tree_map(scale, grad_blocks),
+        None,
         None,
     )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _pooled_loglik(pooling, inv, d, prep, prior_var):
-    # Log marginal likelihood under partial or no pooling, with the
-    # closed-form gradient of the module docstring (batch-last products, no
-    # transposes or reductions over short axes: what XLA compiles well).
-    return _pooled_loglik_fwd(pooling, inv, d, prep, prior_var)[0]
+def _pooled_loglik(static, inv, base, blocks, pop_left, prior_var):
+    # The terms of the log marginal likelihood under partial or no pooling
+    # that involve the groups' factorizations (all but the n and u'Wu
+    # terms), with the closed-form gradient of the module docstring,
+    # blockwise: a pass over the blocks sums the forms; the population
+    # terms follow; the gradient takes a second pass (each block's
+    # factorization again; none is kept between passes unless there is one
+    # block) or, under no pooling, comes with the first. static = (pooling,
+    # want, unroll): want, the gradients to form besides inv's ("base": the
+    # between-group sds; "stats": the statistics, when they depend on latent
+    # cells); unroll, how to factorize (see _unrolled).
+    return _pooled_loglik_fwd(static, inv, base, blocks, pop_left, prior_var)[0]
 
 
 _pooled_loglik.defvjp(_pooled_loglik_fwd, _pooled_loglik_bwd)
 
 
-def _prepared_loglik(pooling, prep, sigma, d, hyper):
-    """Log marginal likelihood from prepared statistics (see module doc)."""
+def _base_sd(pooling, values, hyper):
+    # The base of the deviation sds d = base on + (1 - on) (intercept first).
+    if pooling == "partial":
+        return jnp.concatenate([jnp.atleast_1d(values["tau_a"]), values["tau"]])
+    return jnp.concatenate([jnp.atleast_1d(hyper.intercept), hyper.coef])
+
+
+def _prepared_loglik(
+    pooling, prep, blocks, pop_left, sigma, base, hyper, stats_grad=False
+):
+    """Log marginal likelihood from prepared statistics (see module doc).
+
+    ``blocks``: the statistics in blocks (:func:`_group_blocks`; None under
+    complete pooling); ``stats_grad``: whether the gradient with respect to
+    the statistics is wanted (they depend on latent cells).
+    """
     inv = 1.0 / sigma**2
     prior_var = jnp.concatenate([hyper.intercept[None] ** 2, hyper.coef**2])
-    if pooling != "complete":
-        return _pooled_loglik(pooling, inv, d, prep, prior_var)
     logp = 0.5 * jnp.sum(prep.n) * jnp.log(inv / (2.0 * jnp.pi)) - 0.5 * inv * jnp.sum(
         prep.yty
     )
+    if pooling != "complete":
+        want = ("base",) if pooling == "partial" else ()
+        want = want + (("stats",) if stats_grad else ())
+        return logp + _pooled_loglik(
+            (pooling, want, _unrolled(base.shape[0], prep.n.shape[0])),
+            inv,
+            base,
+            blocks,
+            pop_left,
+            prior_var,
+        )
     total = jnp.zeros((prior_var.shape[0] + 1,) * 2)
     total = total.at[:-1, :-1].set(prep.pop_gram).at[:-1, -1].set(prep.pop_xty)
     return logp + _population_terms(inv, total, prior_var)[0]
@@ -613,8 +747,14 @@ def marginal_loglik(pooling, values, data, hyper, cells):
     scalar
     """
     prep = _prepare(pooling, data, add_incomplete_rows(data, cells))
-    d = None if pooling == "complete" else _deviation_sd(pooling, values, data, hyper)
-    return _prepared_loglik(pooling, prep, values["sigma"], d, hyper)
+    blocks = base = None
+    if pooling != "complete":
+        blocks = _group_blocks(prep, data.on)
+        base = _base_sd(pooling, values, hyper)
+    stats_grad = data.miss_row.shape[0] > 0
+    return _prepared_loglik(
+        pooling, prep, blocks, _pop_left(data), values["sigma"], base, hyper, stats_grad
+    )
 
 
 def _imputation_loglik(data, loc, scale, cells):
@@ -729,7 +869,11 @@ def collapsed_density(data: CollapsedData, hyper: Hyper, pooling: str = "partial
         ]
     )
     offsets = np.cumsum([0, *sizes])
-    prep = None if n_cells else _prepare(pooling, data, add_incomplete_rows(data, ()))
+    prep = blocks = None
+    if not n_cells:
+        prep = _prepare(pooling, data, add_incomplete_rows(data, ()))
+        if pooling != "complete":
+            blocks = _group_blocks(prep, data.on)
 
     def transform(z):
         return jnp.where(positive, jax.nn.softplus(z), z)
@@ -753,17 +897,24 @@ def collapsed_density(data: CollapsedData, hyper: Hyper, pooling: str = "partial
         if pooling == "partial":
             scales["tau_a"] = values["intercept_scale"]
             scales["tau"] = values["coef_scale"]
-        stats_prep = prep
+        stats_prep, stats_blocks = prep, blocks
         if n_cells:
             loc, scale, cells = values["x_loc"], values["x_scale"], values["x_missing"]
             logp = logp + _imputation_loglik(data, loc, scale, cells)
             stats_prep = _prepare(pooling, data, add_incomplete_rows(data, cells))
-        d = (
-            None
-            if pooling == "complete"
-            else _deviation_sd(pooling, scales, data, hyper)
+            if pooling != "complete":
+                stats_blocks = _group_blocks(stats_prep, data.on)
+        base = None if pooling == "complete" else _base_sd(pooling, scales, hyper)
+        return logp + _prepared_loglik(
+            pooling,
+            stats_prep,
+            stats_blocks,
+            _pop_left(data),
+            scales["sigma"],
+            base,
+            hyper,
+            stats_grad=n_cells > 0,
         )
-        return logp + _prepared_loglik(pooling, stats_prep, scales["sigma"], d, hyper)
 
     def potential(z):
         return -log_density(z)
@@ -778,56 +929,69 @@ collapsed_model.flat_density = collapsed_density
 
 
 #: conditional_draws processes draws in chunks of at most this many
-#: (draws x groups x q x q) floats.
+#: (draws x groups x q x q) floats (one random-number call per chunk).
 _CHUNK_FLOATS = 1 << 22
 
+#: A tile of a chunk (its draws by one block of groups) holds about this many
+#: times the (draw, group) pairs of a density block.
+_TILE_FACTOR = 4
 
-def _conditional_one(pooling, data, hyper, prep, normals, sigma, tau_a, tau, cells):
-    # Conditional moments and draws of the population and group coefficients
-    # given one posterior draw of the sampled sites (groups last inside).
-    n_groups, n_features = data.on.shape
-    q = n_features + 1
-    if prep is None:
-        prep = _prepare(pooling, data, add_incomplete_rows(data, cells))
-    inv = 1.0 / sigma**2
-    f = jnp.zeros((q, 1)).at[0].set(-data.e_y)
-    eps_pop, eps_group = normals[:q], normals[q:].reshape(q, 1, n_groups)
-    if pooling == "complete":
-        lam, h = inv * prep.pop_gram, inv * prep.pop_xty
-    else:
-        d = _deviation_sd(pooling, {"tau_a": tau_a, "tau": tau}, data, hyper)
-        m = jnp.eye(q)[:, :, None] + inv * (d[:, None] * d[None, :] * prep.dev_gram)
-        t, _ = _inverse_cholesky(m)  # M^-1 = t't
+
+def _population_draw(inv, lam_total, h_total, prior_var, eps):
+    # phi ~ N(lam^-1 h, lam^-1), lam = inv sym(lam_total) + diag(1 /
+    # prior_var), h = inv h_total: phi = t' (t h + eps), lam^-1 = t't.
+    lam = 0.5 * inv * (lam_total + lam_total.T) + jnp.diag(1.0 / prior_var)
+    t, _ = _inverse_cholesky(lam[:, :, None])
+    t = t[:, :, 0]
+    return t.T @ (t @ (inv * h_total) + eps)
+
+
+def _group_draw(pooling, inv, blk, phi, eps, consts, chol):
+    """One draw's conditional draws of a block's groups given ``phi``.
+
+    ``theta = b0 + A D v`` with ``b0 = F phi + f`` and ``v | phi ~ N(inv
+    M^-1 D (A'r - A'SF phi), M^-1)``, ``M^-1 = T'T`` (``chol``: what
+    :func:`_block_chol` returns). Returns the draw and the conditional mean
+    of ``theta`` (q, B) and ``D M^-1 D`` (q, q, B): the conditional
+    covariance of ``theta`` is ``A D M^-1 D A'``.
+    """
+    _, _, k_pop, a_row = consts
+    unit = blk.unit
+    d, rows = chol[:2]  # _block_chol
+    q = d.shape[0]
+    resid = blk.xty
     if pooling == "partial":
-        dr = d * prep.dev_xty
-        left = _mm(t, prep.pop_left / d[:, None])
-        right = _mm(t, jnp.concatenate([d[:, None] * prep.dev_cross, dr[:, None]], 1))
-        forms = inv * jnp.sum(_mtm(left, right), axis=-1)
-        lam, h = 0.5 * (forms[:, :q] + forms[:, :q].T), forms[:, q]
+        # A'SF phi = A'SA (A^-1 F phi); A^-1 F phi = pop_left phi
+        left = jnp.concatenate([phi[:1] + k_pop @ phi[1:], phi[1:]])
+        resid = resid - sum(blk.gram[:, j] * left[j] for j in range(q))
+    b0 = _prior_mean(pooling, blk.onq, phi, consts)
+    w = inv * _tri_mm(rows, (d * resid)[:, None], unit)[:, 0]
+    v = _tri_tmm(rows, jnp.stack([w, w + eps], axis=1), unit)  # mean, draw
+    dmd = d[:, None] * _tri_gram(rows, unit) * d[None]
+    # A D v, A the identity with first row [1, row]
+    dv = d[:, None] * v
+    row = blk.onq[1:] * a_row[:, None]
+    adv = jnp.concatenate([dv[:1] + jnp.sum(row[:, None] * dv[1:], 0)[None], dv[1:]])
+    return b0 + adv[:, 1], b0 + adv[:, 0], dmd
+
+
+def _prior_mean(pooling, onq, phi, consts):
+    # b0 = F phi + f of a block's groups (q, B); onq (q, B).
+    e_y, k, k_pop, _ = consts
     if pooling == "none":
-        phi, b0 = jnp.zeros(q), f
-    else:
-        prior_var = jnp.concatenate([hyper.intercept[None] ** 2, hyper.coef**2])
-        t_pop, _ = _inverse_cholesky((lam + jnp.diag(1.0 / prior_var))[:, :, None])
-        # phi ~ N(lam^-1 h, lam^-1), lam^-1 = t_pop' t_pop
-        white = _mm(t_pop, h[:, None, None]) + eps_pop[:, None, None]
-        phi = _mtm(t_pop, white)[:, 0, 0]
-        F = jnp.moveaxis(_population_map(data), 0, -1)  # (q, q, G)
-        b0 = f + sum(F[:, j] * phi[j] for j in range(q))
-    if pooling == "complete":
-        coef, mean, cov = b0, b0, jnp.zeros((q, q, n_groups))
-    else:
-        # theta = b0 + A D v, v | phi ~ N(M^-1 D (A'r - A'S F phi) / s2, M^-1)
-        resid = prep.dev_xty
-        if pooling == "partial":
-            resid = resid - sum(prep.dev_cross[:, j] * phi[j] for j in range(q))
-        w = inv * _mm(t, (d * resid)[:, None])
-        a_mat = jnp.moveaxis(_deviation_parts(pooling, data), 0, -1)
-        factor = _mm(a_mat, d[:, None] * _tr(t))  # A D t'
-        mean = b0 + _mm(factor, w)[:, 0]
-        cov = _mm(factor, _tr(factor))
-        coef = mean + _mm(factor, eps_group)[:, 0]
-    return coef.T, phi, mean.T, jnp.moveaxis(cov, -1, 0)
+        return jnp.zeros((onq.shape[0], 1)).at[0].set(-e_y)
+    # F: first row [1, on k - K], then diag(on)
+    on = onq[1:]
+    first = phi[0] + jnp.sum((on * k[:, None] + k_pop[:, None]) * phi[1:, None], 0)
+    return jnp.concatenate([first[None] - e_y, on * phi[1:, None]])
+
+
+def _apply_a(x, row):
+    # A x A' for A the identity with first row [1, row]; x (q, q, G).
+    x = jnp.concatenate([x[:1] + jnp.sum(row[:, None] * x[1:], 0)[None], x[1:]])
+    return jnp.concatenate(
+        [x[:, :1] + jnp.sum(row[None] * x[:, 1:], 1)[:, None], x[:, 1:]], axis=1
+    )
 
 
 def _fmix32(h):
@@ -851,6 +1015,24 @@ def _chunk_key_data(rng_key, chunk):
     return _fmix32(seed ^ _fmix32(salt + jnp.uint32(0x7F4A7C15)))
 
 
+def _draw_tiling(chunk, n_groups, q):
+    # Draws per tile and tiles per chunk (padded): a tile's draws by a
+    # block's groups are about _TILE_FACTOR density blocks.
+    size, _ = _blocking(n_groups, q)
+    pairs = _TILE_FACTOR * _blocking(1 << 40, q)[0]
+    per_tile = max(1, min(chunk, pairs // size))
+    n_sub = -(-chunk // per_tile)
+    return -(-chunk // n_sub), n_sub
+
+
+def _loop(body, carry, xs, n):
+    # lax.scan over n steps; no loop for one step.
+    if n == 1:
+        carry, ys = body(carry, jax.tree_util.tree_map(lambda a: a[0], xs))
+        return carry, jax.tree_util.tree_map(lambda a: a[None], ys)
+    return jax.lax.scan(body, carry, xs)
+
+
 def conditional_draws(rng_key, draws, data, hyper, pooling):
     """Exact draws of the population and group coefficients, one per draw.
 
@@ -859,7 +1041,9 @@ def conditional_draws(rng_key, draws, data, hyper, pooling):
     group's coefficients given ``phi``. Also returns the Rao-Blackwellized
     posterior mean and covariance of each group's coefficients (averages of
     the conditional moments given the drawn ``phi``). Draws are processed in
-    vectorized chunks.
+    chunks (one random-number call each), a chunk in tiles of a few draws,
+    and a tile block by block of groups: a pass over the blocks sums what
+    the population draws need, a second draws the groups given them.
 
     Parameters
     ----------
@@ -883,52 +1067,166 @@ def conditional_draws(rng_key, draws, data, hyper, pooling):
     q = n_features + 1
     chunk = max(1, min(n_draws, _CHUNK_FLOATS // (n_groups * q * q)))
     n_chunks = -(-n_draws // chunk)
-    pad = n_chunks * chunk - n_draws
+    size, n_blocks = _blocking(n_groups, q)
+    unroll = _unrolled(q, n_groups)
+    tile, n_sub = _draw_tiling(chunk, n_groups, q)
+    n_cells = data.miss_row.shape[0]
+    prior_var = jnp.concatenate([hyper.intercept[None] ** 2, hyper.coef**2])
+    pop_left = _pop_left(data)
+    # e_y, k, -K and the first row of A (over the slopes, times on)
+    a_row = data.k if pooling == "partial" else data.k - data.K
+    consts = (data.e_y, data.k, -data.K, a_row)
+    onq = jnp.concatenate([jnp.ones((n_groups, 1)), data.on], axis=1)
 
     def chunked(x):
-        # padding repeats the last draw; its weight is 0
-        x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)])
-        return x.reshape(n_chunks, chunk, *x.shape[1:])
+        # (D, ...) -> (n_chunks, n_sub, tile, ...); padding repeats the last
+        # draw (weight 0)
+        x = jnp.concatenate([x, jnp.repeat(x[-1:], n_chunks * chunk - n_draws, 0)])
+        x = x.reshape(n_chunks, chunk, *x.shape[1:])
+        x = jnp.concatenate(
+            [x, jnp.repeat(x[:, -1:], n_sub * tile - chunk, axis=1)], axis=1
+        )
+        return x.reshape(n_chunks, n_sub, tile, *x.shape[2:])
 
-    sigma = chunked(draws["noise"])
-    tau_a = chunked(draws.get("intercept_scale", draws["noise"]))
-    tau = chunked(draws.get("coef_scale", jnp.ones((n_draws, n_features))))
-    cells = chunked(draws.get("x_missing", jnp.zeros((n_draws, 0))))
-    weight = jnp.concatenate([jnp.ones(n_draws), jnp.zeros(pad)]).reshape(
-        n_chunks, chunk
+    if pooling == "partial":
+        base = jnp.concatenate(
+            [draws["intercept_scale"][:, None], draws["coef_scale"]], axis=1
+        )
+    else:
+        base = jnp.broadcast_to(_base_sd("none", None, hyper), (n_draws, q))
+    keep = jnp.arange(n_chunks * chunk) < n_draws
+    keep = jnp.concatenate(
+        [
+            keep.reshape(n_chunks, chunk),
+            jnp.zeros((n_chunks, n_sub * tile - chunk), bool),
+        ],
+        axis=1,
     )
-    prep = None
-    if data.miss_row.shape[0] == 0:
-        prep = _prepare(pooling, data, add_incomplete_rows(data, ()))
+    per_draw = (
+        chunked(draws["noise"]),
+        chunked(base),
+        chunked(draws.get("x_missing", jnp.zeros((n_draws, 0)))),
+        keep.reshape(n_chunks, n_sub, tile).astype(float),
+    )
 
-    def one_chunk(args):
-        index, sigma, tau_a, tau, cells, weight = args
+    def prepare(cells):
+        # statistics given one draw's latent cells, and in blocks
+        prep = _prepare(pooling, data, add_incomplete_rows(data, cells))
+        return prep, _group_blocks(prep, data.on)
+
+    fixed = None if n_cells else prepare(jnp.zeros(0))
+
+    def one_tile(acc, args):
+        sigma, base, cells, weight, eps_pop, eps_group = args
+        inv = 1.0 / sigma**2
+        if n_cells:
+            prep, blocks = jax.vmap(prepare)(cells)
+            # blocks by draw -> draws inside each block
+            blocks = _Blocks(
+                *(None if a is None else jnp.moveaxis(a, 0, 1) for a in blocks[:3]),
+                blocks.unit[0],
+            )
+            axis = 0
+        else:
+            prep, blocks = fixed
+            axis = None
+        xs = (blocks.gram, blocks.xty, blocks.onq)
+
+        def vmapped(fn, *args):
+            # fn over the tile's draws; statistics shared unless per draw
+            return jax.vmap(fn, (0, 0, axis, axis, axis, *[0] * (len(args) - 5)))(*args)
+
+        def factor(i, b, g, r, o):
+            return _block_factor(pooling, i, b, _Blocks(g, r, o, blocks.unit), unroll)
+
+        # one block: one factorization for both passes
+        first = None
+        if n_blocks == 1 and pooling != "complete":
+            first = vmapped(factor, inv, base, *(x[0] for x in xs))
+        if pooling == "none":
+            phi = jnp.zeros((tile, q))
+        elif pooling == "complete":
+            phi = jax.vmap(_population_draw, (0, axis, axis, None, 0))(
+                inv, prep.pop_gram, prep.pop_xty, prior_var, eps_pop
+            )
+        else:
+
+            def sums(carry, x):
+                f = vmapped(factor, inv, base, *x) if first is None else first
+                _, _, y, z = jax.vmap(functools.partial(_block_sums, pooling))(f)
+                return (carry[0] + y, carry[1] + z), None
+
+            zeros = (jnp.zeros((tile, q, q)), jnp.zeros((tile, q)))
+            (y, z), _ = _loop(sums, zeros, xs, n_blocks)
+            total_y = jnp.einsum("ki,dkl,lj->dij", pop_left, y, pop_left)
+            total_z = z @ pop_left
+            phi = jax.vmap(_population_draw, (0, 0, 0, None, 0))(
+                inv, total_y, total_z, prior_var, eps_pop
+            )
+
+        def groups(carry, x):
+            gram, xty, onq_b, eps, acc_b = x
+            if pooling == "complete":
+                mean = jax.vmap(_prior_mean, (None, axis, 0, None))(
+                    pooling, onq_b, phi, consts
+                )
+                coef, dmd = mean, jnp.zeros((tile, q, q, size))
+            else:
+
+                def one(i, b, g, r, o, p, e, *chol):
+                    blk = _Blocks(g, r, o, blocks.unit)
+                    if not chol:
+                        chol = _block_chol(i, b, blk, unroll)
+                    return _group_draw(pooling, i, blk, p, e, consts, chol)
+
+                chol = () if first is None else (first.d, first.rows)
+                coef, mean, dmd = vmapped(
+                    one, inv, base, gram, xty, onq_b, phi, eps, *chol
+                )
+            w = weight[:, None, None]
+            acc_b = (
+                acc_b[0] + jnp.sum(w * mean, 0),
+                acc_b[1] + jnp.sum(w[..., None] * dmd, 0),
+                acc_b[2] + jnp.sum(w[..., None] * mean[:, :, None] * mean[:, None], 0),
+            )
+            return carry, (jnp.swapaxes(coef, 1, 2), acc_b)
+
+        _, (coef, acc) = _loop(groups, None, (*xs, eps_group, acc), n_blocks)
+        # coef (n_blocks, tile, size, q) -> (tile, G, q)
+        coef = jnp.moveaxis(coef, 0, 1).reshape(tile, n_blocks * size, q)
+        return acc, (phi, coef[:, :n_groups])
+
+    def one_chunk(acc, args):
+        index, sigma, base, cells, weight = args
         key_data = _chunk_key_data(rng_key, index)
         normals = _normal(_uniform(key_data, (chunk, q * (n_groups + 1))))
-        coef, phi, mean, cov = jax.vmap(
-            functools.partial(_conditional_one, pooling, data, hyper, prep)
-        )(normals, sigma, tau_a, tau, cells)
-        w = weight[:, None, None]
-        sums = (
-            jnp.sum(w * mean, axis=0),
-            jnp.sum(w[..., None] * cov, axis=0),
-            jnp.sum(w[..., None] * mean[..., :, None] * mean[..., None, :], axis=0),
+        normals = jnp.concatenate(
+            [normals, jnp.zeros((n_sub * tile - chunk, normals.shape[1]))]
         )
-        return coef, phi, sums
+        eps_pop = normals[:, :q].reshape(n_sub, tile, q)
+        # group normals (q, G) per draw -> (n_sub, n_blocks, tile, q, size)
+        eps_group = _to_blocks(normals[:, q:].reshape(-1, q, n_groups), size, n_blocks)
+        eps_group = eps_group.reshape(n_blocks, n_sub, tile, q, size)
+        eps_group = jnp.moveaxis(eps_group, 0, 1)
+        return _loop(
+            one_tile, acc, (sigma, base, cells, weight, eps_pop, eps_group), n_sub
+        )
 
-    chunks = (jnp.arange(n_chunks), sigma, tau_a, tau, cells, weight)
-    if n_chunks == 1:  # no loop: a smaller program
-        out = one_chunk(jax.tree_util.tree_map(lambda a: a[0], chunks))
-        coef, phi, sums = jax.tree_util.tree_map(lambda a: a[None], out)
-    else:
-        coef, phi, sums = jax.lax.map(one_chunk, chunks)
-    s_mean, s_cov, s_outer = sums
-    onq = jnp.concatenate([jnp.ones((n_groups, 1)), data.on], axis=1)
-    coef = coef.reshape(n_chunks * chunk, n_groups, q)[:n_draws] * onq
-    phi = phi.reshape(n_chunks * chunk, q)[:n_draws]
-    mean = s_mean.sum(0) / n_draws
-    cov = s_cov.sum(0) / n_draws + s_outer.sum(0) / n_draws
-    cov = cov - mean[:, :, None] * mean[:, None, :]
+    acc = (
+        jnp.zeros((n_blocks, q, size)),
+        jnp.zeros((n_blocks, q, q, size)),
+        jnp.zeros((n_blocks, q, q, size)),
+    )
+    acc, (phi, coef) = _loop(
+        one_chunk, acc, (jnp.arange(n_chunks), *per_draw), n_chunks
+    )
+    phi = phi.reshape(n_chunks, n_sub * tile, q)[:, :chunk].reshape(-1, q)[:n_draws]
+    coef = coef.reshape(n_chunks, n_sub * tile, n_groups, q)[:, :chunk]
+    coef = coef.reshape(-1, n_groups, q)[:n_draws] * onq
+    s_mean, s_dmd, s_outer = (_from_blocks(a, n_groups) / n_draws for a in acc)
+    mean = s_mean.T
+    cov = _apply_a(s_dmd, onq[:, 1:].T * a_row[:, None]) + s_outer
+    cov = jnp.moveaxis(cov, -1, 0) - mean[:, :, None] * mean[:, None, :]
     out = {"group_coef_internal": coef}
     if pooling != "none":
         out["intercept_at_means"] = phi[:, 0]

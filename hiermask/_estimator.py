@@ -148,10 +148,9 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         beyond it. In-memory input has no such limit.
     progress_bar : bool, default=False
         Show a progress bar (tqdm, on stderr) over the warmup and sampling
-        iterations of all chains. The sampler then runs as a separately
-        compiled program that reports to Python about 100 times per run: the
-        first fit with the bar compiles once more, and the draws are the same
-        as without it.
+        iterations of all chains. The sampler reports to Python about 100
+        times per run; it is the same compiled program with or without the
+        bar, so the draws are the same.
     random_state : int, RandomState instance or None, default=None
         Seed of the sampler and of predictive draws.
 

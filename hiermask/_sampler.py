@@ -510,9 +510,9 @@ def _run_chains(
     each slow window (Stan searches for a step size there instead). Returns
     draws, divergences, leapfrog steps and acceptance statistics per chain
     and kept iteration (warmup ones too with ``keep_warmup``, for profiling).
-    With ``progress`` (the ``(token, part)`` of :func:`_progress_tick`), the
-    program reports its iteration to the host about ``_PROGRESS_UPDATES``
-    times.
+    With ``progress`` (the traced ``(token, part)`` of
+    :func:`_progress_tick`), the program reports its iteration to the host
+    about ``_PROGRESS_UPDATES`` times when the token is positive.
     """
     n_chains, dim = z0.shape
     value_and_grad = jax.vmap(jax.value_and_grad(density.potential))
@@ -556,7 +556,7 @@ def _run_chains(
             every = max(1, (num_warmup + num_samples) // _PROGRESS_UPDATES)
             last = num_warmup + num_samples
             jax.lax.cond(
-                (i % every == 0) | (i == last),
+                (progress[0] > 0) & ((i % every == 0) | (i == last)),
                 lambda: jax.debug.callback(_progress_tick, *progress, i),
                 lambda: None,
             )
@@ -619,7 +619,6 @@ LAST_TIMINGS: dict = {}
         "num_chains",
         "target_accept_prob",
         "max_tree_depth",
-        "progress",
     ),
 )
 def _sample(
@@ -634,7 +633,6 @@ def _sample(
     num_chains,
     target_accept_prob,
     max_tree_depth,
-    progress,
 ):
     TRACE_COUNTS[getattr(model, "__name__", repr(model))] += 1
     density = _flat_density(model, data, hyper)
@@ -647,7 +645,7 @@ def _sample(
         num_samples=num_samples,
         target_accept_prob=target_accept_prob,
         max_tree_depth=max_tree_depth,
-        progress=(progress_token[0], progress_token[1]) if progress else None,
+        progress=(progress_token[0], progress_token[1]),
     )
     # All chains of the program advance together: one leapfrog step of every
     # chain per iteration of the trajectory loop, so each compiled kernel
@@ -658,8 +656,9 @@ def _sample(
     return values, stats
 
 
-#: A sampler compiled with a progress bar reports to the host about this many
-#: times per run.
+#: A sampler run with a progress bar reports to the host about this many
+#: times per run (every compiled sampler can: whether it does is a traced
+#: argument).
 _PROGRESS_UPDATES = 100
 
 #: Progress reporters of the runs under way, by token (a run's programs pass
@@ -826,10 +825,11 @@ def run_nuts(
         "num_chains": per_part,
         "target_accept_prob": float(target_accept_prob),
         "max_tree_depth": int(max_tree_depth),
-        "progress": bool(progress_bar),
     }
     timings = dict.fromkeys(("trace", "compile", "run"), 0.0)
-    token = next(_PROGRESS_TOKENS)
+    # Token 0: no progress reports (the same compiled program either way, so
+    # a progress bar cannot change the draws).
+    token = next(_PROGRESS_TOKENS) if progress_bar else 0
     with jax.enable_x64(True):
         # NumPy arguments: the compiled program transfers them (jnp.asarray
         # would compile a small conversion program per shape on first use).
