@@ -31,10 +31,10 @@ factor of each group's ``M`` gives everything. The groups are processed in
 blocks sized to stay in a core's cache (a loop over the blocks; one block
 when they are few); within a block, matrices are stored groups-last and the
 algebra is unrolled over the small matrix size (vectorized over the block's
-groups; LAPACK for larger matrices and few groups, see
-:func:`_unrolled`). The gradient is written by hand
-(:func:`_pooled_loglik`): one pass over the blocks sums the forms the
-population terms need, a second forms each block's gradient. Conditional
+groups; LAPACK for larger matrices, see :data:`UNROLL_MAX_SIZE`). The
+gradient is written by hand (:func:`_pooled_loglik`): one pass over the
+blocks sums the forms the population terms need, a second forms each
+block's gradient. Conditional
 draws go the same way, block by block. Everything here runs in float64 (the
 caller scopes ``jax.enable_x64``).
 """
@@ -63,30 +63,23 @@ __all__ = [
     "marginal_loglik",
 ]
 
-#: The population's matrix (one, of the size of the coefficient vector) is
-#: factorized by unrolled elementwise code up to this size, by LAPACK above
-#: it (whose compile time does not grow with the size).
-UNROLL_MAX_SIZE = 8
-
-#: Each group's matrix is factorized by unrolled code (one vectorized loop
-#: over a block's groups per column) up to UNROLL_MAX_SIZE_GROUPS, and up to
-#: UNROLL_MAX_SIZE_MANY when there are at least UNROLL_MANY_GROUPS groups;
-#: by LAPACK (one call per matrix) otherwise. The unrolled program, and its
-#: compile time, grow as the size squared. Measured on the 2-core benchmark
-#: machine (gradient of the density): at size 6 and 10,000 groups unrolled
-#: code runs 2x faster; at size 11 and 3,000 groups 1.3x faster for 1.8 s
-#: more compilation; at size 11 and 100 groups, or 21 and 1,000, LAPACK
-#: runs as fast or faster and compiles 1-6 s sooner.
-UNROLL_MAX_SIZE_GROUPS = 8
-UNROLL_MAX_SIZE_MANY = 16
-UNROLL_MANY_GROUPS = 1000
+#: Matrices (each group's, and the population's) up to this size are
+#: factorized by unrolled elementwise code: one vectorized loop over a
+#: block's groups per column, no library call. Larger ones go to LAPACK,
+#: whose compile time does not grow with the size; a program that calls it
+#: runs its chains one after another (:func:`hiermask._sampler.exclusive`).
+#: The unrolled program, and its compile time, grow as the size squared.
+#: Measured on the 2-core benchmark machine: at size 6 and 10,000 groups the
+#: unrolled gradient runs 2x faster than with LAPACK; at size 21 and 1,000
+#: groups a whole fit (4 chains x 60 iterations) took 37 s unrolled with
+#: chains in parallel against 63 s through LAPACK, after about 6 s more of
+#: compilation.
+UNROLL_MAX_SIZE = 24
 
 
-def _unrolled(q, n_groups):
-    # Whether the groups' q x q matrices are factorized by unrolled code.
-    return q <= UNROLL_MAX_SIZE_GROUPS or (
-        q <= UNROLL_MAX_SIZE_MANY and n_groups >= UNROLL_MANY_GROUPS
-    )
+def _unrolled(q):
+    # Whether q x q matrices are factorized by unrolled code.
+    return q <= UNROLL_MAX_SIZE
 
 
 class CollapsedData(NamedTuple):
@@ -154,7 +147,7 @@ def _triangular_inverse_entries(chol, size):
 def _inverse_cholesky(m):
     """``T = L^-1`` (lower, ``m = L L'``) and ``log|m|``; batch axes last."""
     size = m.shape[0]
-    if size <= UNROLL_MAX_SIZE:
+    if _unrolled(size):
         chol = _cholesky_entries(m)
         inv = _triangular_inverse_entries(chol, size)
         logdet = 2.0 * sum(jnp.log(chol[j, j]) for j in range(size))
@@ -717,7 +710,7 @@ def _prepared_loglik(
         want = ("base",) if pooling == "partial" else ()
         want = want + (("stats",) if stats_grad else ())
         return logp + _pooled_loglik(
-            (pooling, want, _unrolled(base.shape[0], prep.n.shape[0])),
+            (pooling, want, _unrolled(base.shape[0])),
             inv,
             base,
             blocks,
@@ -1068,7 +1061,7 @@ def conditional_draws(rng_key, draws, data, hyper, pooling):
     chunk = max(1, min(n_draws, _CHUNK_FLOATS // (n_groups * q * q)))
     n_chunks = -(-n_draws // chunk)
     size, n_blocks = _blocking(n_groups, q)
-    unroll = _unrolled(q, n_groups)
+    unroll = _unrolled(q)
     tile, n_sub = _draw_tiling(chunk, n_groups, q)
     n_cells = data.miss_row.shape[0]
     prior_var = jnp.concatenate([hyper.intercept[None] ** 2, hyper.coef**2])

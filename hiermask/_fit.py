@@ -18,7 +18,7 @@ import numpy as np
 
 from ._collapsed import CollapsedData, collapsed_model, conditional_draws
 from ._model import DirectData, Hyper, direct_model
-from ._sampler import COMPILER_OPTIONS, parameter_diagnostics, run_nuts
+from ._sampler import COMPILER_OPTIONS, exclusive, parameter_diagnostics, run_nuts
 from ._stats import (
     GroupStats,
     Moments,
@@ -545,7 +545,7 @@ def _conditional_program(config, data, hyper):
     def compile_now():
         with jax.enable_x64(True):
             lowered = _conditional_jit.lower(*spec, pooling=config.pooling)
-            return lowered.compile(COMPILER_OPTIONS)
+            return exclusive(lowered.compile(COMPILER_OPTIONS))
 
     with _CONDITIONAL_LOCK:
         future = _CONDITIONAL_COMPILED.pop(key, None)

@@ -72,6 +72,7 @@ __all__ = [
     "TRACE_COUNTS",
     "FlatDensity",
     "adaptation_windows",
+    "exclusive",
     "parameter_diagnostics",
     "run_nuts",
 ]
@@ -601,7 +602,49 @@ COMPILER_OPTIONS = _supported_options(
     }
 )
 
-#: Compiled sampler programs, most recently used last.
+#: Held while a program that calls LAPACK runs (see :func:`exclusive`).
+_LAPACK_LOCK = threading.Lock()
+
+
+class _Exclusive:
+    # A compiled program run under _LAPACK_LOCK, to completion.
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __call__(self, *args):
+        with _LAPACK_LOCK:
+            return jax.block_until_ready(self.compiled(*args))
+
+
+def exclusive(compiled):
+    """The compiled program, made to run alone if it calls LAPACK.
+
+    jaxlib's CPU LAPACK kernels (Cholesky, triangular solves) split a batch
+    of matrices over XLA's intra-op thread pool and wait for the parts. Two
+    such programs running at once (parallel chains, or fits in threads) can
+    leave every pool thread waiting for parts that no thread is free to run:
+    a deadlock, reproduced with jax 0.10.2 on this project's 2-CPU machine
+    (batched Cholesky of 100 matrices of size 20 in a loop, in two threads).
+    Programs that call LAPACK therefore hold a process-wide lock while they
+    run; the others run freely.
+
+    Parameters
+    ----------
+    compiled : jax.stages.Compiled
+
+    Returns
+    -------
+    callable
+        ``compiled`` itself, or a wrapper that runs it under the lock and
+        blocks until its results are ready.
+    """
+    if "lapack_" in compiled.as_text():
+        return _Exclusive(compiled)
+    return compiled
+
+
+#: Compiled sampler programs (through :func:`exclusive`), most recently used
+#: last.
 _COMPILED: collections.OrderedDict = collections.OrderedDict()
 _COMPILED_MAX = 16
 
@@ -730,7 +773,7 @@ def _compiled_program(args, static, timings, before_compile):
         timings["trace"] = time.perf_counter() - start
         before_compile()
         start = time.perf_counter()
-        compiled = lowered.compile(COMPILER_OPTIONS)
+        compiled = exclusive(lowered.compile(COMPILER_OPTIONS))
         timings["compile"] = time.perf_counter() - start
     else:
         before_compile()
@@ -851,7 +894,8 @@ def run_nuts(
                 return jax.block_until_ready(compiled(*part_args))
 
         start = time.perf_counter()
-        n_threads = _threads(n_parts)
+        # A program that calls LAPACK runs alone (see exclusive): no threads.
+        n_threads = 1 if isinstance(compiled, _Exclusive) else _threads(n_parts)
         bar = _ProgressBar(per_part, n_parts, num_warmup, num_samples)
         if progress_bar:
             _PROGRESS[token] = bar.update

@@ -215,7 +215,7 @@ def test_gradient_matches_finite_differences(pooling, block_groups, monkeypatch)
     # with LAPACK factors.
     monkeypatch.setattr(collapsed, "BLOCK_GROUPS", block_groups)
     if block_groups is None:
-        monkeypatch.setattr(collapsed, "UNROLL_MAX_SIZE_GROUPS", 1)
+        monkeypatch.setattr(collapsed, "UNROLL_MAX_SIZE", 1)
     data, hyper = _masked_problem()
     with jax.enable_x64(True):
         f, x = _loglik_of(pooling, _as_jax(data), _as_jax(hyper))
@@ -241,7 +241,7 @@ def test_blocking_over_groups_changes_nothing(pooling, monkeypatch):
     results = []
     for block_groups, unroll in ((None, 16), (2, 16), (3, 16), (3, 1)):
         monkeypatch.setattr(collapsed, "BLOCK_GROUPS", block_groups)
-        monkeypatch.setattr(collapsed, "UNROLL_MAX_SIZE_GROUPS", unroll)
+        monkeypatch.setattr(collapsed, "UNROLL_MAX_SIZE", unroll)
         with jax.enable_x64(True):
             f, x = _loglik_of(pooling, _as_jax(data), _as_jax(hyper))
             value, grad = jax.value_and_grad(f)(jnp.asarray(x))

@@ -102,3 +102,47 @@ def test_gridsearch_compiles_once_per_fold_shape():
     # every training fold has 6 groups (compiled above); the final refit on
     # all 9 groups is the one new shape
     assert sum(TRACE_COUNTS.values()) - before == 1
+
+
+#: Two threads each running a loop of batched Cholesky factorizations (100
+#: matrices of size 21): with jax 0.10.2 on 2 CPUs, unguarded, this hangs
+#: (jaxlib's LAPACK kernels wait on XLA's intra-op pool from inside it).
+_LAPACK_THREADS = """
+import sys, threading
+import jax, jax.numpy as jnp, numpy as np
+from hiermask._sampler import exclusive, _Exclusive
+m = np.eye(21) * 3.0 + 0.1
+batch = np.broadcast_to(m, (100, 21, 21)).copy()
+with jax.enable_x64(True):
+    def loop(m, s):
+        def body(i, c):
+            chol = jnp.linalg.cholesky(m * (1.0 + 1e-3 * c))
+            return c + 1e-9 * jnp.sum(jnp.log(jnp.diagonal(chol, 0, 1, 2)))
+        return jax.lax.fori_loop(0, 200, body, s)
+    program = exclusive(jax.jit(loop).lower(batch, 0.0).compile())
+    plain = exclusive(jax.jit(lambda m: m * 2.0).lower(batch).compile())
+    assert isinstance(program, _Exclusive) and not isinstance(plain, _Exclusive)
+    def run():
+        with jax.enable_x64(True):
+            program(batch, 0.0)
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+print("ok")
+"""
+
+
+def test_programs_calling_lapack_run_one_at_a_time():
+    # Regression test for a deadlock: in a subprocess, so that a hang fails
+    # the test after the timeout instead of stopping the suite.
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _LAPACK_THREADS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"
