@@ -63,11 +63,11 @@ __all__ = [
     "marginal_loglik",
 ]
 
-#: Matrices (each group's, and the population's) up to this size are
-#: factorized by unrolled elementwise code: one vectorized loop over a
-#: block's groups per column, no library call. Larger ones go to LAPACK,
-#: whose compile time does not grow with the size; a program that calls it
-#: runs its chains one after another (:func:`hiermask._sampler.exclusive`).
+#: Each group's matrix is factorized by unrolled elementwise code up to this
+#: size: one vectorized loop over a block's groups per column, no library
+#: call. Larger ones go to LAPACK, whose compile time does not grow with the
+#: size; a program that calls it on a batch of matrices runs its chains one
+#: after another (:func:`hiermask._sampler.exclusive`).
 #: The unrolled program, and its compile time, grow as the size squared.
 #: Measured on the 2-core benchmark machine: at size 6 and 10,000 groups the
 #: unrolled gradient runs 2x faster than with LAPACK; at size 21 and 1,000
@@ -76,9 +76,13 @@ __all__ = [
 #: compilation.
 UNROLL_MAX_SIZE = 24
 
+#: The population's single matrix is unrolled up to this size (a scalar
+#: program, which compiles slowly when large), by LAPACK above it.
+UNROLL_MAX_SIZE_POPULATION = 8
+
 
 def _unrolled(q):
-    # Whether q x q matrices are factorized by unrolled code.
+    # Whether the groups' q x q matrices are factorized by unrolled code.
     return q <= UNROLL_MAX_SIZE
 
 
@@ -147,7 +151,7 @@ def _triangular_inverse_entries(chol, size):
 def _inverse_cholesky(m):
     """``T = L^-1`` (lower, ``m = L L'``) and ``log|m|``; batch axes last."""
     size = m.shape[0]
-    if _unrolled(size):
+    if size <= UNROLL_MAX_SIZE_POPULATION:
         chol = _cholesky_entries(m)
         inv = _triangular_inverse_entries(chol, size)
         logdet = 2.0 * sum(jnp.log(chol[j, j]) for j in range(size))

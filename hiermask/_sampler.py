@@ -50,6 +50,7 @@ import functools
 import itertools
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -621,12 +622,12 @@ def exclusive(compiled):
 
     jaxlib's CPU LAPACK kernels (Cholesky, triangular solves) split a batch
     of matrices over XLA's intra-op thread pool and wait for the parts. Two
-    such programs running at once (parallel chains, or fits in threads) can
+    programs doing so at once (parallel chains, or fits in threads) can
     leave every pool thread waiting for parts that no thread is free to run:
     a deadlock, reproduced with jax 0.10.2 on this project's 2-CPU machine
     (batched Cholesky of 100 matrices of size 20 in a loop, in two threads).
-    Programs that call LAPACK therefore hold a process-wide lock while they
-    run; the others run freely.
+    Programs that call LAPACK on batches of matrices therefore hold a
+    process-wide lock while they run; the others run freely.
 
     Parameters
     ----------
@@ -638,9 +639,20 @@ def exclusive(compiled):
         ``compiled`` itself, or a wrapper that runs it under the lock and
         blocks until its results are ready.
     """
-    if "lapack_" in compiled.as_text():
+    if any(math.prod(shape) > 1 for shape in _lapack_batches(compiled.as_text())):
         return _Exclusive(compiled)
     return compiled
+
+
+def _lapack_batches(hlo_text):
+    # The batch shape (all but the two matrix dimensions) of every LAPACK
+    # call in a compiled program's HLO text. A single matrix is factorized
+    # in the calling thread; only batches are split over the pool.
+    for match in re.finditer(
+        r"= \(?[a-z]\d+\[([\d,]*)\][^\n]*custom_call_target=\"lapack_", hlo_text
+    ):
+        dims = [int(d) for d in match.group(1).split(",") if d]
+        yield tuple(dims[:-2])
 
 
 #: Compiled sampler programs (through :func:`exclusive`), most recently used

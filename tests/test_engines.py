@@ -106,7 +106,8 @@ def test_gridsearch_compiles_once_per_fold_shape():
 
 #: Two threads each running a loop of batched Cholesky factorizations (100
 #: matrices of size 21): with jax 0.10.2 on 2 CPUs, unguarded, this hangs
-#: (jaxlib's LAPACK kernels wait on XLA's intra-op pool from inside it).
+#: (jaxlib's LAPACK kernels wait on XLA's intra-op pool from inside it). A
+#: single matrix is factorized in the calling thread: no guard needed.
 _LAPACK_THREADS = """
 import sys, threading
 import jax, jax.numpy as jnp, numpy as np
@@ -121,7 +122,9 @@ with jax.enable_x64(True):
         return jax.lax.fori_loop(0, 200, body, s)
     program = exclusive(jax.jit(loop).lower(batch, 0.0).compile())
     plain = exclusive(jax.jit(lambda m: m * 2.0).lower(batch).compile())
-    assert isinstance(program, _Exclusive) and not isinstance(plain, _Exclusive)
+    single = exclusive(jax.jit(jnp.linalg.cholesky).lower(m).compile())
+    assert isinstance(program, _Exclusive)
+    assert not isinstance(plain, _Exclusive) and not isinstance(single, _Exclusive)
     def run():
         with jax.enable_x64(True):
             program(batch, 0.0)
