@@ -75,6 +75,12 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def cpu_seconds():
+    """User + system CPU time of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_dask_fit(args, sizes):
     import dask.dataframe as dd
     from distributed import Client, LocalCluster
@@ -140,9 +146,16 @@ def run_dask_fit(args, sizes):
         )
         # Workers import hiermask (and JAX) once, before the clock starts.
         client.run(lambda: __import__("hiermask._dask"))
+        worker_cpu = client.run(cpu_seconds)
+        timings["load_average_fit_start"] = os.getloadavg()
         start = time.perf_counter()
         est.fit(frame[features], frame["y"])
         timings["fit_s"] = time.perf_counter() - start
+        timings["load_average_fit_end"] = os.getloadavg()
+        # Workers are idle while the client samples: their CPU time is the
+        # two passes' (generation included).
+        after = client.run(cpu_seconds)
+        timings["worker_cpu_s"] = sum(after[k] - worker_cpu[k] for k in after)
         worker_peak = client.run(peak_rss_bytes)
     timings["worker_peak_rss_bytes"] = sorted(worker_peak.values())
     timings["client_peak_rss_bytes"] = peak_rss_bytes()
@@ -161,6 +174,7 @@ def run_numpy_pass(args, sizes, fit_stats, groups_):
     index = pd.Index(groups_.astype(np.int64))
     gram = np.zeros_like(fit_stats.stats.gram)
     generate_s = stats_s = 0.0
+    load_start, cpu_start = os.getloadavg(), time.process_time()
     for number, n_rows in enumerate(sizes):
         start = time.perf_counter()
         part = make_partition(number, n_rows, args.features, args.groups, args.seed)
@@ -175,6 +189,9 @@ def run_numpy_pass(args, sizes, fit_stats, groups_):
     scale = np.max(np.abs(gram))
     max_diff = float(np.max(np.abs(gram - fit_stats.stats.gram)) / scale)
     return {
+        "load_average_numpy_start": load_start,
+        "load_average_numpy_end": os.getloadavg(),
+        "numpy_cpu_s": time.process_time() - cpu_start,
         "numpy_generate_s": generate_s,
         "numpy_stats_s": stats_s,
         "numpy_total_s": generate_s + stats_s,
@@ -193,6 +210,10 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--num-warmup", type=int, default=200)
     parser.add_argument("--num-samples", type=int, default=200)
+    # One chain: the sampler's cost (client side, O(groups x features^3) per
+    # gradient) dominates the fit at 1,000 groups x 20 features here. (Two
+    # chains of this model once hung: jaxlib's batched LAPACK kernels in two
+    # programs at once; fixed by hiermask._sampler.exclusive.)
     parser.add_argument("--num-chains", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -231,11 +252,13 @@ def main(argv=None):
         "other_s": dask_result["fit_s"] - stats_s - dask_result["sampling_s"],
         "dask_stats_rows_per_s": rows / stats_s,
         "dask_pass2_rows_per_s": rows / dask_result["pass2_s"],
+        "dask_stats_rows_per_worker_cpu_s": rows / dask_result["worker_cpu_s"],
         **numpy_result,
     }
     if numpy_result:
         result["numpy_rows_per_s"] = rows / numpy_result["numpy_total_s"]
         result["numpy_stats_only_rows_per_s"] = rows / numpy_result["numpy_stats_s"]
+        result["numpy_rows_per_cpu_s"] = rows / numpy_result["numpy_cpu_s"]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     flat = {k: v for k, v in result.items() if not isinstance(v, dict | list | tuple)}
@@ -253,6 +276,11 @@ def main(argv=None):
         ("dask pass 2 (group statistics)", f"{dask_result['pass2_s']:.1f} s"),
         ("dask statistics, both passes", f"{rows / stats_s:,.0f} rows/s"),
         ("dask pass 2 alone", f"{rows / dask_result['pass2_s']:,.0f} rows/s"),
+        (
+            "dask, per worker CPU second",
+            f"{result['dask_stats_rows_per_worker_cpu_s']:,.0f} rows "
+            f"({dask_result['worker_cpu_s']:.0f} CPU s in all)",
+        ),
     ]
     if numpy_result:
         lines += [
@@ -260,6 +288,10 @@ def main(argv=None):
                 "NumPy, 1 process (generate + statistics)",
                 f"{result['numpy_rows_per_s']:,.0f} rows/s "
                 f"({numpy_result['numpy_total_s']:.1f} s)",
+            ),
+            (
+                "NumPy, per CPU second",
+                f"{result['numpy_rows_per_cpu_s']:,.0f} rows",
             ),
             (
                 "NumPy, statistics only",
@@ -281,11 +313,28 @@ def main(argv=None):
         ),
         ("peak RSS client", f"{result['client_peak_rss_bytes'] / mb:,.0f} MiB"),
         (
+            "1-min load average (fit start/end)",
+            "{:.1f} / {:.1f}".format(
+                dask_result["load_average_fit_start"][0],
+                dask_result["load_average_fit_end"][0],
+            ),
+        ),
+        (
             "convergence",
             f"max r_hat {conv['max_r_hat']:.3f}, min ESS {conv['min_ess_bulk']:.0f}, "
             f"{conv['n_divergences']} divergences",
         ),
     ]
+    if numpy_result:
+        lines.append(
+            (
+                "1-min load average (NumPy start/end)",
+                "{:.1f} / {:.1f}".format(
+                    numpy_result["load_average_numpy_start"][0],
+                    numpy_result["load_average_numpy_end"][0],
+                ),
+            )
+        )
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key:<{width}}  {value}")
