@@ -37,7 +37,6 @@ import pandas as pd
 
 from ._fit import FitStatistics, LatentRows
 from ._masks import group_sum
-from ._predict import _row_fields, _unseen_draws
 from ._stats import (
     GroupStats,
     Moments,
@@ -65,7 +64,6 @@ __all__ = [
     "fit_statistics",
     "is_dask_collection",
     "lazy_predictions",
-    "partition_draws",
     "summarize",
 ]
 
@@ -725,76 +723,3 @@ def lazy_predictions(model, X, groups, what, extra, *, fitted, fitted_active):
         meta=meta,
         enforce_metadata=False,
     )
-
-
-def partition_draws(X, group_idx, mask, posterior, unseen, n_samples, seed, number):
-    """Predictive draws of one partition, consistent across partitions.
-
-    As :func:`hiermask._predict.predictive_draws`, of which this is the
-    partitioned form: column ``k`` uses the same posterior draw in every
-    partition and a group not seen in fit gets the same effects wherever
-    its rows are, because both depend only on ``seed`` (and the label).
-    The noise of partition 0 continues the in-memory stream, so a
-    one-partition frame gets exactly the in-memory draws; partition
-    ``k > 0`` draws its noise from a stream seeded by ``(seed, 0, k)``.
-
-    Parameters
-    ----------
-    X : ndarray of shape (n_rows, n_features)
-    group_idx : ndarray of shape (n_rows,)
-        Fitted code, -1 for unseen groups.
-    mask : ndarray of shape (n_groups, n_features), bool
-    posterior : Posterior
-    unseen : tuple
-        ``(codes, labels, mask)`` from :meth:`UnseenTable.lookup`.
-    n_samples : int
-        Draws per row.
-    seed : int
-        Seed.
-    number : int
-        Position of the partition.
-
-    Returns
-    -------
-    ndarray of shape (n_rows, n_samples)
-    """
-    from ._predict import CHUNK_ROWS
-
-    codes, ulabels, umask = unseen
-    draws = posterior.draws
-    rng = np.random.default_rng([int(seed), 0])
-    n_draws = draws["noise"].shape[0]
-    draw_idx = rng.integers(0, n_draws, size=n_samples)
-    if number:
-        rng = np.random.default_rng([int(seed), 0, int(number)])
-    n, p = X.shape
-    out = np.empty((n, n_samples))
-    sigma = draws["noise"][draw_idx]
-    present = np.unique(codes[codes >= 0])
-    unseen_coef = {
-        u: _unseen_draws(posterior, ulabels[u], umask[u], seed, draw_idx)
-        for u in present
-    }
-    step = max(1, CHUNK_ROWS // n_samples)
-    for start in range(0, n, step):
-        sl = slice(start, min(start + step, n))
-        seen, gs, uc, on, fill, xvar = _row_fields(
-            sl, group_idx, codes, mask, umask, posterior
-        )
-        Xc = X[sl]
-        latent = np.isnan(Xc) & on
-        noise_x = rng.standard_normal((Xc.shape[0], n_samples, p))
-        x = np.where(latent, fill, np.where(on, np.nan_to_num(Xc), 0.0))[:, None, :]
-        x = x + np.where(latent[:, None, :], np.sqrt(xvar)[:, None, :] * noise_x, 0.0)
-        coef = np.empty((Xc.shape[0], n_samples, p + 1))
-        if seen.any():
-            rows = np.flatnonzero(seen)
-            coef[rows, :, 0] = draws["intercept"][draw_idx][:, gs[rows]].T
-            coef[rows, :, 1:] = np.transpose(
-                draws["coef"][draw_idx][:, gs[rows]], (1, 0, 2)
-            )
-        for r in np.flatnonzero(~seen):
-            coef[r] = unseen_coef[uc[r]]
-        mean = coef[..., 0] + np.sum(coef[..., 1:] * x, axis=-1)
-        out[sl] = mean + sigma * rng.standard_normal((Xc.shape[0], n_samples))
-    return out

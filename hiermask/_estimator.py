@@ -655,7 +655,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         features, group_idx, unseen = self._prepare(X, groups, unseen_table)
         if what == "draws":
             n_samples, seed = extra
-            return _dask.partition_draws(
+            return predictive_draws(
                 features,
                 group_idx,
                 self._mask,

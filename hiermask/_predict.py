@@ -212,8 +212,16 @@ def _unseen_draws(posterior, label, on, seed, draw_idx):
     return np.concatenate([alpha[:, None], beta * on], axis=1)
 
 
-def predictive_draws(X, group_idx, mask, posterior, unseen, n_samples, seed):
+def predictive_draws(X, group_idx, mask, posterior, unseen, n_samples, seed, number=0):
     """Draws from the posterior predictive, one posterior draw per column.
+
+    Also serves the partitions of a dask frame, numbered by ``number``:
+    column ``k`` uses the same posterior draw in every partition and a group
+    not seen in fit gets the same effects wherever its rows are, because
+    both depend only on ``seed`` (and the label). The noise of partition 0
+    is the in-memory stream, so a one-partition frame gets exactly the
+    in-memory draws; partition ``k > 0`` draws its noise from a stream
+    seeded by ``(seed, 0, k)``.
 
     Parameters
     ----------
@@ -223,11 +231,14 @@ def predictive_draws(X, group_idx, mask, posterior, unseen, n_samples, seed):
     mask : ndarray of shape (n_groups, n_features), bool
     posterior : Posterior
     unseen : tuple
-        ``(codes, labels, mask)`` from :func:`unseen_masks`.
+        ``(codes, labels, mask)`` from :func:`unseen_masks` (or
+        :meth:`hiermask._dask.UnseenTable.lookup`).
     n_samples : int
         Number of draws per row.
     seed : int
         Seed; unseen groups' effects depend only on it and their label.
+    number : int, default=0
+        Position of the partition (0 in memory).
 
     Returns
     -------
@@ -238,13 +249,16 @@ def predictive_draws(X, group_idx, mask, posterior, unseen, n_samples, seed):
     rng = np.random.default_rng([int(seed), 0])
     n_draws = draws["noise"].shape[0]
     draw_idx = rng.integers(0, n_draws, size=n_samples)
+    if number:
+        rng = np.random.default_rng([int(seed), 0, int(number)])
     n, p = X.shape
     out = np.empty((n, n_samples))
     sigma = draws["noise"][draw_idx]
-    unseen_coef = [
-        _unseen_draws(posterior, ulabels[u], umask[u], seed, draw_idx)
-        for u in range(len(ulabels))
-    ]
+    # each unseen group's draws depend only on the seed and its label
+    unseen_coef = {
+        u: _unseen_draws(posterior, ulabels[u], umask[u], seed, draw_idx)
+        for u in np.unique(codes[codes >= 0])
+    }
     step = max(1, CHUNK_ROWS // n_samples)
     for start in range(0, n, step):
         sl = slice(start, min(start + step, n))
