@@ -38,9 +38,10 @@ def _config(pooling, **priors):
     )
 
 
-def _prepare(X, y, group_idx, n_groups, pooling, **priors):
-    w = np.ones(len(y))
-    mask = np.ones((n_groups, X.shape[1]), bool)
+def _prepare(X, y, group_idx, n_groups, pooling, w=None, mask=None, **priors):
+    # Engine data of (X, y); by default unit weights and every feature on.
+    w = np.ones(len(y)) if w is None else w
+    mask = np.ones((n_groups, X.shape[1]), bool) if mask is None else mask
     scaling = compute_scaling(X, y, w, mask[group_idx])
     config = _config(pooling, **priors)
     ref = _prior_units(scaling, True)
@@ -182,11 +183,9 @@ def _masked_problem():
     X[~mask[group_idx]] = np.nan
     X[[0, 20, 50], [1, 0, 2]] = np.nan
     w = rng.uniform(0.5, 2.0, size=n)
-    scaling = compute_scaling(X, y, w, mask[group_idx])
-    ref = _prior_units(scaling, True)
-    data = _collapsed_data(X, y, w, group_idx, mask, scaling, ref)
+    data, hyper, _, _ = _prepare(X, y, group_idx, len(sizes), "partial", w, mask)
     assert data.miss_row.shape[0] == 3
-    return data, _hyper(_config("partial"), scaling)
+    return data, hyper
 
 
 def _loglik_of(pooling, data, hyper):
