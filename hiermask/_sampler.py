@@ -501,8 +501,8 @@ def _run_chains(
     num_samples,
     target_accept_prob,
     max_tree_depth,
+    progress,
     keep_warmup=False,
-    progress=None,
 ):
     """Warmup and sampling of a set of chains in lockstep: one scan.
 
@@ -512,9 +512,9 @@ def _run_chains(
     each slow window (Stan searches for a step size there instead). Returns
     draws, divergences, leapfrog steps and acceptance statistics per chain
     and kept iteration (warmup ones too with ``keep_warmup``, for profiling).
-    With ``progress`` (the traced ``(token, part)`` of
-    :func:`_progress_tick`), the program reports its iteration to the host
-    about ``_PROGRESS_UPDATES`` times when the token is positive.
+    ``progress`` is the traced ``(token, part)`` of :func:`_progress_tick`:
+    with a positive token the program reports its iteration to the host
+    about ``_PROGRESS_UPDATES`` times.
     """
     n_chains, dim = z0.shape
     value_and_grad = jax.vmap(jax.value_and_grad(density.potential))
@@ -554,14 +554,13 @@ def _run_chains(
                 init, _initial_inverse_mass(point[:, dim : 2 * dim]), adapt.inv_mass
             )
         )
-        if progress is not None:
-            every = max(1, (num_warmup + num_samples) // _PROGRESS_UPDATES)
-            last = num_warmup + num_samples
-            jax.lax.cond(
-                (progress[0] > 0) & ((i % every == 0) | (i == last)),
-                lambda: jax.debug.callback(_progress_tick, *progress, i),
-                lambda: None,
-            )
+        every = max(1, (num_warmup + num_samples) // _PROGRESS_UPDATES)
+        last = num_warmup + num_samples
+        jax.lax.cond(
+            (progress[0] > 0) & ((i % every == 0) | (i == last)),
+            lambda: jax.debug.callback(_progress_tick, *progress, i),
+            lambda: None,
+        )
         return (point, adapt), (z, diverging, n_steps, accept)
 
     xs = (
