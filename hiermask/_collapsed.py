@@ -53,14 +53,16 @@ import numpyro
 import numpyro.distributions as dist
 
 from ._model import IMPUTE_LOC_SCALE, IMPUTE_SCALE_SCALE, Hyper, sample_imputation
-from ._sampler import FlatDensity, _normal, _uniform
+from ._sampler import _INIT_RADIUS, FlatDensity, _normal, _uniform
 
 __all__ = [
     "CollapsedData",
     "collapsed_density",
     "collapsed_model",
+    "conditional_chunk",
     "conditional_draws",
     "marginal_loglik",
+    "residual_sd_guess",
 ]
 
 #: Each group's matrix is factorized by unrolled elementwise code up to this
@@ -110,6 +112,54 @@ class CollapsedData(NamedTuple):
     x_count: jnp.ndarray  # (G, P) observed-cell statistics of impute_cols
     x_sum: jnp.ndarray  # (G, P)
     x_sumsq: jnp.ndarray  # (G, P)
+    noise_guess: jnp.ndarray  # (2, 2) residual_sd_guess: per group, pooled
+
+
+def residual_sd_guess(n, gram, xty, yty):
+    """Least-squares residual sd of each group's rows, pooled, and its sd.
+
+    From the sufficient statistics (rows with latent cells left out): the
+    residual sum of squares of each group's own least-squares fit (rank
+    deficient designs included, by eigendecomposition), summed over groups
+    and divided by the residual degrees of freedom ``sum(n_g - rank_g)``.
+    The collapsed engine starts its chains' residual sd near it (see
+    :func:`collapsed_density`).
+
+    Parameters
+    ----------
+    n : array of shape (G,)
+        Rows (sums of weights) per group.
+    gram, xty, yty : arrays of shape (G, q, q), (G, q), (G,)
+        ``Xt'WXt``, ``Xt'Wu``, ``u'Wu`` per group.
+
+    Returns
+    -------
+    ndarray of shape (2,)
+        ``[sd, sd / sqrt(2 dof)]`` (the second: the estimate's standard
+        error); ``[1, 0]`` when no group has more rows than coefficients.
+    """
+    gram = np.asarray(gram, dtype=np.float64)
+    q = gram.shape[-1]
+    diag = np.diagonal(gram, axis1=-2, axis2=-1)
+    empty = diag <= 0  # features switched off in the group
+    inv_sd = np.where(empty, 0.0, 1.0 / np.sqrt(np.where(empty, 1.0, diag)))
+    # unit-diagonal (correlation) form; switched-off features get a 1 on the
+    # diagonal and nothing else, so they add no fit and are not counted
+    corr = gram * inv_sd[:, :, None] * inv_sd[:, None, :]
+    corr = corr + empty[:, :, None] * np.eye(q)
+    vals, vecs = np.linalg.eigh(corr)
+    kept = vals > 1e-10 * q
+    proj = np.einsum("gji,gj->gi", vecs, np.asarray(xty) * inv_sd)
+    fitted = np.sum(np.where(kept, proj**2 / np.where(kept, vals, 1.0), 0.0), axis=1)
+    rank = kept.sum(axis=1) - empty.sum(axis=1)
+    dof = np.asarray(n, dtype=np.float64) - rank
+    useful = dof > 0.5
+    total_dof = float(np.sum(dof[useful]))
+    rss = float(np.sum(np.maximum(np.asarray(yty) - fitted, 0.0)[useful]))
+    if total_dof < 1.0 or rss <= 0.0:
+        return np.array([1.0, 0.0])
+    sd = np.sqrt(rss / total_dof)
+    return np.array([sd, sd / np.sqrt(2.0 * total_dof)])
 
 
 # --------------------------------------------------------------------------
@@ -868,6 +918,7 @@ def collapsed_density(data: CollapsedData, hyper: Hyper, pooling: str = "partial
         ]
     )
     offsets = np.cumsum([0, *sizes])
+    names = [site[0] for site in sites]
     prep = blocks = None
     if not n_cells:
         prep = _prepare(pooling, data, add_incomplete_rows(data, ()))
@@ -921,7 +972,32 @@ def collapsed_density(data: CollapsedData, hyper: Hyper, pooling: str = "partial
     def constrain(z):
         return unpack(transform(z))
 
-    return FlatDensity(len(positive), potential, constrain)
+    # Chains start their residual sd within 4 standard errors of the
+    # least-squares guess (within +-2 of it in the unconstrained space if
+    # that is narrower), the rest in +-2 around 0 as usual: with many rows
+    # the residual sd is known to a fraction of a percent, and a chain that
+    # starts it far away spends the warmup windows walking in, which ruins
+    # their variance estimates (a stuck chain, seen at 1e6 rows).
+    guess = data.noise_guess[1 if pooling == "complete" else 0]
+    at = names.index("noise")
+    sd_z = guess[1] / jax.nn.sigmoid(_inverse_softplus(guess[0]))
+    known = guess[1] > 0
+    center = (
+        jnp.zeros(len(positive))
+        .at[offsets[at]]
+        .set(jnp.where(known, _inverse_softplus(guess[0]), 0.0))
+    )
+    radius = (
+        jnp.full(len(positive), _INIT_RADIUS)
+        .at[offsets[at]]
+        .set(jnp.where(known, jnp.minimum(_INIT_RADIUS, 4.0 * sd_z), _INIT_RADIUS))
+    )
+    return FlatDensity(len(positive), potential, constrain, center, radius)
+
+
+def _inverse_softplus(x):
+    # log(exp(x) - 1), stable for large x
+    return x + jnp.log(-jnp.expm1(-x))
 
 
 collapsed_model.flat_density = collapsed_density
@@ -1032,7 +1108,24 @@ def _loop(body, carry, xs, n):
     return jax.lax.scan(body, carry, xs)
 
 
-def conditional_draws(rng_key, draws, data, hyper, pooling):
+def conditional_chunk(n_draws, n_groups, q):
+    """Draws per chunk of :func:`conditional_draws` (one random-number call).
+
+    Parameters
+    ----------
+    n_draws, n_groups, q : int
+        Posterior draws, groups and coefficients per group.
+
+    Returns
+    -------
+    int
+    """
+    return max(1, min(n_draws, _CHUNK_FLOATS // (n_groups * q * q)))
+
+
+def conditional_draws(
+    rng_key, draws, data, hyper, pooling, chunk=None, first_chunk=0, n_valid=None
+):
     """Exact draws of the population and group coefficients, one per draw.
 
     For each posterior draw of the sampled sites, the population vector
@@ -1040,9 +1133,12 @@ def conditional_draws(rng_key, draws, data, hyper, pooling):
     group's coefficients given ``phi``. Also returns the Rao-Blackwellized
     posterior mean and covariance of each group's coefficients (averages of
     the conditional moments given the drawn ``phi``). Draws are processed in
-    chunks (one random-number call each), a chunk in tiles of a few draws,
-    and a tile block by block of groups: a pass over the blocks sums what
-    the population draws need, a second draws the groups given them.
+    chunks (one random-number call each, its stream fixed by the chunk's
+    index), a chunk in tiles of a few draws, and a tile block by block of
+    groups: a pass over the blocks sums what the population draws need, a
+    second draws the groups given them. A run over consecutive parts of the
+    draws, each starting at a whole chunk, gives the same draws as one run
+    over all of them.
 
     Parameters
     ----------
@@ -1052,6 +1148,13 @@ def conditional_draws(rng_key, draws, data, hyper, pooling):
     data : CollapsedData
     hyper : Hyper
     pooling : {"partial", "none", "complete"}
+    chunk : int, optional
+        Draws per chunk (static); by default :func:`conditional_chunk`.
+    first_chunk : int or int array, default=0
+        Index of the first chunk (for a part of a run).
+    n_valid : int or int array, optional
+        The first ``n_valid`` draws are real, the rest padding (excluded
+        from the moments); by default all ``D``.
 
     Returns
     -------
@@ -1064,7 +1167,10 @@ def conditional_draws(rng_key, draws, data, hyper, pooling):
     n_draws = draws["noise"].shape[0]
     n_groups, n_features = data.on.shape
     q = n_features + 1
-    chunk = max(1, min(n_draws, _CHUNK_FLOATS // (n_groups * q * q)))
+    if chunk is None:
+        chunk = conditional_chunk(n_draws, n_groups, q)
+    chunk = min(chunk, n_draws)
+    n_valid = n_draws if n_valid is None else n_valid
     n_chunks = -(-n_draws // chunk)
     size, n_blocks = _blocking(n_groups, q)
     unroll = _unrolled(q)
@@ -1093,7 +1199,7 @@ def conditional_draws(rng_key, draws, data, hyper, pooling):
         )
     else:
         base = jnp.broadcast_to(_base_sd("none", None, hyper), (n_draws, q))
-    keep = jnp.arange(n_chunks * chunk) < n_draws
+    keep = jnp.arange(n_chunks * chunk) < n_valid
     keep = jnp.concatenate(
         [
             keep.reshape(n_chunks, chunk),
@@ -1216,13 +1322,12 @@ def conditional_draws(rng_key, draws, data, hyper, pooling):
         jnp.zeros((n_blocks, q, q, size)),
         jnp.zeros((n_blocks, q, q, size)),
     )
-    acc, (phi, coef) = _loop(
-        one_chunk, acc, (jnp.arange(n_chunks), *per_draw), n_chunks
-    )
+    index = jnp.arange(n_chunks) + first_chunk
+    acc, (phi, coef) = _loop(one_chunk, acc, (index, *per_draw), n_chunks)
     phi = phi.reshape(n_chunks, n_sub * tile, q)[:, :chunk].reshape(-1, q)[:n_draws]
     coef = coef.reshape(n_chunks, n_sub * tile, n_groups, q)[:, :chunk]
     coef = coef.reshape(-1, n_groups, q)[:n_draws] * onq
-    s_mean, s_dmd, s_outer = (_from_blocks(a, n_groups) / n_draws for a in acc)
+    s_mean, s_dmd, s_outer = (_from_blocks(a, n_groups) / n_valid for a in acc)
     mean = s_mean.T
     cov = _apply_a(s_dmd, onq[:, 1:].T * a_row[:, None]) + s_outer
     cov = jnp.moveaxis(cov, -1, 0) - mean[:, :, None] * mean[:, None, :]

@@ -16,9 +16,22 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from ._collapsed import CollapsedData, collapsed_model, conditional_draws
+from ._collapsed import (
+    CollapsedData,
+    collapsed_model,
+    conditional_chunk,
+    conditional_draws,
+    residual_sd_guess,
+)
 from ._model import DirectData, Hyper, direct_model
-from ._sampler import COMPILER_OPTIONS, exclusive, parameter_diagnostics, run_nuts
+from ._sampler import (
+    COMPILER_OPTIONS,
+    _Exclusive,
+    _threads,
+    exclusive,
+    parameter_diagnostics,
+    run_nuts,
+)
 from ._stats import (
     GroupStats,
     Moments,
@@ -205,6 +218,17 @@ def _collapsed_from_statistics(
         x_count=stats.x_count[:, cols],
         x_sum=stats.x_sum[:, cols],
         x_sumsq=stats.x_sumsq[:, cols],
+        noise_guess=np.stack(
+            [
+                residual_sd_guess(stats.n, stats.gram, stats.xty, stats.yty),
+                residual_sd_guess(
+                    *(
+                        np.sum(a, axis=0, keepdims=True)
+                        for a in (stats.n, stats.gram, stats.xty, stats.yty)
+                    )
+                ),
+            ]
+        ),
     )
 
 
@@ -479,7 +503,7 @@ def _sample(data, mask, scaling, cells, config: FitConfig) -> Posterior:
 #: Sampled sites that the collapsed engine's conditional draws take.
 _CONDITIONAL_SITES = ("noise", "intercept_scale", "coef_scale", "x_missing")
 
-_conditional_jit = jax.jit(conditional_draws, static_argnames="pooling")
+_conditional_jit = jax.jit(conditional_draws, static_argnames=("pooling", "chunk"))
 
 #: Compiled conditional-draw programs (futures), most recently used last.
 _CONDITIONAL_COMPILED: collections.OrderedDict = collections.OrderedDict()
@@ -502,27 +526,55 @@ def _in_background(fn):
     return future
 
 
+def _conditional_parts(n_draws, n_groups, q):
+    """How the conditional draws are split into parts that run in parallel.
+
+    Two parts of equal length (the second padded) when the draws make at
+    least two chunks, each starting at a whole chunk: the same draws as one
+    run (:func:`hiermask._collapsed.conditional_draws`), one compiled
+    program for both. The split depends on the run only, never on the
+    machine.
+
+    Returns
+    -------
+    chunk, length : int
+        Draws per chunk and per part.
+    parts : list of (start, stop, first_chunk)
+    """
+    chunk = conditional_chunk(n_draws, n_groups, q)
+    n_chunks = -(-n_draws // chunk)
+    if n_chunks < 2:
+        return chunk, n_draws, [(0, n_draws, 0)]
+    per_part = -(-n_chunks // 2)
+    length = per_part * chunk
+    return chunk, length, [(0, length, 0), (length, n_draws, per_part)]
+
+
 def _conditional_spec(config, data, hyper):
     # Shapes and dtypes of the conditional draws' arguments, known before
-    # sampling: one value per kept draw of each sampled site it takes.
+    # sampling: one value per draw of a part of each sampled site it takes.
+    n_groups, n_features = np.shape(data.on)
     n_draws = config.num_chains * config.num_samples
-    n_features = np.shape(data.on)[1]
-    sites = {"noise": (n_draws,)}
+    _, length, _ = _conditional_parts(n_draws, n_groups, n_features + 1)
+    sites = {"noise": (length,)}
     if config.pooling == "partial":
-        sites["intercept_scale"] = (n_draws,)
-        sites["coef_scale"] = (n_draws, n_features)
+        sites["intercept_scale"] = (length,)
+        sites["coef_scale"] = (length, n_features)
     if np.shape(data.miss_row)[0]:
-        sites["x_missing"] = (n_draws, np.shape(data.miss_row)[0])
+        sites["x_missing"] = (length, np.shape(data.miss_row)[0])
 
     def struct(x):
         x = np.asarray(x)
         return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
+    scalar = jax.ShapeDtypeStruct((), np.int32)
     return (
         jax.ShapeDtypeStruct((2,), np.uint32),
         {k: jax.ShapeDtypeStruct(v, np.float64) for k, v in sites.items()},
         jax.tree_util.tree_map(struct, data),
         jax.tree_util.tree_map(struct, hyper),
+        scalar,
+        scalar,
     )
 
 
@@ -539,12 +591,22 @@ def _conditional_program(config, data, hyper):
     compilation and run; cached per shape like the sampler.
     """
     spec = _conditional_spec(config, data, hyper)
+    n_groups, n_features = np.shape(data.on)
+    n_draws = config.num_chains * config.num_samples
+    chunk = _conditional_parts(n_draws, n_groups, n_features + 1)[0]
     leaves, treedef = jax.tree_util.tree_flatten(spec)
-    key = (config.pooling, treedef, tuple((x.shape, x.dtype) for x in leaves))
+    shapes = tuple((x.shape, x.dtype) for x in leaves)
+    key = (config.pooling, chunk, treedef, shapes)
 
     def compile_now():
         with jax.enable_x64(True):
-            lowered = _conditional_jit.lower(*spec, pooling=config.pooling)
+            lowered = _conditional_jit.lower(
+                *spec[:4],
+                pooling=config.pooling,
+                chunk=chunk,
+                first_chunk=spec[4],
+                n_valid=spec[5],
+            )
             return exclusive(lowered.compile(COMPILER_OPTIONS))
 
     with _CONDITIONAL_LOCK:
@@ -558,9 +620,53 @@ def _conditional_program(config, data, hyper):
 
 
 def _conditional(program, rng_key, sites, data, hyper, pooling):
-    """Run the compiled conditional draws (the profiler in benchmarks times it)."""
+    """Run the compiled conditional draws, its parts in parallel threads.
+
+    The parts (:func:`_conditional_parts`) run in threads (one after the
+    other for a program that calls LAPACK, see
+    :func:`hiermask._sampler.exclusive`); their draws are concatenated and
+    their moments pooled. The profiler in benchmarks times this function.
+    """
     del pooling  # compiled in
-    return program(rng_key, sites, data, hyper)
+    n_draws = sites["noise"].shape[0]
+    n_groups, n_features = np.shape(data.on)
+    _, length, parts = _conditional_parts(n_draws, n_groups, n_features + 1)
+
+    def run_part(part):
+        start, stop, first = part
+        # the part's draws, padded to the program's length by repeating
+        # its last draw (excluded from the moments)
+        take = np.minimum(np.arange(start, start + length), stop - 1)
+        part_sites = {k: v[take] for k, v in sites.items()}
+        with jax.enable_x64(True):
+            out, mean, cov = program(
+                rng_key,
+                part_sites,
+                data,
+                hyper,
+                first_chunk=np.int32(first),
+                n_valid=np.int32(stop - start),
+            )
+            out = {k: np.asarray(v)[: stop - start] for k, v in out.items()}
+            return out, np.asarray(mean), np.asarray(cov)
+
+    n_threads = 1 if isinstance(program, _Exclusive) else _threads(len(parts))
+    if n_threads == 1:
+        results = [run_part(part) for part in parts]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(n_threads) as pool:
+            results = list(pool.map(run_part, parts))
+    if len(results) == 1:
+        return results[0]
+    weights = [(stop - start) / n_draws for start, stop, _ in parts]
+    out = {k: np.concatenate([r[0][k] for r in results]) for k in results[0][0]}
+    mean = sum(w * r[1] for w, r in zip(weights, results, strict=True))
+    # pooled covariance: the average second moment minus the pooled mean's
+    second = sum(
+        w * (r[2] + r[1][:, :, None] * r[1][:, None, :])
+        for w, r in zip(weights, results, strict=True)
+    )
+    return out, mean, second - mean[:, :, None] * mean[:, None, :]
 
 
 def _diagnose(draws, n_chains, mask):

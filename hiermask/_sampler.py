@@ -54,7 +54,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -108,11 +108,16 @@ class FlatDensity(NamedTuple):
         Jacobians of the transforms included), up to a constant.
     constrain : callable
         ``constrain(z) -> dict``: the value of every reported site.
+    init_center, init_radius : array of shape (size,), optional
+        Chains start uniformly in ``init_center +- init_radius``; by default
+        in ``+-2`` around 0, as Stan and NumPyro do.
     """
 
     size: int
     potential: Callable
     constrain: Callable
+    init_center: Any = None
+    init_radius: Any = None
 
 
 def _numpyro_density(model, args):
@@ -691,7 +696,9 @@ def _sample(
     TRACE_COUNTS[getattr(model, "__name__", repr(model))] += 1
     density = _flat_density(model, data, hyper)
     unit = _uniform(key_data[0, 0, 1], (num_chains, density.size))
-    init = _INIT_RADIUS * (2.0 * unit - 1.0)
+    center = 0.0 if density.init_center is None else density.init_center
+    radius = _INIT_RADIUS if density.init_radius is None else density.init_radius
+    init = center + radius * (2.0 * unit - 1.0)
     run = functools.partial(
         _run_chains,
         density,

@@ -5,6 +5,8 @@ design, standardized target), where the model's priors are written down
 independently here from the model equations of ``hiermask._model``.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from scipy.stats import multivariate_normal
 
 from hiermask import _collapsed as collapsed
+from hiermask import _fit
 from hiermask._collapsed import conditional_draws, marginal_loglik
 from hiermask._fit import FitConfig, _collapsed_data, _hyper, _prior_units
 from hiermask._stats import compute_scaling
@@ -261,3 +264,82 @@ def test_blocking_over_groups_changes_nothing(pooling, monkeypatch):
             results[0],
             other,
         )
+
+
+@pytest.mark.parametrize("pooling", ["partial", "none", "complete"])
+def test_conditional_draws_in_parts_match_one_run(pooling, monkeypatch):
+    # The fit runs the conditional draws in two parts (in parallel threads),
+    # each starting at a whole chunk: the draws are those of one run over
+    # all draws (the chunks' random streams depend on their index only),
+    # and the pooled moments equal one run's. 7 draws in chunks of 2: parts
+    # of 4 draws, the second padded by one.
+    data, hyper = _masked_problem()
+    n_groups, n_features = data.on.shape
+    q = n_features + 1
+    monkeypatch.setattr(collapsed, "_CHUNK_FLOATS", 2 * n_groups * q * q)
+    assert _fit._conditional_parts(7, n_groups, q) == (2, 4, [(0, 4, 0), (4, 7, 2)])
+    rng = np.random.default_rng(3)
+    draws = {
+        "noise": rng.uniform(0.5, 1.0, 7),
+        "x_missing": rng.normal(size=(7, data.miss_row.shape[0])),
+    }
+    if pooling == "partial":
+        draws["intercept_scale"] = rng.uniform(0.2, 0.9, 7)
+        draws["coef_scale"] = rng.uniform(0.1, 1.5, (7, n_features))
+    key = _fit._conditional_key(4)
+    with jax.enable_x64(True):
+        whole = conditional_draws(
+            key, draws, _as_jax(data), _as_jax(hyper), pooling, chunk=2
+        )
+        # the fit's program: compiled for one part's length
+        config = dataclasses.replace(_config(pooling), num_chains=7)
+        program = _fit._conditional_program(config, data, hyper).result()
+        parts = _fit._conditional(program, key, draws, data, hyper, pooling)
+    whole = jax.tree_util.tree_map(np.asarray, whole)
+    assert whole[0].keys() == parts[0].keys()
+    for name in whole[0]:
+        assert parts[0][name].shape[0] == 7
+        np.testing.assert_allclose(parts[0][name], whole[0][name], rtol=1e-12)
+    # the moments: one run's, from pooled parts (the padding draw excluded)
+    for a, b in zip(parts[1:], whole[1:], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_residual_sd_guess_matches_per_group_least_squares():
+    # Oracle: each group's weighted least squares by np.linalg.lstsq (its
+    # rank from the SVD), residual sums of squares pooled over the groups
+    # with more rows than coefficients. Group 1 has a feature switched off
+    # (zero column, as in the engine's statistics), group 2 two identical
+    # columns (rank 3 of 4), group 3 three rows for four coefficients
+    # (left out: no residual degrees of freedom).
+    rng = np.random.default_rng(5)
+    sizes = [40, 25, 30, 3]
+    n, gram, xty, yty = [], [], [], []
+    rss = dof = 0.0
+    for g, size in enumerate(sizes):
+        X = np.column_stack([np.ones(size), rng.normal(size=(size, 3))])
+        if g == 1:
+            X[:, 2] = 0.0
+        if g == 2:
+            X[:, 3] = X[:, 1]
+        w = rng.uniform(0.5, 2.0, size)
+        y = X @ rng.normal(size=4) + rng.normal(scale=0.7, size=size)
+        n.append(w.sum())
+        gram.append(X.T @ (w[:, None] * X))
+        xty.append(X.T @ (w * y))
+        yty.append(np.sum(w * y**2))
+        sw = np.sqrt(w)
+        coef, _, rank, _ = np.linalg.lstsq(X * sw[:, None], y * sw, rcond=None)
+        if w.sum() > rank:
+            rss += np.sum(w * (y - X @ coef) ** 2)
+            dof += w.sum() - rank
+    guess = collapsed.residual_sd_guess(
+        np.array(n), np.array(gram), np.array(xty), np.array(yty)
+    )
+    sd = np.sqrt(rss / dof)
+    np.testing.assert_allclose(guess, [sd, sd / np.sqrt(2 * dof)], rtol=1e-8)
+    # nothing to go on: the default start
+    one = collapsed.residual_sd_guess(
+        np.array(n[3:]), np.array(gram[3:]), np.array(xty[3:]), np.array(yty[3:])
+    )
+    np.testing.assert_array_equal(one, [1.0, 0.0])

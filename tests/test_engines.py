@@ -149,3 +149,31 @@ def test_programs_calling_lapack_run_one_at_a_time():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_chain_does_not_stick_at_a_million_rows():
+    # Regression: with 1e6 rows the residual sd is known to 0.1%; a chain
+    # started anywhere in +-2 (unconstrained) spent its warmup walking the
+    # residual sd in, its mass matrix collapsed (1e-11 for the between-group
+    # sds) and it stayed at a between-group intercept sd of 0.94 instead of
+    # 0.18, at 1023 leapfrog steps per draw. This seed and chain did so
+    # before the residual sd started near its least-squares value.
+    # Oracle: with 10,000 rows per group the group intercepts are known
+    # almost exactly, so the between-group sd is that of per-group least
+    # squares intercepts (100 groups: its posterior sd is ~7%).
+    from hiermask.datasets import make_grouped_regression
+
+    X, y = make_grouped_regression(1_000_000, 100, 10, random_state=0)
+    est = MaskedHierarchicalRegressor(
+        group_col="group", random_state=3, num_chains=1, num_samples=50
+    ).fit(X, y)
+    features, target = X.drop(columns="group").to_numpy(), np.asarray(y)
+    intercepts = []
+    for rows in X.groupby("group").indices.values():
+        design = np.column_stack([np.ones(len(rows)), features[rows]])
+        intercepts.append(np.linalg.lstsq(design, target[rows], rcond=None)[0][0])
+    expected = np.std(intercepts, ddof=1)
+    assert abs(est.group_intercept_scale_ / expected - 1) < 0.25
+    assert np.max(est._posterior.tree_steps) < 1023
