@@ -213,11 +213,14 @@ def test_gradient_matches_finite_differences(pooling, block_groups, monkeypatch)
     # The hand-written gradient (custom VJP, blockwise over groups) against
     # central differences of the value, which the dense-Gaussian tests above
     # check. Masks, weights and latent cells included; blocks of 2 and 3
-    # groups (7 groups: a ragged last block) as well as one block, the last
-    # with LAPACK factors.
+    # groups (7 groups: a ragged last block; the factorizations kept between
+    # the passes with 2, factorized again with 3) as well as one block, the
+    # last with LAPACK factors.
     monkeypatch.setattr(collapsed, "BLOCK_GROUPS", block_groups)
     if block_groups is None:
         monkeypatch.setattr(collapsed, "UNROLL_MAX_SIZE", 1)
+    if block_groups == 3:
+        monkeypatch.setattr(collapsed, "KEEP_FACTORS_BYTES", 0)
     data, hyper = _masked_problem()
     with jax.enable_x64(True):
         f, x = _loglik_of(pooling, _as_jax(data), _as_jax(hyper))
@@ -238,12 +241,15 @@ def test_blocking_over_groups_changes_nothing(pooling, monkeypatch):
     # Value, gradient and conditional draws are sums or maps over groups:
     # splitting the groups into blocks changes them by round-off only, and
     # so does factorizing each group's matrix by LAPACK instead of unrolled
-    # code (last case).
+    # code (last case) and factorizing again in the gradient's pass instead
+    # of keeping the factorizations (third case).
     data, hyper = _masked_problem()
     results = []
-    for block_groups, unroll in ((None, 16), (2, 16), (3, 16), (3, 1)):
+    cases = ((None, 16, 1 << 26), (2, 16, 1 << 26), (3, 16, 0), (3, 1, 1 << 26))
+    for block_groups, unroll, keep in cases:
         monkeypatch.setattr(collapsed, "BLOCK_GROUPS", block_groups)
         monkeypatch.setattr(collapsed, "UNROLL_MAX_SIZE", unroll)
+        monkeypatch.setattr(collapsed, "KEEP_FACTORS_BYTES", keep)
         with jax.enable_x64(True):
             f, x = _loglik_of(pooling, _as_jax(data), _as_jax(hyper))
             value, grad = jax.value_and_grad(f)(jnp.asarray(x))
