@@ -1014,7 +1014,14 @@ def collapsed_density(data: CollapsedData, hyper: Hyper, pooling: str = "partial
         .at[offsets[at]]
         .set(jnp.where(known, jnp.minimum(_INIT_RADIUS, 4.0 * sd_z), _INIT_RADIUS))
     )
-    return FlatDensity(len(positive), potential, constrain, center, radius)
+    # and its first warmup metric from that standard error (near the mode
+    # the gradient, which sets the others', says little of its scale)
+    variance = (
+        jnp.full(len(positive), jnp.nan)
+        .at[offsets[at]]
+        .set(jnp.where(known, sd_z**2, jnp.nan))
+    )
+    return FlatDensity(len(positive), potential, constrain, center, radius, variance)
 
 
 def _inverse_softplus(x):

@@ -111,6 +111,10 @@ class FlatDensity(NamedTuple):
     init_center, init_radius : array of shape (size,), optional
         Chains start uniformly in ``init_center +- init_radius``; by default
         in ``+-2`` around 0, as Stan and NumPyro do.
+    init_variance : array of shape (size,), optional
+        Known posterior variances, for the first warmup metric; NaN (and by
+        default every coordinate) where unknown: the metric then comes from
+        the gradient at the starting point.
     """
 
     size: int
@@ -118,6 +122,7 @@ class FlatDensity(NamedTuple):
     constrain: Callable
     init_center: Any = None
     init_radius: Any = None
+    init_variance: Any = None
 
 
 def _numpyro_density(model, args):
@@ -488,13 +493,16 @@ def _adapt_update(adapt, accept, z, target_accept_prob, flags):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(warm, a, b), updated, adapt)
 
 
-def _initial_inverse_mass(grad):
+def _initial_inverse_mass(grad, known):
     # A diagonal metric from the gradient at the starting point: directions
     # where the density is steep start with small steps. This spares the
     # first warmup window trajectories of hundreds of steps on a posterior
     # whose scales differ by orders of magnitude (Stan and NumPyro start from
-    # the identity); the first slow window replaces it.
-    return jnp.where(jnp.isfinite(grad), jnp.clip(1.0 / jnp.abs(grad), 1e-8, 1.0), 1.0)
+    # the identity); the first slow window replaces it. Known variances
+    # (FlatDensity.init_variance, NaN elsewhere) take precedence: near the
+    # mode of a narrow coordinate the gradient is small, not large.
+    steep = jnp.where(jnp.isfinite(grad), jnp.clip(1.0 / jnp.abs(grad), 1e-8, 1.0), 1.0)
+    return jnp.where(jnp.isnan(known), steep, known)
 
 
 def _run_chains(
@@ -523,6 +531,9 @@ def _run_chains(
     """
     n_chains, dim = z0.shape
     value_and_grad = jax.vmap(jax.value_and_grad(density.potential))
+    known_variance = density.init_variance
+    if known_variance is None:
+        known_variance = jnp.full(dim, jnp.nan)
     point = jnp.concatenate([z0, jnp.zeros((n_chains, dim + 1))], axis=1)
     ones, zeros = jnp.ones(n_chains), jnp.zeros(n_chains)
     adapt = _Adapt(
@@ -556,7 +567,9 @@ def _run_chains(
         adapt = _adapt_update(adapt, accept, z, target_accept_prob, flags)
         adapt = adapt._replace(
             inv_mass=jnp.where(
-                init, _initial_inverse_mass(point[:, dim : 2 * dim]), adapt.inv_mass
+                init,
+                _initial_inverse_mass(point[:, dim : 2 * dim], known_variance),
+                adapt.inv_mass,
             )
         )
         every = max(1, (num_warmup + num_samples) // _PROGRESS_UPDATES)
