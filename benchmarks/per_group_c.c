@@ -27,6 +27,25 @@ static double now(void) {
   return t.tv_sec + 1e-9 * t.tv_nsec;
 }
 
+/* out = T x and out = T' x for lower triangular T, x of Q + 1 columns. */
+static void tri_mm(const double T[Q][Q], const double x[Q][Q + 1], double out[Q][Q + 1]) {
+  for (int i = 0; i < Q; i++)
+    for (int n = 0; n <= Q; n++) {
+      double s = 0;
+      for (int k = 0; k <= i; k++) s += T[i][k] * x[k][n];
+      out[i][n] = s;
+    }
+}
+
+static void tri_tmm(const double T[Q][Q], const double x[Q][Q + 1], double out[Q][Q + 1]) {
+  for (int j = 0; j < Q; j++)
+    for (int n = 0; n <= Q; n++) {
+      double s = 0;
+      for (int i = j; i < Q; i++) s += T[i][j] * x[i][n];
+      out[j][n] = s;
+    }
+}
+
 int main(void) {
   double *S = malloc(sizeof(double) * G * Q * Q), *r = malloc(sizeof(double) * G * Q);
   srand(0);
@@ -81,18 +100,8 @@ int main(void) {
         for (int j = 0; j < Q; j++) x[i][j] = d[i] * Sg[i * Q + j];
         x[i][Q] = d[i] * rg[i];
       }
-      for (int i = 0; i < Q; i++)
-        for (int n = 0; n <= Q; n++) {
-          double s = 0;
-          for (int k = 0; k <= i; k++) s += T[i][k] * x[k][n];
-          u[i][n] = s;
-        }
-      for (int j = 0; j < Q; j++)
-        for (int n = 0; n <= Q; n++) {
-          double s = 0;
-          for (int i = j; i < Q; i++) s += T[i][j] * u[i][n];
-          v[j][n] = s;
-        }
+      tri_mm(T, x, u);
+      tri_tmm(T, u, v);
       for (int i = 0; i < Q; i++) {
         ss += u[i][Q] * u[i][Q];
         for (int j = 0; j < Q; j++) Y[i][j] += v[i][j] / d[i];
@@ -106,18 +115,8 @@ int main(void) {
         }
       for (int i = 0; i < Q; i++)
         for (int n = 0; n <= Q; n++) c[i][n] = 0.01 * (i + n) / d[i];
-      for (int i = 0; i < Q; i++)
-        for (int n = 0; n <= Q; n++) {
-          double s = 0;
-          for (int k = 0; k <= i; k++) s += T[i][k] * c[k][n];
-          w[i][n] = s;
-        }
-      for (int j = 0; j < Q; j++)
-        for (int n = 0; n <= Q; n++) {
-          double s = 0;
-          for (int i = j; i < Q; i++) s += T[i][j] * w[i][n];
-          nn[j][n] = s;
-        }
+      tri_mm(T, c, w);
+      tri_tmm(T, w, nn);
       for (int i = 0; i < Q; i++)
         for (int j = 0; j < Q; j++) {
           double s = -0.5 * mi[i][j];

@@ -1002,12 +1002,11 @@ def collapsed_density(data: CollapsedData, hyper: Hyper, pooling: str = "partial
     # their variance estimates (a stuck chain, seen at 1e6 rows).
     guess = data.noise_guess[1 if pooling == "complete" else 0]
     at = names.index("noise")
-    sd_z = guess[1] / jax.nn.sigmoid(_inverse_softplus(guess[0]))
+    z_guess = _inverse_softplus(guess[0])
+    sd_z = guess[1] / jax.nn.sigmoid(z_guess)
     known = guess[1] > 0
     center = (
-        jnp.zeros(len(positive))
-        .at[offsets[at]]
-        .set(jnp.where(known, _inverse_softplus(guess[0]), 0.0))
+        jnp.zeros(len(positive)).at[offsets[at]].set(jnp.where(known, z_guess, 0.0))
     )
     radius = (
         jnp.full(len(positive), _INIT_RADIUS)

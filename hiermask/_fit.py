@@ -26,9 +26,8 @@ from ._collapsed import (
 from ._model import DirectData, Hyper, direct_model
 from ._sampler import (
     COMPILER_OPTIONS,
-    _Exclusive,
-    _threads,
     exclusive,
+    map_parts,
     parameter_diagnostics,
     run_nuts,
 )
@@ -550,12 +549,11 @@ def _conditional_parts(n_draws, n_groups, q):
     return chunk, length, [(0, length, 0), (length, n_draws, per_part)]
 
 
-def _conditional_spec(config, data, hyper):
+def _conditional_spec(config, data, hyper, length):
     # Shapes and dtypes of the conditional draws' arguments, known before
-    # sampling: one value per draw of a part of each sampled site it takes.
-    n_groups, n_features = np.shape(data.on)
-    n_draws = config.num_chains * config.num_samples
-    _, length, _ = _conditional_parts(n_draws, n_groups, n_features + 1)
+    # sampling: one value per draw of a part (length draws) of each sampled
+    # site it takes.
+    n_features = np.shape(data.on)[1]
     sites = {"noise": (length,)}
     if config.pooling == "partial":
         sites["intercept_scale"] = (length,)
@@ -590,10 +588,10 @@ def _conditional_program(config, data, hyper):
     Compiled in a background thread, so that it overlaps the sampler's
     compilation and run; cached per shape like the sampler.
     """
-    spec = _conditional_spec(config, data, hyper)
     n_groups, n_features = np.shape(data.on)
     n_draws = config.num_chains * config.num_samples
-    chunk = _conditional_parts(n_draws, n_groups, n_features + 1)[0]
+    chunk, length, _ = _conditional_parts(n_draws, n_groups, n_features + 1)
+    spec = _conditional_spec(config, data, hyper, length)
     leaves, treedef = jax.tree_util.tree_flatten(spec)
     shapes = tuple((x.shape, x.dtype) for x in leaves)
     key = (config.pooling, chunk, treedef, shapes)
@@ -650,12 +648,7 @@ def _conditional(program, rng_key, sites, data, hyper, pooling):
             out = {k: np.asarray(v)[: stop - start] for k, v in out.items()}
             return out, np.asarray(mean), np.asarray(cov)
 
-    n_threads = 1 if isinstance(program, _Exclusive) else _threads(len(parts))
-    if n_threads == 1:
-        results = [run_part(part) for part in parts]
-    else:
-        with concurrent.futures.ThreadPoolExecutor(n_threads) as pool:
-            results = list(pool.map(run_part, parts))
+    results = map_parts(program, run_part, parts)
     if len(results) == 1:
         return results[0]
     weights = [(stop - start) / n_draws for start, stop, _ in parts]

@@ -74,6 +74,7 @@ __all__ = [
     "FlatDensity",
     "adaptation_windows",
     "exclusive",
+    "map_parts",
     "parameter_diagnostics",
     "run_nuts",
 ]
@@ -838,6 +839,32 @@ def _threads(n_parts):
     return max(1, min(n_parts, n_cpus))
 
 
+def map_parts(compiled, run_part, parts):
+    """``[run_part(part) for part in parts]``, the parts in parallel threads.
+
+    One thread per CPU this process may use (XLA releases the GIL while a
+    program runs), none for a program that must run alone (see
+    :func:`exclusive`).
+
+    Parameters
+    ----------
+    compiled : callable
+        The program ``run_part`` runs (what :func:`exclusive` returned).
+    run_part : callable
+    parts : list
+
+    Returns
+    -------
+    list
+        The results, in the order of ``parts``.
+    """
+    n_threads = 1 if isinstance(compiled, _Exclusive) else _threads(len(parts))
+    if n_threads == 1:
+        return [run_part(part) for part in parts]
+    with concurrent.futures.ThreadPoolExecutor(n_threads) as pool:
+        return list(pool.map(run_part, parts))
+
+
 def run_nuts(
     model,
     data,
@@ -873,8 +900,9 @@ def run_nuts(
         NUTS tree-depth cap.
     progress_bar : bool, default=False
         Show a progress bar (tqdm, on stderr) of the iterations of all
-        chains; compiles a separate program that reports to the host about
-        ``_PROGRESS_UPDATES`` times per chain.
+        chains; the program reports to the host about ``_PROGRESS_UPDATES``
+        times per chain (the same compiled program runs without reports when
+        it is off).
     before_compile : callable, optional
         Called without arguments once the sampler is traced, before XLA
         compiles it (or at once when a compiled program is reused): the
@@ -925,19 +953,11 @@ def run_nuts(
                 return jax.block_until_ready(compiled(*part_args))
 
         start = time.perf_counter()
-        # A program that calls LAPACK runs alone (see exclusive): no threads.
-        n_threads = 1 if isinstance(compiled, _Exclusive) else _threads(n_parts)
         bar = _ProgressBar(per_part, n_parts, num_warmup, num_samples)
         if progress_bar:
             _PROGRESS[token] = bar.update
         try:
-            if n_threads == 1:
-                results = [run_part(part) for part in parts]
-            else:
-                # XLA releases the GIL while a program runs: parts run in
-                # parallel.
-                with concurrent.futures.ThreadPoolExecutor(n_threads) as pool:
-                    results = list(pool.map(run_part, parts))
+            results = map_parts(compiled, run_part, parts)
         finally:
             _PROGRESS.pop(token, None)
             bar.close()
