@@ -630,9 +630,9 @@ class _Exclusive:
     def __init__(self, compiled):
         self.compiled = compiled
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         with _LAPACK_LOCK:
-            return jax.block_until_ready(self.compiled(*args))
+            return jax.block_until_ready(self.compiled(*args, **kwargs))
 
 
 def exclusive(compiled):
