@@ -20,12 +20,10 @@ import zlib
 import numpy as np
 import pandas as pd
 
+from . import _limits
 from ._masks import group_sum
 
 __all__ = ["label_seed", "predictive_draws", "predictive_moments", "unseen_masks"]
-
-#: Rows per chunk in the predict loops.
-CHUNK_ROWS = 1 << 13
 
 
 def unseen_masks(X, group_idx, labels, fitted_active, threshold):
@@ -151,8 +149,8 @@ def predictive_moments(X, group_idx, mask, posterior, unseen):
     n = X.shape[0]
     mean = np.empty(n)
     var = np.empty(n)
-    for start in range(0, n, CHUNK_ROWS):
-        sl = slice(start, min(start + CHUNK_ROWS, n))
+    for start in range(0, n, _limits.PREDICT_CHUNK_ROWS):
+        sl = slice(start, min(start + _limits.PREDICT_CHUNK_ROWS, n))
         seen, gs, uc, on, fill, xvar = _row_fields(
             sl, group_idx, codes, mask, umask, posterior
         )
@@ -259,7 +257,7 @@ def predictive_draws(X, group_idx, mask, posterior, unseen, n_samples, seed, num
         u: _unseen_draws(posterior, ulabels[u], umask[u], seed, draw_idx)
         for u in np.unique(codes[codes >= 0])
     }
-    step = max(1, CHUNK_ROWS // n_samples)
+    step = max(1, _limits.PREDICT_CHUNK_ROWS // n_samples)
     for start in range(0, n, step):
         sl = slice(start, min(start + step, n))
         seen, gs, uc, on, fill, xvar = _row_fields(
