@@ -8,6 +8,7 @@ posterior means, sds, intervals and draws, also for groups never seen in fit.
 
 from importlib import metadata as _metadata
 
+from ._cache import enable_compilation_cache
 from ._estimator import ConvergenceError, MaskedHierarchicalRegressor
 
 try:
@@ -15,4 +16,9 @@ try:
 except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout
     __version__ = "0+unknown"
 
-__all__ = ["ConvergenceError", "MaskedHierarchicalRegressor", "__version__"]
+__all__ = [
+    "ConvergenceError",
+    "MaskedHierarchicalRegressor",
+    "__version__",
+    "enable_compilation_cache",
+]
