@@ -8,11 +8,23 @@ posterior means, sds, intervals and draws, also for groups never seen in fit.
 
 from importlib import metadata as _metadata
 
-from ._estimator import ConvergenceError, MaskedHierarchicalRegressor
+from ._estimator import (
+    ConvergenceError,
+    InconsistentVersionWarning,
+    MaskedHierarchicalRegressor,
+)
+from ._files import ModelFileError, load
 
 try:
     __version__ = _metadata.version("hiermask")
 except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout
     __version__ = "0+unknown"
 
-__all__ = ["ConvergenceError", "MaskedHierarchicalRegressor", "__version__"]
+__all__ = [
+    "ConvergenceError",
+    "InconsistentVersionWarning",
+    "MaskedHierarchicalRegressor",
+    "ModelFileError",
+    "__version__",
+    "load",
+]
