@@ -951,9 +951,11 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         ...     num_warmup=100, num_samples=100, num_chains=2, random_state=0,
         ...     on_bad_convergence="ignore",
         ... ).fit(X, y)
-        >>> est.save("model.hmz")  # doctest: +SKIP
-        >>> loaded = hiermask.load("model.hmz")  # doctest: +SKIP
-        >>> bool((loaded.predict(X) == est.predict(X)).all())  # doctest: +SKIP
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.hmz")
+        >>> est.save(path)
+        >>> loaded = hiermask.load(path)
+        >>> bool((loaded.predict(X) == est.predict(X)).all())
         True
         """
         from ._files import save

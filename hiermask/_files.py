@@ -784,9 +784,11 @@ def load(path):
     ...     num_warmup=100, num_samples=100, num_chains=2, random_state=0,
     ...     on_bad_convergence="ignore",
     ... ).fit(X, y)
-    >>> est.save("model.hmz")  # doctest: +SKIP
-    >>> loaded = hiermask.load("model.hmz")  # doctest: +SKIP
-    >>> bool((loaded.predict(X) == est.predict(X)).all())  # doctest: +SKIP
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.hmz")
+    >>> est.save(path)
+    >>> loaded = hiermask.load(path)
+    >>> bool((loaded.predict(X) == est.predict(X)).all())
     True
     """
     reader = _Reader(os.fspath(path), pooling=None)
