@@ -21,7 +21,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import uuid
 import warnings
 import zipfile
 import zlib
@@ -211,6 +211,14 @@ def _float(value):
     return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
 
 
+_NUMPY_SCALARS = {
+    "bool": np.bool_,
+    "int": np.integer,
+    "float": np.floating,
+    "str": np.str_,
+}
+
+
 def _label(value):
     for tag, kind in (("bool", bool), ("int", int), ("float", float), ("str", str)):
         if isinstance(value, kind | _NUMPY_SCALARS[tag]):
@@ -222,14 +230,6 @@ def _label(value):
         "a model file: labels must be str, int, float or bool. Pickle the "
         "estimator instead, or refit with such labels."
     )
-
-
-_NUMPY_SCALARS = {
-    "bool": np.bool_,
-    "int": np.integer,
-    "float": np.floating,
-    "str": np.str_,
-}
 
 
 def _join(path, name):
@@ -339,9 +339,10 @@ def save(est, path):
     document, arrays = _document(est)
     text = json.dumps(document, ensure_ascii=False, indent=1, allow_nan=False)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Written beside the target, then renamed: a failed save leaves no file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w") as archive:
+        with open(tmp, "xb") as raw, zipfile.ZipFile(raw, "w") as archive:
             info = zipfile.ZipInfo(DOCUMENT, date_time=_DATE)
             archive.writestr(info, text.encode(), zipfile.ZIP_DEFLATED)
             for member, array in arrays.items():
@@ -557,7 +558,10 @@ def _members(reader, archive):
     names = [info.filename for info in infos]
     for name in names:
         if _unsafe(name):
-            reader.fail(f"member {name!r} has an unsafe path (absolute or '..').")
+            reader.fail(
+                f"member {name!r} has an unsafe path (absolute, '..', a backslash "
+                "or an empty part)."
+            )
     if len(set(names)) != len(names):
         reader.fail("a member name occurs twice.")
     for info in infos:
