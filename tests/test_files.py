@@ -264,6 +264,7 @@ LABEL_KINDS = {
     "float": [0.5, 2.5, 1.5],
     "numpy_str": np.array(["x", "Y", "z"]),
     "mixed_types": ["a", 1, 2.5],  # not sortable: order of first appearance
+    "mixed_with_bool": [2.5, True, "a"],
     "categorical": pd.Categorical(["x", "y", "z"], categories=["z", "y", "x", "w"]),
     "categorical_int": pd.Categorical([3, 1, 2], categories=[1, 2, 3, 4]),
 }
