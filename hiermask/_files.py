@@ -25,6 +25,7 @@ import uuid
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,10 @@ class Spec:
         (a dict, or the dataclass ``build``, of the values in ``table``) or
         ``"alias"`` (the value of the estimator attribute ``table``).
     shape : str
-        Array shape in dimension symbols (``"D G P"``); digits are literal.
+        Array shape in dimension symbols; digits are literal. ``G`` groups,
+        ``P`` features, ``Q = P + 1`` coefficients, ``D`` draws, ``C``
+        chains, ``S = D / C`` draws per chain, ``N`` rows of the fit, ``K``
+        diagnosed parameters, ``F`` columns of ``X`` (``n_features_in_``).
     dtype : str
         Array dtype kind, a key of :data:`ARRAY_DTYPES`.
     when : frozenset or None
@@ -113,7 +117,7 @@ class Spec:
     nullable: bool = False
     dim: str = ""
     table: dict | str | None = None
-    build: type | None = None
+    build: Callable | None = None
 
 
 def _object_array(values):
