@@ -351,8 +351,8 @@ def save(est, path):
             archive.writestr(info, text.encode(), zipfile.ZIP_DEFLATED)
             for member, array in arrays.items():
                 info = zipfile.ZipInfo(member, date_time=_DATE)
-                big = array.nbytes > 2**30
-                with archive.open(info, "w", force_zip64=big) as out:
+                # ZIP64 sizes for every member: one layout whatever the size.
+                with archive.open(info, "w", force_zip64=True) as out:
                     np.lib.format.write_array(out, array, allow_pickle=False)
         os.replace(tmp, path)
     except BaseException:

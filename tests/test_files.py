@@ -766,6 +766,48 @@ def test_the_bomb_is_refused_before_any_member_is_decompressed(
     assert opened == [DOCUMENT]
 
 
+def _npy_with_header(array, size):
+    """A .npy member whose header (magic and length included) takes ``size``
+    bytes, padded with spaces as numpy pads it."""
+    described = repr(
+        {"descr": array.dtype.str, "fortran_order": False, "shape": array.shape}
+    )
+    header = described + " " * (size - 10 - len(described) - 1) + "\n"
+    length = struct.pack("<H", len(header))
+    return b"\x93NUMPY\x01\x00" + length + header.encode() + array.tobytes()
+
+
+def test_size_limits_on_both_sides(saved, tmp_path):
+    # MAX_DOCUMENT_BYTES: a document of exactly that size loads, one byte more
+    # is refused; MAX_NPY_HEADER_BYTES: likewise for the bytes of a member
+    # beyond its data (the .npy header).
+    est, X, members = saved
+    rows, _ = _rows(X, None)
+    document = members[DOCUMENT]
+    padded = document + b" " * (MAX_DOCUMENT_BYTES - len(document))
+    for extra, ok in ((0, True), (1, False)):
+        path = _write(
+            tmp_path / "doc.hmz", {**members, DOCUMENT: padded + b" " * extra}
+        )
+        if ok:
+            np.testing.assert_array_equal(
+                hiermask.load(path).predict(rows), est.predict(rows)
+            )
+        else:
+            with pytest.raises(ModelFileError, match="more than the"):
+                hiermask.load(path)
+    limit = files_module.MAX_NPY_HEADER_BYTES
+    for size, ok in ((limit, True), (limit + 1, False)):
+        member = _npy_with_header(est.coef_, size)
+        assert np.array_equal(np.load(io.BytesIO(member)), est.coef_)  # a valid .npy
+        path = _write(tmp_path / "npy.hmz", {**members, COEF: member})
+        if ok:
+            np.testing.assert_array_equal(hiermask.load(path).coef_, est.coef_)
+        else:
+            with pytest.raises(ModelFileError, match=f"declares {48 + size} bytes"):
+                hiermask.load(path)
+
+
 def test_a_file_that_is_not_there_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         hiermask.load(tmp_path / "missing.hmz")
