@@ -9,7 +9,12 @@ posterior means, sds, intervals and draws, also for groups never seen in fit.
 from importlib import metadata as _metadata
 
 from ._cache import enable_compilation_cache
-from ._estimator import ConvergenceError, MaskedHierarchicalRegressor
+from ._estimator import (
+    ConvergenceError,
+    InconsistentVersionWarning,
+    MaskedHierarchicalRegressor,
+)
+from ._files import ModelFileError, load
 
 try:
     __version__ = _metadata.version("hiermask")
@@ -18,7 +23,10 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout
 
 __all__ = [
     "ConvergenceError",
+    "InconsistentVersionWarning",
     "MaskedHierarchicalRegressor",
+    "ModelFileError",
     "__version__",
     "enable_compilation_cache",
+    "load",
 ]
