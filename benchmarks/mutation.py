@@ -214,6 +214,26 @@ MUTANTS = [
         (CONJUGATE,),
         "Rao-Blackwellized covariance not centred",
     ),
+    # ------------------------------------------------ the tightened tests
+    Mutant(
+        "conditional_noise_x1.41_fits",
+        "hiermask/_collapsed.py",
+        "jnp.stack([w, w + eps], axis=1)",
+        "jnp.stack([w, w + 1.41 * eps], axis=1)",
+        (
+            "tests/test_estimator.py::test_one_group_wide_prior_matches_ols",
+            "tests/test_estimator.py::test_imputation_recovers_slope_and_covers_truth",
+        ),
+        "the same bug, seen by the one-group OLS and the imputation tests",
+    ),
+    Mutant(
+        "unseen_cov_without_tau2_estimator",
+        "hiermask/_fit.py",
+        "unseen_cov = unseen_cov + np.diag(",
+        "unseen_cov = unseen_cov + 0.0 * np.diag(",
+        ("tests/test_estimator.py::test_unseen_group_uses_population",),
+        "the same bug, seen by the estimator's unseen-group test",
+    ),
 ]
 
 
