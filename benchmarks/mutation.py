@@ -227,6 +227,14 @@ MUTANTS = [
         "the same bug, seen by the one-group OLS and the imputation tests",
     ),
     Mutant(
+        "conditional_noise_x1.41_engines",
+        "hiermask/_collapsed.py",
+        "jnp.stack([w, w + eps], axis=1)",
+        "jnp.stack([w, w + 1.41 * eps], axis=1)",
+        ("tests/test_engines.py::test_collapsed_matches_direct[partial-0.0]",),
+        "the same bug, seen by the engines' sd ratios (bound from the ESS)",
+    ),
+    Mutant(
         "unseen_cov_without_tau2_estimator",
         "hiermask/_fit.py",
         "unseen_cov = unseen_cov + np.diag(",
