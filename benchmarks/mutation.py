@@ -216,15 +216,20 @@ MUTANTS = [
     ),
     # ------------------------------------------------ the tightened tests
     Mutant(
-        "conditional_noise_x1.41_fits",
+        "conditional_noise_x1.41_ols",
         "hiermask/_collapsed.py",
         "jnp.stack([w, w + eps], axis=1)",
         "jnp.stack([w, w + 1.41 * eps], axis=1)",
-        (
-            "tests/test_estimator.py::test_one_group_wide_prior_matches_ols",
-            "tests/test_estimator.py::test_imputation_recovers_slope_and_covers_truth",
-        ),
-        "the same bug, seen by the one-group OLS and the imputation tests",
+        ("tests/test_estimator.py::test_one_group_wide_prior_matches_ols",),
+        "the same bug, seen by the one-group OLS test (sds)",
+    ),
+    Mutant(
+        "conditional_noise_x1.41_imputation",
+        "hiermask/_collapsed.py",
+        "jnp.stack([w, w + eps], axis=1)",
+        "jnp.stack([w, w + 1.41 * eps], axis=1)",
+        ("tests/test_estimator.py::test_imputation_recovers_slope_and_covers_truth",),
+        "the same bug, seen by the imputation test (interval widths)",
     ),
     Mutant(
         "conditional_noise_x1.41_engines",
