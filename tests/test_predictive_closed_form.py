@@ -21,10 +21,11 @@ posterior for a feature that had latent cells at fit (not in
 With the direct engine the estimator's moments are those of the draws, so
 they equal the oracle to rounding (rtol 1e-6); the collapsed engine's seen
 groups are Rao-Blackwellized, equal to it within the Monte Carlo error of
-the draws. ``sample_y``'s 4,000 draws are iid from the same mixture, so
-their mean is within 4.5 standard errors ``sd / sqrt(4000)`` and their
-variance within 4.5 standard errors of a variance, ``sd((y - ybar)^2) /
-sqrt(4000)`` (the draws' own fourth moment: the mixture is not normal).
+the draws. ``sample_y``'s 4,000 draws have the oracle's mean and variance
+within 4.5 of their standard errors: ``sd / sqrt(4000)`` and ``sd((y -
+ybar)^2) / sqrt(4000)`` (the draws' own fourth moment: the mixture is not
+normal), plus, for a new group, the error of its effects' average over the
+D kept draws (see :func:`_check_draws`).
 """
 
 import warnings
