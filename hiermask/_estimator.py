@@ -183,7 +183,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         ``worst_parameter``.
     n_features_in_ : int
         Number of columns of ``X`` (the group column included).
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Column names of ``X`` when it is a DataFrame with string columns.
 
     See Also
