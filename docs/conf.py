@@ -26,7 +26,6 @@ import _generate  # noqa: E402  (docs/_generate.py, next to this file)
 
 import hiermask  # noqa: E402
 
-
 project = "hiermask"
 author = "the hiermask developers"
 copyright = "2026, the hiermask developers"
