@@ -23,7 +23,7 @@ HELP_WIDTH = "88"
 
 #: Sampler arguments of the gallery scripts and the CLI session under
 #: ``HIERMASK_DOCS_FAST=1``, the one switch for short runs at build time.
-FAST_ARGS = ("--num-warmup", "100", "--num-samples", "100", "--num-chains", "2")
+FAST_ARGS = ("--num-warmup", "200", "--num-samples", "300", "--num-chains", "2")
 
 
 def sampler_args() -> list[str]:
@@ -130,7 +130,10 @@ def cli_session(out: Path, sampler_args: list[str]) -> None:
             ["hiermask", "predict", "model.joblib", "new.csv", "--interval", "0.9"],
         ]
         lines = []
-        env = dict(os.environ, COLUMNS=HELP_WIDTH, JAX_PLATFORMS="cpu")
+        # The command imports the same hiermask as the documentation.
+        root = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, COLUMNS=HELP_WIDTH, JAX_PLATFORMS="cpu", PYTHONPATH=path)
         for command in commands:
             argv = command
             if command[0] == "hiermask":
