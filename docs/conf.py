@@ -49,10 +49,11 @@ autosummary_generate = True
 autodoc_default_options = {"member-order": "bysource"}
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
-# An undocumented or misspelled parameter, or a public name without a
-# docstring, is a warning, so ``-W`` fails the build.
-numpydoc_validation_checks = {"GL08", "PR01", "PR02", "PR07"}
-numpydoc_validation_exclude = {r"\._[a-z]", r"\.__"}
+# An undocumented or misspelled parameter, a public name without a docstring
+# or without an Examples section is a warning, so ``-W`` fails the build (the
+# datasets' constants are data, without examples).
+numpydoc_validation_checks = {"GL08", "PR01", "PR02", "PR07", "EX01"}
+numpydoc_validation_exclude = {r"\._[a-z]", r"\.__", r"\.MANUFACTURING_"}
 
 html_theme = "pydata_sphinx_theme"
 html_title = f"hiermask {release}"
