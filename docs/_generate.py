@@ -23,7 +23,7 @@ HELP_WIDTH = "88"
 
 #: Sampler arguments of the gallery scripts and the CLI session under
 #: ``HIERMASK_DOCS_FAST=1``, the one switch for short runs at build time.
-FAST_ARGS = ("--num-warmup", "200", "--num-samples", "300", "--num-chains", "2")
+FAST_ARGS = ("--num-warmup", "300", "--num-samples", "500", "--num-chains", "2")
 
 
 def sampler_args() -> list[str]:
