@@ -167,7 +167,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _s(value) -> str:
-    return "" if value is None else f"{value:.2f}"
+    """Seconds: two decimals, or two significant digits below 0.1 s."""
+    if value is None:
+        return ""
+    return f"{value:.2f}" if value == 0 or value >= 0.1 else f"{value:.2g}"
 
 
 STAGES = [
@@ -198,7 +201,7 @@ def _fit_rows(rows, label):
 
 
 FIT_HEADER = (
-    ["case", "fit (s)"]
+    ["case", "time (s)"]
     + [name for _, name in STAGES]
     + ["max r_hat", "min ESS", "div."]
 )

@@ -61,11 +61,17 @@ html_static_path = ["_static"]
 html_theme_options = {
     "navigation_with_keys": False,
     "show_toc_level": 2,
-    "secondary_sidebar_items": ["page-toc"],
+    # The wide tables of these pages get the whole width.
+    "secondary_sidebar_items": {
+        "**": ["page-toc"],
+        "benchmarks": [],
+        "comparison": [],
+    },
     "footer_start": ["copyright"],
     "footer_end": ["sphinx-version"],
 }
 html_context = {"default_mode": "light"}
+html_sidebars = {"benchmarks": [], "comparison": []}
 html_show_sourcelink = False
 
 

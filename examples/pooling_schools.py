@@ -12,8 +12,8 @@ score. Three ways to estimate the school means:
   towards the population mean, the more so the fewer students it has.
 
 The model has no features: ``X`` holds only the group column. The script
-prints the three estimates next to the truth with their errors and saves the
-shrinkage plot of the partial-pooling fit.
+prints the three estimates next to the truth with their errors and draws the
+shrinkage plot of the partial-pooling fit (``--plot`` saves it).
 
 Run::
 
