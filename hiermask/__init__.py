@@ -1,9 +1,10 @@
 """hiermask: Bayesian hierarchical regression with NaN-inferred feature masks.
 
 The one public estimator, :class:`MaskedHierarchicalRegressor`, reads which
-features apply to which group from the NaN pattern of ``X``, fits a
-partially pooled linear model with NUTS (NumPyro on JAX) and predicts
-posterior means, sds, intervals and draws, also for groups never seen in fit.
+features apply to which group from the NaN pattern of ``X``, fits a partially
+pooled linear model with its own JAX-compiled NUTS (NumPyro's algorithm) and
+predicts posterior means, sds, intervals and draws, also for groups never seen
+in fit.
 """
 
 from importlib import metadata as _metadata

@@ -73,6 +73,26 @@ class _Options(StrOptions):
 class ConvergenceError(RuntimeError):
     """Raised by ``fit`` when ``on_bad_convergence="raise"`` and NUTS did not
     converge (R-hat above 1.01, bulk ESS below 100 per chain, or divergences).
+
+    See Also
+    --------
+    sklearn.exceptions.ConvergenceWarning : Issued instead under
+        ``on_bad_convergence="warn"``.
+
+    Examples
+    --------
+    >>> from hiermask import ConvergenceError, MaskedHierarchicalRegressor
+    >>> from hiermask.datasets import make_manufacturing
+    >>> X, y = make_manufacturing(60, random_state=0)
+    >>> est = MaskedHierarchicalRegressor(
+    ...     group_col="Product_Group", num_warmup=5, num_samples=20,
+    ...     num_chains=2, on_bad_convergence="raise", random_state=0,
+    ... )
+    >>> try:
+    ...     est.fit(X, y)
+    ... except ConvergenceError as exc:
+    ...     print(str(exc).split(":")[0])
+    NUTS may not have converged
     """
 
 
@@ -117,8 +137,8 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
     ``X``: a feature whose cells are all NaN within a group (more precisely,
     whose NaN fraction there is at least ``mask_threshold``) has no
     coefficient for that group. Other NaN are imputed as latent variables.
-    The model is fitted with NUTS (NumPyro on JAX) and partially pools the
-    groups' intercepts and slopes.
+    The model is fitted with hiermask's own JAX-compiled NUTS (NumPyro's
+    algorithm) and partially pools the groups' intercepts and slopes.
 
     Parameters
     ----------
@@ -214,7 +234,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         ``worst_parameter``.
     n_features_in_ : int
         Number of columns of ``X`` (the group column included).
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Column names of ``X`` when it is a DataFrame with string columns.
 
     See Also
@@ -356,6 +376,20 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         -------
         self : MaskedHierarchicalRegressor
             The fitted estimator.
+
+        Examples
+        --------
+        >>> from hiermask import MaskedHierarchicalRegressor
+        >>> from hiermask.datasets import make_manufacturing
+        >>> X, y = make_manufacturing(60, random_state=0)
+        >>> est = MaskedHierarchicalRegressor(
+        ...     group_col="Product_Group", num_warmup=100, num_samples=100,
+        ...     num_chains=2, on_bad_convergence="ignore", random_state=0,
+        ... ).fit(X, y)
+        >>> est.mask_.loc["Product_Group_1"].tolist()  # Cutting_Wait_Time is off
+        [True, True, False]
+        >>> float(est.coef_[0, 2])
+        0.0
         """
         saved = self.__dict__.copy()
         dask_input = any(
@@ -609,7 +643,23 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
     # -------------------------------------------------------------- predict
     @property
     def mask_(self):
-        """Group x feature mask as a labelled DataFrame (True: feature on)."""
+        """Group x feature mask as a labelled DataFrame (True: feature on).
+
+        Feature ``j`` is off for group ``g`` when the fraction of NaN in
+        column ``j`` among ``g``'s rows is at least ``mask_threshold``.
+
+        Examples
+        --------
+        >>> from hiermask import MaskedHierarchicalRegressor
+        >>> from hiermask.datasets import make_manufacturing
+        >>> X, y = make_manufacturing(60, random_state=0)
+        >>> est = MaskedHierarchicalRegressor(
+        ...     group_col="Product_Group", num_warmup=100, num_samples=100,
+        ...     num_chains=2, on_bad_convergence="ignore", random_state=0,
+        ... ).fit(X, y)
+        >>> est.mask_.to_numpy().tolist()
+        [[True, True, False], [True, True, True]]
+        """
         if not hasattr(self, "_mask"):
             raise AttributeError("mask_ is set by fit.")
         return pd.DataFrame(
@@ -731,6 +781,19 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         y_std : ndarray of shape (n_samples,)
             Only with ``return_std=True``; a lazy dask Series named ``"sd"``
             for dask input (computing both together reads ``X`` once).
+
+        Examples
+        --------
+        >>> from hiermask import MaskedHierarchicalRegressor
+        >>> from hiermask.datasets import make_manufacturing
+        >>> X, y = make_manufacturing(60, random_state=0)
+        >>> est = MaskedHierarchicalRegressor(
+        ...     group_col="Product_Group", num_warmup=100, num_samples=100,
+        ...     num_chains=2, on_bad_convergence="ignore", random_state=0,
+        ... ).fit(X, y)
+        >>> mean, sd = est.predict(X.head(3), return_std=True)
+        >>> mean.shape, bool((sd > 0).all())
+        ((3,), True)
         """
         if self._is_dask(X, groups):
             frame = self._lazy(X, groups, ("mean", "sd") if return_std else ("mean",))
@@ -762,6 +825,19 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         ndarray of shape (n_samples, 2)
             Lower and upper bounds; a lazy dask DataFrame with columns
             ``"lower"`` and ``"upper"`` and ``X``'s index for dask input.
+
+        Examples
+        --------
+        >>> from hiermask import MaskedHierarchicalRegressor
+        >>> from hiermask.datasets import make_manufacturing
+        >>> X, y = make_manufacturing(60, random_state=0)
+        >>> est = MaskedHierarchicalRegressor(
+        ...     group_col="Product_Group", num_warmup=100, num_samples=100,
+        ...     num_chains=2, on_bad_convergence="ignore", random_state=0,
+        ... ).fit(X, y)
+        >>> bounds = est.predict_interval(X.head(3), coverage=0.9)
+        >>> bounds.shape, bool((bounds[:, 0] < bounds[:, 1]).all())
+        ((3, 2), True)
         """
         if not 0 < coverage < 1:
             raise ValueError(f"coverage must be in (0, 1), got {coverage!r}.")
@@ -802,6 +878,18 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         Notes
         -----
         Column ``k`` uses one posterior draw for every row.
+
+        Examples
+        --------
+        >>> from hiermask import MaskedHierarchicalRegressor
+        >>> from hiermask.datasets import make_manufacturing
+        >>> X, y = make_manufacturing(60, random_state=0)
+        >>> est = MaskedHierarchicalRegressor(
+        ...     group_col="Product_Group", num_warmup=100, num_samples=100,
+        ...     num_chains=2, on_bad_convergence="ignore", random_state=0,
+        ... ).fit(X, y)
+        >>> est.sample_y(X.head(3), n_samples=5, random_state=0).shape
+        (3, 5)
         """
         if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}.")
@@ -838,6 +926,18 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         Returns
         -------
         float
+
+        Examples
+        --------
+        >>> from hiermask import MaskedHierarchicalRegressor
+        >>> from hiermask.datasets import make_manufacturing
+        >>> X, y = make_manufacturing(60, random_state=0)
+        >>> est = MaskedHierarchicalRegressor(
+        ...     group_col="Product_Group", num_warmup=100, num_samples=100,
+        ...     num_chains=2, on_bad_convergence="ignore", random_state=0,
+        ... ).fit(X, y)
+        >>> est.score(X, y) > 0.9
+        True
         """
         if any(_dask.is_dask_collection(v) for v in (X, y, groups, sample_weight)):
             raise TypeError(
@@ -860,6 +960,21 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         pandas.DataFrame
             One row per parameter (``coef[group, feature]``, ...), with mean,
             sd, interval bounds, bulk and tail ESS and R-hat.
+
+        Examples
+        --------
+        >>> from hiermask import MaskedHierarchicalRegressor
+        >>> from hiermask.datasets import make_manufacturing
+        >>> X, y = make_manufacturing(60, random_state=0)
+        >>> est = MaskedHierarchicalRegressor(
+        ...     group_col="Product_Group", num_warmup=100, num_samples=100,
+        ...     num_chains=2, on_bad_convergence="ignore", random_state=0,
+        ... ).fit(X, y)
+        >>> table = est.summary(coverage=0.9)
+        >>> list(table.columns)
+        ['mean', 'sd', '5%', '95%', 'ess_bulk', 'ess_tail', 'r_hat']
+        >>> "coef[Product_Group_1, Cutting_Wait_Time]" in table.index  # masked
+        False
         """
         check_is_fitted(self)
         from ._summary import summary_frame
@@ -876,6 +991,19 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         arviz.InferenceData
             Posterior (coefficients labelled by group and feature; masked
             ones NaN), sample stats and the observed target.
+
+        Examples
+        --------
+        >>> from hiermask import MaskedHierarchicalRegressor
+        >>> from hiermask.datasets import make_manufacturing
+        >>> X, y = make_manufacturing(60, random_state=0)
+        >>> est = MaskedHierarchicalRegressor(
+        ...     group_col="Product_Group", num_warmup=100, num_samples=100,
+        ...     num_chains=2, on_bad_convergence="ignore", random_state=0,
+        ... ).fit(X, y)
+        >>> idata = est.to_arviz()
+        >>> "posterior" in idata.groups()
+        True
         """
         check_is_fitted(self)
         if self._fit_target is None:

@@ -750,7 +750,12 @@ def main(argv=None):
     Examples
     --------
     >>> from hiermask.cli import main
-    >>> main(["demo", "--n-samples", "200", "--quiet"])  # doctest: +SKIP
+    >>> main(["demo", "--n-samples", "60", "--num-warmup", "100",
+    ...       "--num-samples", "100", "--num-chains", "2", "--quiet"])
+    ... # doctest: +ELLIPSIS
+    Simulated manufacturing data: 60 rows, ...
+    Mask (True: the feature applies to the group):
+    ...
     0
     """
     parser = build_parser()

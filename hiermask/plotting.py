@@ -85,6 +85,20 @@ def plot_mask(est, ax=None):
         Groups on the rows, features on the columns; a filled cell means the
         feature has a coefficient for the group (``est.mask_`` is True), a
         grey cell that it is off (all NaN in the group's rows at fit).
+
+    Examples
+    --------
+    >>> from matplotlib.figure import Figure
+    >>> from hiermask import MaskedHierarchicalRegressor, plotting
+    >>> from hiermask.datasets import make_manufacturing
+    >>> X, y = make_manufacturing(60, random_state=0)
+    >>> est = MaskedHierarchicalRegressor(
+    ...     group_col="Product_Group", num_warmup=100, num_samples=100,
+    ...     num_chains=2, on_bad_convergence="ignore", random_state=0,
+    ... ).fit(X, y)
+    >>> ax = plotting.plot_mask(est, ax=Figure().subplots())
+    >>> ax.get_title()
+    'Feature mask (1 of 6 group x feature pairs off)'
     """
     _check_fitted(est)
     mask = np.asarray(est._mask, dtype=bool)
@@ -199,6 +213,21 @@ def no_pooling_estimates(est, X, y, groups=None):
         NaN where masked or where a group has too few complete rows.
     n_rows : ndarray of shape (n_groups,)
         Complete rows used per group.
+
+    Examples
+    --------
+    >>> from matplotlib.figure import Figure
+    >>> from hiermask import MaskedHierarchicalRegressor, plotting
+    >>> from hiermask.datasets import make_manufacturing
+    >>> X, y = make_manufacturing(60, random_state=0)
+    >>> est = MaskedHierarchicalRegressor(
+    ...     group_col="Product_Group", num_warmup=100, num_samples=100,
+    ...     num_chains=2, on_bad_convergence="ignore", random_state=0,
+    ... ).fit(X, y)
+    >>> import numpy as np
+    >>> intercept, coef, n_rows = plotting.no_pooling_estimates(est, X, y)
+    >>> coef.shape, bool(np.isnan(coef[0, 2]))  # masked: NaN
+    ((2, 3), True)
     """
     from ._validation import lookup_groups, split_groups
 
@@ -275,6 +304,20 @@ def plot_shrinkage(est, X, y, groups=None, ax=None, *, parameter=None):
     Returns
     -------
     matplotlib.axes.Axes
+
+    Examples
+    --------
+    >>> from matplotlib.figure import Figure
+    >>> from hiermask import MaskedHierarchicalRegressor, plotting
+    >>> from hiermask.datasets import make_manufacturing
+    >>> X, y = make_manufacturing(60, random_state=0)
+    >>> est = MaskedHierarchicalRegressor(
+    ...     group_col="Product_Group", num_warmup=100, num_samples=100,
+    ...     num_chains=2, on_bad_convergence="ignore", random_state=0,
+    ... ).fit(X, y)
+    >>> ax = plotting.plot_shrinkage(est, X, y, ax=Figure().subplots())
+    >>> ax.get_title()
+    'Shrinkage of the Feed_Speed coefficients'
     """
     _check_fitted(est)
     j = _parameter_index(est, parameter)
@@ -384,6 +427,22 @@ def plot_forest(est, feature=None, coverage=0.9, ax=None):
         One row per coefficient: the posterior mean (dot) and the interval
         (line); where the pooling has a population, a diamond row for the
         population mean of each block.
+
+    Examples
+    --------
+    >>> from matplotlib.figure import Figure
+    >>> from hiermask import MaskedHierarchicalRegressor, plotting
+    >>> from hiermask.datasets import make_manufacturing
+    >>> X, y = make_manufacturing(60, random_state=0)
+    >>> est = MaskedHierarchicalRegressor(
+    ...     group_col="Product_Group", num_warmup=100, num_samples=100,
+    ...     num_chains=2, on_bad_convergence="ignore", random_state=0,
+    ... ).fit(X, y)
+    >>> ax = plotting.plot_forest(
+    ...     est, feature="Feed_Speed", coverage=0.9, ax=Figure().subplots()
+    ... )
+    >>> ax.get_title()
+    'Posterior means and 90% intervals'
     """
     from ._summary import interval_labels
 
@@ -488,6 +547,20 @@ def plot_ppc(est, X, y, groups=None, n_samples=50, ax=None, *, random_state=None
         Black: the density histogram of the observed ``y``; green: the median
         and the band between the 5% and 95% quantiles, bin by bin, of the
         density histograms of the replicated data sets, on the same bins.
+
+    Examples
+    --------
+    >>> from matplotlib.figure import Figure
+    >>> from hiermask import MaskedHierarchicalRegressor, plotting
+    >>> from hiermask.datasets import make_manufacturing
+    >>> X, y = make_manufacturing(60, random_state=0)
+    >>> est = MaskedHierarchicalRegressor(
+    ...     group_col="Product_Group", num_warmup=100, num_samples=100,
+    ...     num_chains=2, on_bad_convergence="ignore", random_state=0,
+    ... ).fit(X, y)
+    >>> ax = plotting.plot_ppc(est, X, y, n_samples=20, ax=Figure().subplots())
+    >>> ax.get_xlabel()
+    'y'
     """
     _check_fitted(est)
     y = np.asarray(y, dtype=np.float64).reshape(-1)

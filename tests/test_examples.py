@@ -24,6 +24,15 @@ TINY = [
 pytestmark = pytest.mark.filterwarnings("ignore", category=ConvergenceWarning)
 
 
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """The scripts leave their pyplot figure open (the gallery collects it)."""
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
 def _load(name):
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -42,6 +51,7 @@ def test_manufacturing_masking(capsys):
     np.testing.assert_allclose(preds["mean"], preds["truth"], atol=0.5)
     assert (preds["lower"] < preds["truth"]).all()
     assert (preds["truth"] < preds["upper"]).all()
+    assert len(result["figure"].axes) >= 2
 
 
 def test_pooling_schools(tmp_path, capsys):
@@ -75,3 +85,4 @@ def test_missing_x_imputation(capsys):
     np.testing.assert_allclose(table["complete_case"], table["truth"], atol=0.5)
     np.testing.assert_allclose(table["imputation"], table["truth"], atol=0.5)
     assert (table["imputation_sd"] > 0).all()
+    assert len(result["figure"].axes) == 2
