@@ -123,11 +123,11 @@ def cli_session(out: Path, sampler_args: list[str]) -> None:
                 "--group",
                 "Product_Group",
                 "--out",
-                "model.joblib",
+                "model.hmz",
                 *sampler_args,
             ],
             ["cat", "new.csv"],
-            ["hiermask", "predict", "model.joblib", "new.csv", "--interval", "0.9"],
+            ["hiermask", "predict", "model.hmz", "new.csv", "--interval", "0.9"],
         ]
         lines = []
         # The command imports the same hiermask as the documentation.

@@ -108,6 +108,16 @@ class InconsistentVersionWarning(UserWarning):
         The hiermask version that saved the model.
     current_version : str
         The installed hiermask version.
+
+    Examples
+    --------
+    >>> from hiermask import InconsistentVersionWarning
+    >>> print(InconsistentVersionWarning(
+    ...     original_version="0.0.1", current_version="0.1.0"))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    This model was saved with hiermask 0.0.1 and is loaded with hiermask 0.1.0;
+    it may not predict as it did. Refit it with this version, or install
+    hiermask==0.0.1.
     """
 
     def __init__(self, *, original_version, current_version):

@@ -71,6 +71,19 @@ class ModelFileError(ValueError):
     The message names the file and what is wrong with it (the member, the
     attribute, the declared and expected values). Nothing from such a file is
     executed or written.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import hiermask
+    >>> path = Path(tempfile.mkdtemp()) / "model.hmz"
+    >>> _ = path.write_bytes(b"not a zip file")
+    >>> try:
+    ...     hiermask.load(path)
+    ... except hiermask.ModelFileError as error:
+    ...     print("refused")
+    refused
     """
 
 
