@@ -26,9 +26,11 @@ from ._validation import (
     check_target,
     check_unseen,
     check_weights,
+    constant_target_message,
     encode_groups,
     lookup_groups,
     split_groups,
+    target_note,
 )
 
 __all__ = ["ConvergenceError", "MaskedHierarchicalRegressor"]
@@ -300,7 +302,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, groups=None, sample_weight=None):
+    def fit(self, X, y, *, groups=None, sample_weight=None):
         """Fit the model with NUTS.
 
         Parameters
@@ -349,16 +351,14 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
 
     def _fit(self, X, y, groups, sample_weight):
         """fit's work; returns the fitted attributes without setting them."""
-        parsed = split_groups(X, self.group_col, groups)
+        parsed = split_groups(X, self.group_col, groups, ensure_min_samples=2)
         validate_data(self, X, y, reset=True, skip_check_array=True)
         features = parsed.features
         n_samples = features.shape[0]
-        if n_samples < 2:
-            raise ValueError(
-                f"Found {n_samples} sample(s): n_samples=1 is too few; at least 2 "
-                "rows are needed to fit."
-            )
         target = check_target(y, n_samples)
+        note = target_note(target)
+        if note:
+            warnings.warn(note, UserWarning, stacklevel=4)
         weights = check_weights(sample_weight, features)
         groups_, group_idx = encode_groups(parsed.labels, n_samples)
         names = parsed.feature_names
@@ -388,9 +388,10 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         summary = _dask.summarize(X, y, groups, sample_weight, self.group_col)
         if summary.n_rows < 2:
             raise ValueError(
-                f"Found {summary.n_rows} sample(s): n_samples=1 is too few; at "
-                "least 2 rows are needed to fit."
+                f"Found {summary.n_rows} sample(s) while a minimum of 2 is required."
             )
+        if float(summary.y.m2) == 0.0:
+            raise ValueError(constant_target_message(float(summary.y.mean)))
         if summary.weight_sum <= 0:
             raise ValueError("sample_weight sums to zero: nothing to fit.")
         groups_ = summary.labels
@@ -553,15 +554,20 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         if self.on_bad_convergence == "ignore":
             return
         problems = []
-        if convergence["max_r_hat"] > MAX_R_HAT:
+        r_hat, ess = convergence["max_r_hat"], convergence["min_ess_bulk"]
+        if np.isnan(r_hat) or np.isnan(ess):  # fewer than 4 draws per chain
             problems.append(
-                f"max r_hat {convergence['max_r_hat']:.3f} > {MAX_R_HAT} "
+                "r_hat and ESS could not be computed (too few draws: "
+                f"{self.num_chains} chain(s) x {self.num_samples})"
+            )
+        if r_hat > MAX_R_HAT:
+            problems.append(
+                f"max r_hat {r_hat:.3f} > {MAX_R_HAT} "
                 f"(worst: {convergence['worst_parameter']})"
             )
-        if convergence["min_ess_bulk"] < MIN_ESS_PER_CHAIN * self.num_chains:
+        if ess < MIN_ESS_PER_CHAIN * self.num_chains:
             problems.append(
-                f"min bulk ESS {convergence['min_ess_bulk']:.0f} < "
-                f"{MIN_ESS_PER_CHAIN * self.num_chains}"
+                f"min bulk ESS {ess:.0f} < {MIN_ESS_PER_CHAIN * self.num_chains}"
             )
         if convergence["n_divergences"]:
             problems.append(f"{convergence['n_divergences']} divergent transition(s)")
@@ -665,7 +671,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
     def _is_dask(X, groups):
         return _dask.is_dask_collection(X) or _dask.is_dask_collection(groups)
 
-    def predict(self, X, groups=None, return_std=False):
+    def predict(self, X, *, groups=None, return_std=False):
         """Posterior-predictive mean (and sd) of each row.
 
         Parameters
@@ -696,7 +702,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         mean, sd = predictive_moments(features, group_idx, self._mask, self._posterior)
         return (mean, sd) if return_std else mean
 
-    def predict_interval(self, X, groups=None, coverage=0.9):
+    def predict_interval(self, X, *, groups=None, coverage=0.9):
         """Central posterior-predictive interval of each row.
 
         The interval is ``mean +/- z sd`` of the moment-matched normal
@@ -727,7 +733,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         mean, sd = predictive_moments(features, group_idx, self._mask, self._posterior)
         return np.column_stack([mean - z * sd, mean + z * sd])
 
-    def sample_y(self, X, groups=None, n_samples=1, random_state=None):
+    def sample_y(self, X, *, groups=None, n_samples=1, random_state=None):
         """Draws from the posterior predictive distribution.
 
         Column ``k`` uses one posterior draw for every row; a group not seen
@@ -777,7 +783,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             features, group_idx, self._mask, self._posterior, unseen, n_samples, seed
         )
 
-    def score(self, X, y, groups=None, sample_weight=None):
+    def score(self, X, y, *, groups=None, sample_weight=None):
         """Coefficient of determination R^2 of the posterior-mean prediction.
 
         Parameters

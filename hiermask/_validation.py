@@ -28,11 +28,18 @@ __all__ = [
     "check_target",
     "check_unseen",
     "check_weights",
+    "constant_target_message",
     "encode_groups",
     "lookup_groups",
     "split_groups",
+    "target_note",
     "unseen_note",
 ]
+
+#: Largest magnitude accepted in X and y: the squares of larger values, summed
+#: over the rows, overflow the float64 statistics of the fit (1e150 ** 2 * 1e8
+#: rows is still finite).
+MAX_ABS_VALUE = 1e150
 
 #: Unseen labels listed by name in the note of :func:`unseen_note`.
 MAX_LABELS_SHOWN = 5
@@ -245,7 +252,26 @@ def split_groups(X, group_col=None, groups=None, *, ensure_min_samples=1) -> Par
             + ", ".join(bad)
             + ". Replace it with a finite value or NaN."
         )
+    _check_magnitude(features, names)
     return ParsedX(features=features, labels=labels, feature_names=names)
+
+
+def _check_magnitude(features: np.ndarray, names: list) -> None:
+    """Refuse values whose squares would overflow the statistics."""
+    with np.errstate(invalid="ignore"):
+        big = np.abs(features) > MAX_ABS_VALUE
+    if not big.any():
+        return
+    bad = [
+        f"{names[j]!r} ({int(big[:, j].sum())} cell(s), e.g. "
+        f"{features[np.argmax(big[:, j]), j]:.3g})"
+        for j in np.flatnonzero(big.any(axis=0))
+    ]
+    raise ValueError(
+        f"Input X has values above {MAX_ABS_VALUE:g} in magnitude in feature "
+        f"column(s) {', '.join(bad)}; their squares overflow float64. Rescale "
+        "the column (e.g. to other units) or replace the value with NaN."
+    )
 
 
 def _label_is_missing(labels: np.ndarray) -> np.ndarray:
@@ -363,7 +389,76 @@ def check_target(y, n_samples: int) -> np.ndarray:
             "Input y contains infinity or a value too large for dtype('float64'): "
             f"{int(inf.sum())} value(s), at {_describe_rows(np.flatnonzero(inf))}."
         )
+    big = np.abs(y) > MAX_ABS_VALUE
+    if big.any():
+        raise ValueError(
+            f"Input y has values above {MAX_ABS_VALUE:g} in magnitude: "
+            f"{int(big.sum())} value(s), at {_describe_rows(np.flatnonzero(big))}; "
+            "their squares overflow float64. Rescale the target."
+        )
     return y
+
+
+def constant_target_message(value: float) -> str:
+    """The error for a target that takes one value.
+
+    Parameters
+    ----------
+    value : float
+        The value.
+
+    Returns
+    -------
+    str
+    """
+    return (
+        f"y is constant (every value is {value:g}): there is nothing to regress, "
+        "and the priors, in units of sd(y) = 0, would be degenerate. Check that "
+        "the target column is the intended one."
+    )
+
+
+def target_note(y: np.ndarray) -> str | None:
+    """What the Gaussian model assumes, for a target that looks binary or
+    like counts; raises for a constant target.
+
+    Parameters
+    ----------
+    y : ndarray of shape (n_samples,)
+        The validated target (finite).
+
+    Returns
+    -------
+    str or None
+        A warning text when ``y`` takes two values or only non-negative
+        integers, else None.
+
+    Raises
+    ------
+    ValueError
+        When ``y`` is constant.
+    """
+    low, high = float(y.min()), float(y.max())
+    if low == high:
+        raise ValueError(constant_target_message(low))
+    model = (
+        "the model assumes a continuous Gaussian target, y ~ Normal(intercept + "
+        "x'coef, sigma) with one sigma for every row"
+    )
+    if np.all((y == low) | (y == high)):
+        return (
+            f"y takes only two values ({low:g} and {high:g}): {model}, so "
+            "predictions and intervals are not confined to these values (a "
+            "linear probability model). For a binary outcome a logistic model "
+            "fits better."
+        )
+    if low >= 0 and np.all(y == np.round(y)):
+        return (
+            f"y holds only non-negative integers ({low:g} to {high:g}): {model}, so "
+            "intervals can go below 0 and the spread does not grow with the mean. "
+            "For counts a Poisson or negative binomial model may fit better."
+        )
+    return None
 
 
 def check_weights(

@@ -527,7 +527,7 @@ def test_other_refusals(client):
     with pytest.raises(ValueError, match="engine='direct' needs every row"):
         _estimator(engine="direct").fit(X, y)
     tiny = to_dask(frame.iloc[:1], [1])
-    with pytest.raises(ValueError, match="at least 2 rows"):
+    with pytest.raises(ValueError, match="a minimum of 2 is required"):
         _estimator().fit(tiny[[*FEATURES, "g"]], tiny["y"])
     zero = to_dask(frame.assign(w=0.0))
     with pytest.raises(ValueError, match="sample_weight sums to zero"):

