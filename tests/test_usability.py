@@ -270,3 +270,36 @@ def test_binary_or_count_target_warns_what_the_model_assumes(
         warnings.simplefilter("error", UserWarning)
         with pytest.raises(ValueError, match="max_posterior_bytes"):
             _refused_before_sampling().fit(X, y)  # continuous: no warning
+
+
+# ------------------------------------------------------- tiny groups, mask
+def test_pairs_switched_off_on_fewer_than_three_rows_warn():
+    """radon with 10% of basement missing at random: the warning counts the
+    counties whose few rows are all NaN, as pandas counts them (oracle);
+    both sides of the 3-row limit are placed by hand."""
+    radon = data("HLMdiag", "radon")
+    X = radon[["county.name", "basement", "uranium"]].astype({"basement": float})
+    rng = np.random.default_rng(0)
+    X.loc[rng.random(len(X)) < 0.1, "basement"] = np.nan
+    sizes = X.groupby("county.name")["basement"].size()
+    two, three = sizes[sizes == 2].index[0], sizes[sizes == 3].index[0]
+    X.loc[X["county.name"].isin([two, three]), "basement"] = np.nan
+    per_county = X["basement"].isna().groupby(X["county.name"]).agg(["all", "sum"])
+    thin = per_county[per_county["all"] & (per_county["sum"] < 3)]
+    assert two in thin.index and three not in thin.index
+    est = MaskedHierarchicalRegressor(group_col="county.name", max_posterior_bytes=1)
+    with (
+        pytest.warns(UserWarning, match="switched off on the evidence") as log,
+        pytest.raises(ValueError, match="max_posterior_bytes"),
+    ):
+        est.fit(X, radon["log.radon"])
+    (text,) = [str(w.message) for w in log if "switched off" in str(w.message)]
+    assert text.startswith(f"{len(thin)} (group, feature) pair(s)")
+    name = thin.index[0]
+    assert f"({name!r}, 'basement': {int(thin.loc[name, 'sum'])} row(s))" in text
+    assert f"({three!r}," not in text
+    # Without such pairs, no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with pytest.raises(ValueError, match="max_posterior_bytes"):
+            est.fit(X.dropna(), radon["log.radon"][X["basement"].notna()])
