@@ -147,7 +147,8 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         Memory budget for the draws of every group's coefficients that fit
         keeps (``num_chains * num_samples * n_groups * (n_features + 1) * 8``
         bytes); fit raises a ValueError before sampling when it would be
-        exceeded.
+        exceeded. ``to_arviz(X)`` holds its log-likelihood (8 bytes per draw
+        and row) to the same budget.
     max_latent_rows : int, default=100_000
         Dask input only: the most rows holding latent cells (NaN in a feature
         that applies to the row's group) that a fit brings to the client,
@@ -834,35 +835,80 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         return r2_score(y, self.predict(X, groups=groups), sample_weight=sample_weight)
 
     # ------------------------------------------------------------- results
-    def summary(self, coverage=0.9):
+    def summary(self, coverage=0.9, *, long=False, group_level=True):
         """Posterior summary of every parameter.
 
         Parameters
         ----------
         coverage : float in (0, 1), default=0.9
             Mass of the central interval reported.
+        long : bool, default=False
+            Whether to give each row's ``parameter``, ``group`` and
+            ``feature`` as columns (None where a row has none) instead of a
+            readable index, ready for ``set_index`` or ``groupby``.
+        group_level : bool, default=True
+            Whether to include the group intercepts and coefficients; False
+            gives the population-level rows only (fast for many groups).
 
         Returns
         -------
         pandas.DataFrame
             One row per parameter (``coef[group, feature]``, ...), with mean,
-            sd, interval bounds, bulk and tail ESS and R-hat.
+            sd, interval bounds, bulk and tail ESS and R-hat (those computed
+            at fit for the convergence check are reused).
         """
         check_is_fitted(self)
         from ._summary import summary_frame
 
-        return summary_frame(self, coverage=coverage)
+        return summary_frame(
+            self, coverage=coverage, long=long, group_level=group_level
+        )
 
-    def to_arviz(self):
+    def coefficients(self):
+        """Posterior-mean intercepts and slopes as a labelled table.
+
+        Returns
+        -------
+        pandas.DataFrame of shape (n_groups, n_features + 1)
+            Index ``group`` (the labels of ``groups_``), columns
+            ``intercept`` and the feature names: ``intercept_`` and
+            ``coef_``, with NaN where a feature does not apply to a group
+            (``coef_`` holds 0.0 there).
+        """
+        check_is_fitted(self)
+        table = pd.DataFrame(
+            np.where(self._mask, self.coef_, np.nan),
+            index=pd.Index(self.groups_, name="group"),
+            columns=pd.Index(self._feature_names, name="feature"),
+        )
+        table.insert(0, "intercept", self.intercept_)
+        return table
+
+    def to_arviz(self, X=None, y=None, *, groups=None):
         """The posterior as an :class:`arviz.InferenceData`.
 
         Requires the optional extra ``hiermask[arviz]``.
+
+        Parameters
+        ----------
+        X : {array-like, DataFrame} of shape (n_samples, n_features_in), \
+                default=None
+            Rows whose pointwise log-likelihood is added (group
+            ``log_likelihood``, variable ``y``), so that ``arviz.loo`` and
+            ``arviz.compare`` work: usually the fit's ``X``. Every group must
+            have been seen in fit. None: no log-likelihood.
+        y : array-like of shape (n_samples,), default=None
+            Targets of ``X``'s rows; None: the fit's target (``X`` must then
+            be the fit's rows).
+        groups : array-like of shape (n_samples,), default=None
+            Group labels, when they are not a column of ``X``.
 
         Returns
         -------
         arviz.InferenceData
             Posterior (coefficients labelled by group and feature; masked
-            ones NaN), sample stats and the observed target.
+            ones NaN), sample stats, the observed target and, with ``X``,
+            the log-likelihood.
         """
         check_is_fitted(self)
         if self._fit_target is None:
@@ -870,9 +916,43 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
                 "to_arviz needs the target of the fit, which a fit on dask data "
                 "does not collect; summary() and posterior_ hold the posterior."
             )
-        from ._summary import to_inference_data
+        from ._summary import pointwise_log_likelihood, to_inference_data
 
-        return to_inference_data(self)
+        if X is None:
+            if y is not None:
+                raise ValueError("to_arviz: y was given without X.")
+            return to_inference_data(self)
+        features, group_idx, target = self._log_likelihood_rows(X, y, groups)
+        values = pointwise_log_likelihood(self, features, group_idx, target)
+        return to_inference_data(self, log_likelihood=(values, target))
+
+    def _log_likelihood_rows(self, X, y, groups):
+        """Features, group codes and targets of to_arviz's rows, checked."""
+        parsed = split_groups(X, self.group_col, groups, ensure_min_samples=1)
+        validate_data(self, X, reset=False, skip_check_array=True)
+        n = parsed.features.shape[0]
+        group_idx = lookup_groups(self.groups_, parsed.labels, n)
+        if (group_idx < 0).any():
+            unseen = pd.unique(parsed.labels[group_idx < 0])
+            raise ValueError(
+                f"to_arviz: {len(unseen)} group(s) of X were not seen in fit "
+                f"({', '.join(map(repr, unseen[:5]))}); the log-likelihood is "
+                "that of the fit's groups."
+            )
+        if y is None and n != len(self._fit_target):
+            raise ValueError(
+                f"to_arviz: X has {n} rows and the fit had {len(self._fit_target)}; "
+                "give y for other rows than the fit's."
+            )
+        target = self._fit_target if y is None else check_target(y, n)
+        need = 8 * n * self.posterior_["noise"].shape[0]
+        if need > self.max_posterior_bytes:
+            raise ValueError(
+                f"to_arviz: the log-likelihood of {n} rows would take "
+                f"{need / 1e9:.2f} GB, above max_posterior_bytes="
+                f"{self.max_posterior_bytes}; pass fewer rows or raise it."
+            )
+        return parsed.features, group_idx, target
 
     # ------------------------------------------------------------ pickling
     def __getstate__(self):

@@ -734,8 +734,19 @@ def cmd_fit(args):
     note = _fit_note(len(X), n_groups, len(features), args)
     with _Warnings(), _Progress(note, args.quiet, est):
         est.fit(X, y)
-    summary = est.summary()
-    _out(format_summary(summary), _convergence_line(est))
+    # Only the rows that are printed (or written) are summarized.
+    summary = est.summary(group_level=False)
+    n_group_rows = len(est.groups_) + int(est.mask_.to_numpy().sum())
+    full = len(summary) + n_group_rows <= MAX_SUMMARY_ROWS
+    if full or args.summary_csv is not None:
+        summary = est.summary()
+    text = format_summary(summary)
+    if not full and args.summary_csv is None:
+        text += (
+            f"\n({n_group_rows} group-level rows not shown; write them all with "
+            "--summary-csv PATH)"
+        )
+    _out(text, _convergence_line(est))
     _out(*_mask_lines(est, X, features))
     if args.summary_csv is not None:
         summary.to_csv(args.summary_csv)
