@@ -561,9 +561,8 @@ def write_plots(est, X, y, directory):
     }
     paths = []
     for name, (size, draw) in jobs.items():
-        fig = Figure(figsize=size)
+        fig = Figure(figsize=size, layout="constrained")
         draw(fig.subplots())
-        fig.tight_layout()
         path = directory / name
         fig.savefig(path, dpi=100)
         paths.append(path)
