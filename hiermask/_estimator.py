@@ -6,10 +6,11 @@ import copy
 import numbers
 import warnings
 from importlib import metadata
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 from scipy.special import ndtri
 from sklearn.base import BaseEstimator, RegressorMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
@@ -32,6 +33,10 @@ from ._validation import (
     split_groups,
     target_note,
 )
+
+if TYPE_CHECKING:  # optional extras, for the annotations only
+    import arviz
+    import dask.dataframe as dd
 
 __all__ = ["ConvergenceError", "MaskedHierarchicalRegressor"]
 
@@ -257,27 +262,27 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
     def __init__(
         self,
         *,
-        group_col=None,
-        pooling="partial",
-        coef_prior_scale=1.0,
-        intercept_prior_scale=1.0,
-        group_scale_prior=1.0,
-        noise_prior_scale=1.0,
-        standardize=True,
-        mask_threshold=1.0,
-        missing="impute",
-        unseen_groups="population",
-        engine="auto",
-        num_warmup=500,
-        num_samples=1000,
-        num_chains=4,
-        target_accept_prob=0.8,
-        on_bad_convergence="warn",
-        max_posterior_bytes=4_000_000_000,
-        max_latent_rows=100_000,
-        progress_bar=False,
-        random_state=None,
-    ):
+        group_col: str | int | None = None,
+        pooling: Literal["partial", "none", "complete"] = "partial",
+        coef_prior_scale: float = 1.0,
+        intercept_prior_scale: float = 1.0,
+        group_scale_prior: float = 1.0,
+        noise_prior_scale: float = 1.0,
+        standardize: bool = True,
+        mask_threshold: float = 1.0,
+        missing: Literal["impute", "error"] = "impute",
+        unseen_groups: Literal["population", "error"] = "population",
+        engine: Literal["auto", "collapsed", "direct"] = "auto",
+        num_warmup: int = 500,
+        num_samples: int = 1000,
+        num_chains: int = 4,
+        target_accept_prob: float = 0.8,
+        on_bad_convergence: Literal["warn", "raise", "ignore"] = "warn",
+        max_posterior_bytes: int = 4_000_000_000,
+        max_latent_rows: int = 100_000,
+        progress_bar: bool = False,
+        random_state: int | np.random.RandomState | None = None,
+    ) -> None:
         self.group_col = group_col
         self.pooling = pooling
         self.coef_prior_scale = coef_prior_scale
@@ -307,7 +312,14 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, *, groups=None, sample_weight=None):
+    def fit(
+        self,
+        X: ArrayLike | pd.DataFrame | dd.DataFrame,
+        y: ArrayLike | dd.Series,
+        *,
+        groups: ArrayLike | dd.Series | None = None,
+        sample_weight: ArrayLike | dd.Series | None = None,
+    ) -> MaskedHierarchicalRegressor:
         """Fit the model with NUTS.
 
         Parameters
@@ -610,7 +622,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
 
     # -------------------------------------------------------------- predict
     @property
-    def mask_(self):
+    def mask_(self) -> pd.DataFrame:
         """Group x feature mask as a labelled DataFrame (True: feature on)."""
         if not hasattr(self, "_mask"):
             raise AttributeError("mask_ is set by fit.")
@@ -697,7 +709,18 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
     def _is_dask(X, groups):
         return _dask.is_dask_collection(X) or _dask.is_dask_collection(groups)
 
-    def predict(self, X, *, groups=None, return_std=False):
+    def predict(
+        self,
+        X: ArrayLike | pd.DataFrame | dd.DataFrame,
+        *,
+        groups: ArrayLike | dd.Series | None = None,
+        return_std: bool = False,
+    ) -> (
+        np.ndarray
+        | tuple[np.ndarray, np.ndarray]
+        | dd.Series
+        | tuple[dd.Series, dd.Series]
+    ):
         """Posterior-predictive mean (and sd) of each row.
 
         Parameters
@@ -728,7 +751,13 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         mean, sd = predictive_moments(features, group_idx, self._mask, self._posterior)
         return (mean, sd) if return_std else mean
 
-    def predict_interval(self, X, *, groups=None, coverage=0.9):
+    def predict_interval(
+        self,
+        X: ArrayLike | pd.DataFrame | dd.DataFrame,
+        *,
+        groups: ArrayLike | dd.Series | None = None,
+        coverage: float = 0.9,
+    ) -> np.ndarray | dd.DataFrame:
         """Central posterior-predictive interval of each row.
 
         The interval is ``mean +/- z sd`` of the moment-matched normal
@@ -759,7 +788,14 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         mean, sd = predictive_moments(features, group_idx, self._mask, self._posterior)
         return np.column_stack([mean - z * sd, mean + z * sd])
 
-    def sample_y(self, X, *, groups=None, n_samples=1, random_state=None):
+    def sample_y(
+        self,
+        X: ArrayLike | pd.DataFrame | dd.DataFrame,
+        *,
+        groups: ArrayLike | dd.Series | None = None,
+        n_samples: int = 1,
+        random_state: int | np.random.RandomState | None = None,
+    ) -> np.ndarray | dd.DataFrame:
         """Draws from the posterior predictive distribution.
 
         Column ``k`` uses one posterior draw for every row; a group not seen
@@ -809,7 +845,14 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             features, group_idx, self._mask, self._posterior, unseen, n_samples, seed
         )
 
-    def score(self, X, y, *, groups=None, sample_weight=None):
+    def score(
+        self,
+        X: ArrayLike | pd.DataFrame,
+        y: ArrayLike,
+        *,
+        groups: ArrayLike | None = None,
+        sample_weight: ArrayLike | None = None,
+    ) -> float:
         """Coefficient of determination R^2 of the posterior-mean prediction.
 
         Parameters
@@ -835,7 +878,9 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         return r2_score(y, self.predict(X, groups=groups), sample_weight=sample_weight)
 
     # ------------------------------------------------------------- results
-    def summary(self, coverage=0.9, *, long=False, group_level=True):
+    def summary(
+        self, coverage: float = 0.9, *, long: bool = False, group_level: bool = True
+    ) -> pd.DataFrame:
         """Posterior summary of every parameter.
 
         Parameters
@@ -864,7 +909,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             self, coverage=coverage, long=long, group_level=group_level
         )
 
-    def coefficients(self):
+    def coefficients(self) -> pd.DataFrame:
         """Posterior-mean intercepts and slopes as a labelled table.
 
         Returns
@@ -884,7 +929,13 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         table.insert(0, "intercept", self.intercept_)
         return table
 
-    def to_arviz(self, X=None, y=None, *, groups=None):
+    def to_arviz(
+        self,
+        X: ArrayLike | pd.DataFrame | None = None,
+        y: ArrayLike | None = None,
+        *,
+        groups: ArrayLike | None = None,
+    ) -> arviz.InferenceData:
         """The posterior as an :class:`arviz.InferenceData`.
 
         Requires the optional extra ``hiermask[arviz]``.

@@ -841,7 +841,7 @@ def cmd_predict(args):
 COMMANDS = {"demo": cmd_demo, "fit": cmd_fit, "predict": cmd_predict}
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """Run the ``hiermask`` command.
 
     Parameters

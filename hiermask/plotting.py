@@ -14,8 +14,17 @@ function is called: ``pip install "hiermask[plot]"``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.utils.validation import check_is_fitted
+
+if TYPE_CHECKING:  # matplotlib is an optional extra
+    import pandas as pd
+    from matplotlib.axes import Axes
+
+    from ._estimator import MaskedHierarchicalRegressor
 
 __all__ = ["plot_forest", "plot_mask", "plot_ppc", "plot_shrinkage"]
 
@@ -79,7 +88,7 @@ def _set_categorical_ticks(ax, axis, labels):
 
 
 # --------------------------------------------------------------------- mask
-def plot_mask(est, ax=None):
+def plot_mask(est: MaskedHierarchicalRegressor, ax: Axes | None = None) -> Axes:
     """Heatmap of which features apply to which group.
 
     Parameters
@@ -185,7 +194,12 @@ def _parameter_index(est, parameter):
     )
 
 
-def no_pooling_estimates(est, X, y, groups=None):
+def no_pooling_estimates(
+    est: MaskedHierarchicalRegressor,
+    X: ArrayLike | pd.DataFrame,
+    y: ArrayLike,
+    groups: ArrayLike | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-group least-squares estimates, each group fitted on its own.
 
     For each group seen in fit, ordinary least squares of ``y`` on an
@@ -324,8 +338,15 @@ def _label_groups(ax, est, shown, fitted, placed_span, n_rows):
 
 
 def plot_shrinkage(
-    est, X, y, groups=None, ax=None, *, parameter=None, clip=True
-):  # fmt: skip
+    est: MaskedHierarchicalRegressor,
+    X: ArrayLike | pd.DataFrame,
+    y: ArrayLike,
+    groups: ArrayLike | None = None,
+    ax: Axes | None = None,
+    *,
+    parameter: str | None = None,
+    clip: bool = True,
+) -> Axes:
     """No-pooling against fitted estimates per group, with the population mean.
 
     Each group is a line from its no-pooling estimate (least squares on its
@@ -479,7 +500,14 @@ def _forest_rows(est, blocks, chosen):
     return rows, sizes, note
 
 
-def plot_forest(est, feature=None, coverage=0.9, ax=None, *, groups=None):
+def plot_forest(
+    est: MaskedHierarchicalRegressor,
+    feature: str | None = None,
+    coverage: float = 0.9,
+    ax: Axes | None = None,
+    *,
+    groups: list | None = None,
+) -> Axes:
     """Group coefficients with central posterior intervals.
 
     Parameters
@@ -557,7 +585,16 @@ def _forest_decorations(ax, est, blocks, sizes, n):
 
 
 # ---------------------------------------------------------------------- ppc
-def plot_ppc(est, X, y, groups=None, n_samples=50, ax=None, *, random_state=None):
+def plot_ppc(
+    est: MaskedHierarchicalRegressor,
+    X: ArrayLike | pd.DataFrame,
+    y: ArrayLike,
+    groups: ArrayLike | None = None,
+    n_samples: int = 50,
+    ax: Axes | None = None,
+    *,
+    random_state: int | np.random.RandomState | None = None,
+) -> Axes:
     """Histogram of the observed target against posterior-predictive draws.
 
     Parameters
