@@ -406,10 +406,10 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             raise ValueError(
                 f"Found {summary.n_rows} sample(s) while a minimum of 2 is required."
             )
-        if float(summary.y.m2) == 0.0:
-            raise ValueError(constant_target_message(float(summary.y.mean)))
         if summary.weight_sum <= 0:
             raise ValueError("sample_weight sums to zero: nothing to fit.")
+        if float(summary.y.m2) == 0.0:
+            raise ValueError(constant_target_message(float(summary.y.mean)))
         groups_ = summary.labels
         mask = mask_from_counts(summary.nans, summary.rows, self.mask_threshold)
         self._check_mask_and_missing(

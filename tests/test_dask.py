@@ -534,6 +534,9 @@ def test_other_refusals(client):
         _estimator().fit(zero[[*FEATURES, "g"]], zero["y"], sample_weight=zero["w"])
     with pytest.raises(ValueError, match="X must be a dask DataFrame"):
         _estimator().fit(X.to_dask_array(lengths=True), y)
+    const = to_dask(frame.assign(y=3.0))
+    with pytest.raises(ValueError, match=r"y is constant \(every value is 3\)"):
+        _estimator().fit(const[[*FEATURES, "g"]], const["y"])
 
 
 def test_missing_error_message_equals_in_memory(client):
