@@ -681,14 +681,17 @@ def _mask_lines(est, X, features):
     the number of imputed cells, for the terminal."""
     mask = est.mask_
     lines = ["", "Mask (True: the feature applies to the group):"]
-    if mask.shape[0] > MAX_SUMMARY_ROWS:
+    if mask.to_numpy().all():
+        lines = ["", "Mask: every feature applies to every group."]
+    elif mask.shape[0] > MAX_SUMMARY_ROWS:
         partial = mask[~mask.all(axis=1)]
         lines.append(
             f"({mask.shape[0] - partial.shape[0]} of {mask.shape[0]} groups have "
             "every feature on; the others:)"
         )
         mask = partial
-    lines.append(mask.to_string() if mask.shape[0] else "(none)")
+    if not mask.to_numpy().all():
+        lines.append(mask.to_string())
     if est.group_col is None:
         on = np.broadcast_to(est.mask_.to_numpy()[0], (len(X), len(features)))
     else:
