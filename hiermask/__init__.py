@@ -8,7 +8,13 @@ posterior means, sds, intervals and draws, also for groups never seen in fit.
 
 from importlib import metadata as _metadata
 
-from ._estimator import ConvergenceError, MaskedHierarchicalRegressor
+from ._cache import enable_compilation_cache
+from ._estimator import (
+    ConvergenceError,
+    InconsistentVersionWarning,
+    MaskedHierarchicalRegressor,
+)
+from ._files import ModelFileError, load
 from ._validation import UnseenGroupWarning
 
 try:
@@ -18,7 +24,11 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout
 
 __all__ = [
     "ConvergenceError",
+    "InconsistentVersionWarning",
     "MaskedHierarchicalRegressor",
+    "ModelFileError",
     "UnseenGroupWarning",
     "__version__",
+    "enable_compilation_cache",
+    "load",
 ]

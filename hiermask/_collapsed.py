@@ -31,7 +31,7 @@ factor of each group's ``M`` gives everything. The groups are processed in
 blocks sized to stay in a core's cache (a loop over the blocks; one block
 when they are few); within a block, matrices are stored groups-last and the
 algebra is unrolled over the small matrix size (vectorized over the block's
-groups; LAPACK for larger matrices, see :data:`UNROLL_MAX_SIZE`). The
+groups; LAPACK for larger matrices, see :data:`hiermask._limits.UNROLL_MAX_SIZE`). The
 gradient is written by hand (:func:`_pooled_loglik`): one pass over the
 blocks sums the forms the population terms need, a second forms each
 block's gradient. Conditional
@@ -52,6 +52,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
+from . import _limits
 from ._model import IMPUTE_LOC_SCALE, IMPUTE_SCALE_SCALE, Hyper, sample_imputation
 from ._sampler import _INIT_RADIUS, FlatDensity, _normal, _uniform
 
@@ -65,29 +66,27 @@ __all__ = [
     "residual_sd_guess",
 ]
 
-#: Each group's matrix is factorized by unrolled elementwise code up to this
-#: size: one vectorized loop over a block's groups per column, no library
-#: call. Larger ones go to LAPACK, whose compile time does not grow with the
-#: size; a program that calls it on a batch of matrices runs its chains one
-#: after another (:func:`hiermask._sampler.exclusive`).
-#: The unrolled program, and its compile time, grow as the size squared.
-#: Measured on the 2-core benchmark machine: at size 6 and 10,000 groups the
-#: unrolled gradient runs 2x faster than with LAPACK; at size 21 and 1,000
-#: groups a whole fit (4 chains x 60 iterations) took 37 s unrolled with
-#: chains in parallel against 63 s through LAPACK, after about 6 s more of
-#: compilation.
-UNROLL_MAX_SIZE = 24
+# Each group's matrix is factorized by unrolled elementwise code up to this
+# size: one vectorized loop over a block's groups per column, no library
+# call. Larger ones go to LAPACK, whose compile time does not grow with the
+# size; a program that calls it on a batch of matrices runs its chains one
+# after another (:func:`hiermask._sampler.exclusive`).
+# The unrolled program, and its compile time, grow as the size squared.
+# Measured on the 2-core benchmark machine: at size 6 and 10,000 groups the
+# unrolled gradient runs 2x faster than with LAPACK; at size 21 and 1,000
+# groups a whole fit (4 chains x 60 iterations) took 37 s unrolled with
+# chains in parallel against 63 s through LAPACK, after about 6 s more of
+# compilation.
 
-#: The population's single matrix is unrolled up to this size (a scalar
-#: program, which compiles slowly when large), by LAPACK above it (one call
-#: per gradient, no batch). At 100 groups x 11 coefficients unrolling it
-#: saved 3 s of sampling for 2 s more compilation; at 21 it cost 40 s more.
-UNROLL_MAX_SIZE_POPULATION = 12
+# The population's single matrix is unrolled up to this size (a scalar
+# program, which compiles slowly when large), by LAPACK above it (one call
+# per gradient, no batch). At 100 groups x 11 coefficients unrolling it
+# saved 3 s of sampling for 2 s more compilation; at 21 it cost 40 s more.
 
 
 def _unrolled(q):
     # Whether the groups' q x q matrices are factorized by unrolled code.
-    return q <= UNROLL_MAX_SIZE
+    return q <= _limits.UNROLL_MAX_SIZE
 
 
 class CollapsedData(NamedTuple):
@@ -203,7 +202,7 @@ def _triangular_inverse_entries(chol, size):
 def _inverse_cholesky(m):
     """``T = L^-1`` (lower, ``m = L L'``) and ``log|m|``; batch axes last."""
     size = m.shape[0]
-    if size <= UNROLL_MAX_SIZE_POPULATION:
+    if size <= _limits.UNROLL_MAX_SIZE_POPULATION:
         chol = _cholesky_entries(m)
         inv = _triangular_inverse_entries(chol, size)
         logdet = 2.0 * sum(jnp.log(chol[j, j]) for j in range(size))
@@ -341,16 +340,14 @@ def _pop_left(data):
 # algebra is unrolled over the matrix size into operations on whole rows or
 # columns, each one vectorized loop over the block's groups.
 
-#: Target bytes of one block's intermediates (one chain); the number of
-#: groups per block follows from the matrix size.
-BLOCK_BYTES = 1 << 21
+# Target bytes of one block's intermediates (one chain); the number of
+# groups per block follows from the matrix size.
 
 #: Bytes of intermediates per group and per entry of a q x q matrix.
 _BYTES_PER_ENTRY = 8 * 16
 
-#: If set, the number of groups per block, overriding BLOCK_BYTES (tests use
-#: it to exercise several blocks, and a ragged last one, with few groups).
-BLOCK_GROUPS = None
+# If set, the number of groups per block, overriding BLOCK_BYTES (tests use
+# it to exercise several blocks, and a ragged last one, with few groups).
 
 
 def _blocking(n_groups, q):
@@ -368,14 +365,14 @@ def _blocking(n_groups, q):
         ``size * n_blocks >= n_groups``; a single block (no loop, no
         padding) when all groups fit in one.
     """
-    if BLOCK_GROUPS is not None:
-        size = int(BLOCK_GROUPS)
+    if _limits.BLOCK_GROUPS is not None:
+        size = int(_limits.BLOCK_GROUPS)
     else:
-        size = max(8, BLOCK_BYTES // (_BYTES_PER_ENTRY * q * q))
+        size = max(8, _limits.BLOCK_BYTES // (_BYTES_PER_ENTRY * q * q))
     if n_groups <= size:
         return n_groups, 1
     n_blocks = -(-n_groups // size)
-    if BLOCK_GROUPS is None:
+    if _limits.BLOCK_GROUPS is None:
         # Blocks as even as possible, in whole vectors of 8, and an odd
         # number of them: rows of a block's matrices then start at
         # addresses spread over the cache sets (a power-of-two row length
@@ -639,20 +636,19 @@ def _pooled_total(pop_left, s, y, z):
     return total.at[:q, q].set(pop_left.T @ z).at[q, q].set(s)
 
 
-#: The blocks' factorizations are kept from the value's pass over the groups
-#: for the gradient's pass while they take at most this many bytes (per
-#: chain); above, the gradient's pass factorizes each block again. Keeping
-#: them made the gradient at 10,000 groups x 6 coefficients 20% faster
-#: (9.3 to 7.4 ms, one chain, 2-core benchmark machine); they take ~1 kB per
-#: group at 6 coefficients, ~11 kB at 21.
-KEEP_FACTORS_BYTES = 1 << 26
+# The blocks' factorizations are kept from the value's pass over the groups
+# for the gradient's pass while they take at most this many bytes (per
+# chain); above, the gradient's pass factorizes each block again. Keeping
+# them made the gradient at 10,000 groups x 6 coefficients 20% faster
+# (9.3 to 7.4 ms, one chain, 2-core benchmark machine); they take ~1 kB per
+# group at 6 coefficients, ~11 kB at 21.
 
 
 def _keeps_factors(blocks):
     # Whether the factorizations fit in KEEP_FACTORS_BYTES (d, T, log|M|,
     # u and v of every group).
     n_blocks, q, _, size = blocks.gram.shape
-    return 8 * n_blocks * size * (3 * q * q + 3 * q + 1) <= KEEP_FACTORS_BYTES
+    return 8 * n_blocks * size * (3 * q * q + 3 * q + 1) <= _limits.KEEP_FACTORS_BYTES
 
 
 def _pooled_loglik_fwd(static, inv, base, blocks, pop_left, prior_var):
@@ -1031,13 +1027,11 @@ def _inverse_softplus(x):
 collapsed_model.flat_density = collapsed_density
 
 
-#: conditional_draws processes draws in chunks of at most this many
-#: (draws x groups x q x q) floats (one random-number call per chunk).
-_CHUNK_FLOATS = 1 << 22
+# conditional_draws processes draws in chunks of at most this many
+# (draws x groups x q x q) floats (one random-number call per chunk).
 
-#: A tile of a chunk (its draws by one block of groups) holds about this many
-#: times the (draw, group) pairs of a density block.
-_TILE_FACTOR = 4
+# A tile of a chunk (its draws by one block of groups) holds about this many
+# times the (draw, group) pairs of a density block.
 
 
 def _population_draw(inv, lam_total, h_total, prior_var, eps):
@@ -1122,7 +1116,7 @@ def _draw_tiling(chunk, n_groups, q):
     # Draws per tile and tiles per chunk (padded): a tile's draws by a
     # block's groups are about _TILE_FACTOR density blocks.
     size, _ = _blocking(n_groups, q)
-    pairs = _TILE_FACTOR * _blocking(1 << 40, q)[0]
+    pairs = _limits.CONDITIONAL_TILE_FACTOR * _blocking(1 << 40, q)[0]
     per_tile = max(1, min(chunk, pairs // size))
     n_sub = -(-chunk // per_tile)
     return -(-chunk // n_sub), n_sub
@@ -1148,7 +1142,7 @@ def conditional_chunk(n_draws, n_groups, q):
     -------
     int
     """
-    return max(1, min(n_draws, _CHUNK_FLOATS // (n_groups * q * q)))
+    return max(1, min(n_draws, _limits.CONDITIONAL_CHUNK_FLOATS // (n_groups * q * q)))
 
 
 def conditional_draws(

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+from . import _limits
 from ._fit import FitStatistics, LatentRows
 from ._masks import group_sum
 from ._stats import (
@@ -68,9 +69,6 @@ __all__ = [
     "lazy_predictions",
     "summarize",
 ]
-
-#: Partition results merged per task of the tree reductions.
-SPLIT_EVERY = 8
 
 
 def is_dask_collection(obj) -> bool:
@@ -413,7 +411,7 @@ def _combine(merge, parts):
 
 def _tree_reduce(collection, merge):
     """Merge the one-object partitions of ``collection`` in a tree of tasks
-    (``SPLIT_EVERY`` per task), keeping the partition order.
+    (``_limits.DASK_SPLIT_EVERY`` per task), keeping the partition order.
 
     Returns
     -------
@@ -425,8 +423,8 @@ def _tree_reduce(collection, merge):
     combine = dask.delayed(_combine, pure=True)
     while True:
         level = [
-            combine(merge, level[i : i + SPLIT_EVERY])
-            for i in range(0, len(level), SPLIT_EVERY)
+            combine(merge, level[i : i + _limits.DASK_SPLIT_EVERY])
+            for i in range(0, len(level), _limits.DASK_SPLIT_EVERY)
         ]
         if len(level) == 1:
             return level[0]

@@ -38,7 +38,11 @@ if TYPE_CHECKING:  # optional extras, for the annotations only
     import arviz
     import dask.dataframe as dd
 
-__all__ = ["ConvergenceError", "MaskedHierarchicalRegressor"]
+__all__ = [
+    "ConvergenceError",
+    "InconsistentVersionWarning",
+    "MaskedHierarchicalRegressor",
+]
 
 #: Attributes set by fit (some only under some pooling modes); a refit
 #: removes all of them before installing its own.
@@ -78,6 +82,33 @@ class ConvergenceError(RuntimeError):
     """Raised by ``fit`` when ``on_bad_convergence="raise"`` and NUTS did not
     converge (R-hat above 1.01, bulk ESS below 100 per chain, or divergences).
     """
+
+
+class InconsistentVersionWarning(UserWarning):
+    """Warns that a model was saved by another hiermask version than the one
+    loading it (from a pickle or a model file), like scikit-learn's warning
+    of the same name. The model loads; its predictions may differ from those
+    of a refit with the installed version.
+
+    Parameters
+    ----------
+    original_version : str
+        The hiermask version that saved the model.
+    current_version : str
+        The installed hiermask version.
+    """
+
+    def __init__(self, *, original_version, current_version):
+        self.original_version = original_version
+        self.current_version = current_version
+
+    def __str__(self):
+        return (
+            f"This model was saved with hiermask {self.original_version} and is "
+            f"loaded with hiermask {self.current_version}; it may not predict as "
+            "it did. Refit it with this version, or install "
+            f"hiermask=={self.original_version}."
+        )
 
 
 def _version():
@@ -1013,9 +1044,69 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
 
     def __setstate__(self, state):
         saved = state.pop("_hiermask_version", None)
-        if saved is not None and saved.split(".")[:2] != _version().split(".")[:2]:
-            raise ValueError(
-                f"This model was saved with hiermask {saved}; the installed "
-                f"version {_version()} cannot load it. Install hiermask=={saved}."
+        if saved is not None and saved != _version():
+            warnings.warn(
+                InconsistentVersionWarning(
+                    original_version=saved, current_version=_version()
+                ),
+                stacklevel=2,
             )
         super().__setstate__(state)
+
+    # ---------------------------------------------------------- model files
+    def save(self, path):
+        """Write the fitted model to a file that runs no code when loaded.
+
+        The file is a zip archive of ``.npy`` arrays (written without pickle)
+        and one JSON document holding the parameters, the feature names, the
+        group labels with their types, the mask, every fitted attribute, the
+        hiermask version and the file format version. Read it back with
+        :func:`hiermask.load`; unlike a pickle, loading it never runs code
+        from the file.
+
+        Parameters
+        ----------
+        path : str or path-like
+            The file to write, replaced atomically if it exists; the suffix
+            ``.hmz`` is suggested.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the estimator is not fitted.
+        ValueError
+            If a group label is not a str, int, float or bool, or a parameter
+            is not None, a bool, an int, a finite float or a str (for example
+            a ``RandomState`` instance as ``random_state``).
+
+        See Also
+        --------
+        hiermask.load : Read a model file.
+
+        Notes
+        -----
+        Metadata-routing requests (``set_fit_request`` and the like) are
+        settings of a search, not of the model, and are not saved.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import hiermask
+        >>> from hiermask import MaskedHierarchicalRegressor
+        >>> rng = np.random.default_rng(0)
+        >>> X = rng.normal(size=(40, 2))
+        >>> y = X @ [1.0, -1.0] + rng.normal(scale=0.1, size=40)
+        >>> est = MaskedHierarchicalRegressor(
+        ...     num_warmup=100, num_samples=100, num_chains=2, random_state=0,
+        ...     on_bad_convergence="ignore",
+        ... ).fit(X, y)
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.hmz")
+        >>> est.save(path)
+        >>> loaded = hiermask.load(path)
+        >>> bool((loaded.predict(X) == est.predict(X)).all())
+        True
+        """
+        from ._files import save
+
+        save(self, path)

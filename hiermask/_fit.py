@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from . import _limits
 from ._collapsed import (
     CollapsedData,
     collapsed_model,
@@ -59,10 +60,6 @@ MODELS = {
     for engine, fn in (("direct", direct_model), ("collapsed", collapsed_model))
     for pooling in ("partial", "none", "complete")
 }
-
-#: Group-level parameters are included in the convergence diagnostics while
-#: there are at most this many of them.
-MAX_GROUP_PARAMS_DIAGNOSED = 2000
 
 
 @dataclass(frozen=True)
@@ -502,7 +499,17 @@ def _sample(data, mask, scaling, cells, config: FitConfig) -> Posterior:
 #: Sampled sites that the collapsed engine's conditional draws take.
 _CONDITIONAL_SITES = ("noise", "intercept_scale", "coef_scale", "x_missing")
 
-_conditional_jit = jax.jit(conditional_draws, static_argnames=("pooling", "chunk"))
+
+def _conditional_with_limits(*args, limits, **kwargs):
+    # conditional_draws with the size thresholds (:mod:`hiermask._limits`)
+    # as a static argument, so that the jit cache keys on them too
+    del limits
+    return conditional_draws(*args, **kwargs)
+
+
+_conditional_jit = jax.jit(
+    _conditional_with_limits, static_argnames=("pooling", "chunk", "limits")
+)
 
 #: Compiled conditional-draw programs (futures), most recently used last.
 _CONDITIONAL_COMPILED: collections.OrderedDict = collections.OrderedDict()
@@ -594,7 +601,7 @@ def _conditional_program(config, data, hyper):
     spec = _conditional_spec(config, data, hyper, length)
     leaves, treedef = jax.tree_util.tree_flatten(spec)
     shapes = tuple((x.shape, x.dtype) for x in leaves)
-    key = (config.pooling, chunk, treedef, shapes)
+    key = (config.pooling, chunk, treedef, shapes, _limits.current())
 
     def compile_now():
         with jax.enable_x64(True):
@@ -604,6 +611,7 @@ def _conditional_program(config, data, hyper):
                 chunk=chunk,
                 first_chunk=spec[4],
                 n_valid=spec[5],
+                limits=_limits.current(),
             )
             return exclusive(lowered.compile(COMPILER_OPTIONS))
 
@@ -666,7 +674,7 @@ def _diagnose(draws, n_chains, mask):
     """Convergence diagnostics per reported parameter.
 
     Population-level parameters and the noise are always diagnosed; group
-    coefficients too while there are at most ``MAX_GROUP_PARAMS_DIAGNOSED``.
+    coefficients too while there are at most ``_limits.MAX_GROUP_PARAMS_DIAGNOSED``.
     """
     n_groups, p = mask.shape
     out = {}
@@ -686,7 +694,7 @@ def _diagnose(draws, n_chains, mask):
     for name in ("population_coef", "group_coef_scale"):
         if name in draws:
             add(name, draws[name][:, feats], [f"[{j}]" for j in feats])
-    if n_groups * (p + 1) <= MAX_GROUP_PARAMS_DIAGNOSED:
+    if n_groups * (p + 1) <= _limits.MAX_GROUP_PARAMS_DIAGNOSED:
         add("intercept", draws["intercept"], [f"[{g}]" for g in range(n_groups)])
         gs, js = np.nonzero(mask)
         add(

@@ -22,6 +22,8 @@ import zlib
 import numpy as np
 import pandas as pd
 
+from . import _limits
+
 __all__ = [
     "label_seed",
     "predictive_draws",
@@ -30,9 +32,6 @@ __all__ = [
     "unseen_codes",
     "unseen_moments",
 ]
-
-#: Rows per chunk in the predict loops.
-CHUNK_ROWS = 1 << 13
 
 
 def unseen_codes(group_idx, labels):
@@ -169,8 +168,8 @@ def predictive_moments(X, group_idx, mask, posterior):
     n = X.shape[0]
     mean = np.empty(n)
     var = np.empty(n)
-    for start in range(0, n, CHUNK_ROWS):
-        sl = slice(start, min(start + CHUNK_ROWS, n))
+    for start in range(0, n, _limits.PREDICT_CHUNK_ROWS):
+        sl = slice(start, min(start + _limits.PREDICT_CHUNK_ROWS, n))
         seen, gs, on, fill, xvar = _row_fields(X, sl, group_idx, mask, posterior)
         m = posterior.coef_mean[gs]
         c = posterior.coef_cov[gs]
@@ -289,7 +288,7 @@ def predictive_draws(X, group_idx, mask, posterior, unseen, n_samples, seed, num
         X, group_idx, mask, posterior, unseen, seed, draw_idx
     )
     where_unseen = dict(zip(unseen_rows.tolist(), unseen_coef, strict=True))
-    step = max(1, CHUNK_ROWS // n_samples)
+    step = max(1, _limits.PREDICT_CHUNK_ROWS // n_samples)
     for start in range(0, n, step):
         sl = slice(start, min(start + step, n))
         seen, gs, on, fill, xvar = _row_fields(X, sl, group_idx, mask, posterior)

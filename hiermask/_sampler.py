@@ -67,6 +67,8 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import seed, trace
 from numpyro.infer.util import constrain_fn, potential_energy
 
+from . import _limits
+
 __all__ = [
     "COMPILER_OPTIONS",
     "LAST_TIMINGS",
@@ -85,10 +87,6 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 #: Half-width of the uniform initialization box in unconstrained space.
 _INIT_RADIUS = 2.0
-
-#: Chains run in lockstep pairs (vectorized) while the model's data has at most
-#: this many numbers, one chain per program above (see :func:`_chain_parts`).
-LOCKSTEP_MAX_DATA = 20_000
 
 #: A trajectory whose energy error exceeds this is divergent (NumPyro, Stan).
 _MAX_DELTA_ENERGY = 1000.0
@@ -179,10 +177,6 @@ def _where(flag, new, old):
     return jnp.where(flag.reshape(flag.shape + (1,) * (new.ndim - 1)), new, old)
 
 
-#: Leaf-selection uniforms are drawn in blocks of this many per transition.
-_LEAF_BLOCK = 64
-
-
 def _uniform(key_data, shape):
     # Uniforms on [0, 1) from XLA's native random bit generator (JAX's "rbg"
     # keys). The key material comes from NumPy outside the program: JAX's
@@ -206,7 +200,7 @@ def _key_data(seed_value, num_chains, num_warmup, num_samples, max_tree_depth):
     gradient); column 0 its momenta, directions and first leaf block, column
     ``b`` its ``b``-th further leaf block. Derived from ``seed_value`` alone.
     """
-    n_blocks = max(1, (2**max_tree_depth) // _LEAF_BLOCK)
+    n_blocks = max(1, (2**max_tree_depth) // _limits.LEAF_BLOCK)
     rng = np.random.default_rng(seed_value)
     shape = (num_chains, num_warmup + num_samples + 1, n_blocks + 1, 4)
     return rng.integers(0, 2**32, size=shape, dtype=np.uint32)
@@ -262,7 +256,7 @@ def _nuts_transition(
     """
     n_chains, width = point.shape
     dim = (width - 1) // 2
-    u = _uniform(key_data[0], (n_chains, dim + 2 * max_depth + _LEAF_BLOCK))
+    u = _uniform(key_data[0], (n_chains, dim + 2 * max_depth + _limits.LEAF_BLOCK))
     r0 = _normal(u[:, :dim]) / jnp.sqrt(inv_mass)
     going_right = u[:, dim : dim + max_depth] < 0.5
     top_u = u[:, dim + max_depth : dim + 2 * max_depth]
@@ -305,7 +299,7 @@ def _nuts_transition(
         # Uniform progressive sampling inside the doubling.
         tree_lw = t.log_weights[:, 0]
         sub_lw = jnp.logaddexp(t.log_weights[:, 1], -delta)
-        uniform = _pick(leaf_u, t.n_leaves % _LEAF_BLOCK)
+        uniform = _pick(leaf_u, t.n_leaves % _limits.LEAF_BLOCK)
         take = (uniform < jnp.exp(-delta - sub_lw)) | init
         sub_r_sum = t.r_sums[:, 1] + r
         # U-turns inside the doubling: checkpoints at even leaves, checks at
@@ -369,12 +363,14 @@ def _nuts_transition(
         return t, leaf_u, limit
 
     def block(state):
-        # Up to _LEAF_BLOCK more leaves per chain with one block of
+        # Up to _limits.LEAF_BLOCK more leaves per chain with one block of
         # selection uniforms (longer trajectories draw another block).
         t, n_blocks = state
-        more = _uniform(key_data[jnp.maximum(n_blocks, 1)], (n_chains, _LEAF_BLOCK))
+        more = _uniform(
+            key_data[jnp.maximum(n_blocks, 1)], (n_chains, _limits.LEAF_BLOCK)
+        )
         leaf_u = jnp.where(n_blocks == 0, first_leaf_u, more)
-        limit = (n_blocks + 1) * _LEAF_BLOCK
+        limit = (n_blocks + 1) * _limits.LEAF_BLOCK
         t, _, _ = jax.lax.while_loop(
             lambda s: jnp.any(~s[0].done & (s[0].n_leaves < s[2])),
             leaf_step,
@@ -692,6 +688,7 @@ LAST_TIMINGS: dict = {}
         "num_chains",
         "target_accept_prob",
         "max_tree_depth",
+        "limits",
     ),
 )
 def _sample(
@@ -706,7 +703,9 @@ def _sample(
     num_chains,
     target_accept_prob,
     max_tree_depth,
+    limits,
 ):
+    del limits  # read from _limits while tracing; a part of the cache key
     TRACE_COUNTS[getattr(model, "__name__", repr(model))] += 1
     density = _flat_density(model, data, hyper)
     unit = _uniform(key_data[0, 0, 1], (num_chains, density.size))
@@ -824,7 +823,7 @@ def _chain_parts(num_chains, data_size):
     more than one when the cost is the number of kernels run). Odd numbers
     of chains run one per program, so that one compiled program serves all.
     """
-    if data_size > LOCKSTEP_MAX_DATA or num_chains % 2:
+    if data_size > _limits.LOCKSTEP_MAX_DATA or num_chains % 2:
         return 1, num_chains
     return 2, num_chains // 2
 
@@ -927,6 +926,7 @@ def run_nuts(
         "num_chains": per_part,
         "target_accept_prob": float(target_accept_prob),
         "max_tree_depth": int(max_tree_depth),
+        "limits": _limits.current(),
     }
     timings = dict.fromkeys(("trace", "compile", "run"), 0.0)
     # Token 0: no progress reports (the same compiled program either way, so

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _limits
 from ._masks import group_sum
 
 __all__ = [
@@ -30,9 +31,6 @@ __all__ = [
     "scaling_from_moments",
     "vector_moments",
 ]
-
-#: Cells (rows x entries of an outer product) handled per chunk.
-_CHUNK_CELLS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -150,7 +148,7 @@ class GroupStats:
 
 
 def group_statistics(
-    X, y, w, group_idx, mask, scaling: Scaling, *, chunk_cells=_CHUNK_CELLS
+    X, y, w, group_idx, mask, scaling: Scaling, *, chunk_cells=None
 ) -> GroupStats:
     """One chunked float64 pass over the rows that sums per-group statistics.
 
@@ -189,6 +187,8 @@ def group_statistics(
     x_sum = np.zeros((n_groups, n_features))
     x_sumsq = np.zeros((n_groups, n_features))
     incomplete = []
+    if chunk_cells is None:
+        chunk_cells = _limits.STATS_CHUNK_CELLS
     step = max(256, chunk_cells // (q * q))
     for start in range(0, n_samples, step):
         sl = slice(start, min(start + step, n_samples))

@@ -2,8 +2,10 @@
 
 ``hiermask demo`` simulates the manufacturing example, fits it and prints what
 the estimator learned; ``hiermask fit`` fits a CSV or Parquet file and saves
-the model with joblib; ``hiermask predict`` writes predictions of a saved
-model as CSV. Errors are reported as one line, ``hiermask: error: ...``, on
+the model as a model file (``.hmz``, see :func:`hiermask.load`), or as a
+pickle for a ``.joblib``/``.pkl`` suffix; ``hiermask predict`` writes
+predictions of a saved model as CSV, and reads a pickle only with
+``--allow-pickle``. Errors are reported as one line, ``hiermask: error: ...``, on
 stderr: exit status 2 for bad command lines, 1 for everything else.
 """
 
@@ -25,6 +27,16 @@ PROG = "hiermask"
 
 #: Summaries with more rows than this print only their population-level rows.
 MAX_SUMMARY_ROWS = 60
+
+#: ``fit --out`` with one of these suffixes writes a pickle (joblib); any
+#: other suffix writes a model file (``.hmz``), which loads without running code.
+PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
+
+#: Why ``predict`` reads a pickle only with ``--allow-pickle``.
+PICKLE_WARNING = (
+    "loading a pickle runs whatever code the file contains; load only files you "
+    "trust, and prefer model files: 'hiermask fit --out model.hmz'"
+)
 
 
 class CLIError(Exception):
@@ -281,7 +293,10 @@ def build_parser():
         "--out",
         type=Path,
         metavar="MODEL",
-        help="save the fitted model with joblib (e.g. model.joblib)",
+        help=(
+            "save the fitted model: a model file that loads without running code "
+            "(model.hmz), or a pickle for a .joblib/.pkl suffix"
+        ),
     )
     fit.add_argument(
         "--summary-csv",
@@ -299,7 +314,9 @@ def build_parser():
             "--interval, a central interval) as CSV."
         ),
     )
-    predict.add_argument("model", type=Path, metavar="MODEL", help="a saved model")
+    predict.add_argument(
+        "model", type=Path, metavar="MODEL", help="a model file (.hmz)"
+    )
     predict.add_argument(
         "data", type=Path, metavar="DATA", help="a .csv or .parquet file"
     )
@@ -322,6 +339,14 @@ def build_parser():
         choices=("population", "error"),
         help="groups not seen in fit: predict from the population (with a "
         "warning) or refuse them (default: the fitted model's setting)",
+    )
+    predict.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help=(
+            "also load a pickle or joblib file; loading one runs any code it "
+            "contains, so use this only for files you trust"
+        ),
     )
     return parser
 
@@ -754,22 +779,34 @@ def cmd_fit(args):
         summary.to_csv(args.summary_csv)
         _out(f"summary written to {args.summary_csv}")
     if args.out is not None:
-        import joblib
-
-        try:
-            joblib.dump(est, args.out)
-        except OSError as exc:
-            raise CLIError(f"cannot write {args.out}: {_one_line(exc)}") from exc
+        _save_model(est, args.out)
         _out(f"model saved to {args.out}")
     return 0
 
 
-def load_model(path):
+def _save_model(est, path):
+    try:
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            import joblib
+
+            joblib.dump(est, path)
+        else:
+            est.save(path)
+    except OSError as exc:
+        raise CLIError(f"cannot write {path}: {_one_line(exc)}") from exc
+
+
+def load_model(path, allow_pickle=False):
     """Load a model saved by ``hiermask fit --out``.
 
     Parameters
     ----------
     path : path-like
+        A model file (read with :func:`hiermask.load`: zip archive, ``.hmz``),
+        or with ``allow_pickle`` a pickle or joblib file.
+    allow_pickle : bool, default=False
+        Whether a file that is not a model file is loaded with joblib, which
+        runs any code the file contains; a warning says so.
 
     Returns
     -------
@@ -778,19 +815,36 @@ def load_model(path):
     Raises
     ------
     CLIError
-        If the file is missing or does not hold a fitted hiermask model.
+        If the file is missing or does not hold a fitted hiermask model, or
+        is not a model file and ``allow_pickle`` is False.
     """
-    import joblib
-
-    from ._estimator import MaskedHierarchicalRegressor
+    from ._files import load
 
     path = Path(path)
     if not path.is_file():
         raise CLIError(f"{path}: no such file")
+    with path.open("rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    if zipped or path.suffix.lower() == ".hmz":
+        return load(path)  # a ModelFileError is reported as one line
+    if not allow_pickle:
+        raise CLIError(
+            f"{path} is not a model file (.hmz); if it is a pickle or joblib file "
+            "that you trust, pass --allow-pickle (loading a pickle runs any code "
+            "it contains)"
+        )
+    warnings.warn(PICKLE_WARNING, UserWarning, stacklevel=2)
+    return _load_pickle(path)
+
+
+def _load_pickle(path):
+    import joblib
+
+    from ._estimator import MaskedHierarchicalRegressor
+
     try:
         est = joblib.load(path)
     except ValueError as exc:
-        # Includes the version check of MaskedHierarchicalRegressor.
         raise CLIError(f"cannot load {path}: {_one_line(exc)}") from exc
     except Exception as exc:
         raise CLIError(
@@ -804,7 +858,8 @@ def load_model(path):
 
 def cmd_predict(args):
     """``hiermask predict``."""
-    est = load_model(args.model)
+    with _Warnings():
+        est = load_model(args.model, allow_pickle=args.allow_pickle)
     df = read_table(args.data)
     names = getattr(est, "feature_names_in_", None)
     if names is not None:

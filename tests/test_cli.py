@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hiermask import MaskedHierarchicalRegressor
-from hiermask.cli import format_summary, main, read_table
+import hiermask
+from hiermask import MaskedHierarchicalRegressor, load
+from hiermask.cli import PICKLE_WARNING, format_summary, main, read_table
 from hiermask.datasets import make_manufacturing
 
 from .conftest import FAST
@@ -45,7 +46,7 @@ def data_csv(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_file(data_csv):
-    out = data_csv.parent / "model.joblib"
+    out = data_csv.parent / "model.hmz"
     rc = main(
         [
             "fit",
@@ -84,7 +85,7 @@ def test_demo_prints_results_and_writes_plots(tmp_path, capsys):
 
 
 def test_fit_prints_summary_progress_note_and_saves(data_csv, tmp_path, capsys):
-    out_path = tmp_path / "m.joblib"
+    out_path = tmp_path / "m.hmz"
     summary_path = tmp_path / "summary.csv"
     rc = main(
         [
@@ -107,7 +108,7 @@ def test_fit_prints_summary_progress_note_and_saves(data_csv, tmp_path, capsys):
     assert "r_hat" in out
     assert "fitting 200 rows, 2 group(s), 3 feature(s)" in err
     assert "Traceback" not in err
-    est = joblib.load(out_path)
+    est = hiermask.load(out_path)  # a model file: no pickle
     assert isinstance(est, MaskedHierarchicalRegressor)
     assert est.mask_.loc["Product_Group_1", "Cutting_Wait_Time"] == np.False_
     summary = pd.read_csv(summary_path, index_col=0)
@@ -134,11 +135,48 @@ def test_predict_with_interval_to_csv(model_file, data_csv, tmp_path, capsys):
     assert (preds["lower"] < preds["mean"]).all() and (
         preds["mean"] < preds["upper"]
     ).all()
-    est = joblib.load(model_file)
+    est = hiermask.load(model_file)
     data = pd.read_csv(data_csv)
     mean, sd = est.predict(data.drop(columns="Production_Speed"), return_std=True)
     np.testing.assert_allclose(preds["mean"], mean, rtol=1e-9)
     np.testing.assert_allclose(preds["sd"], sd, rtol=1e-9)
+
+
+def test_pickle_is_written_for_its_suffix_and_read_only_when_allowed(
+    model_file, data_csv, tmp_path, capsys
+):
+    # fit --out x.joblib still writes a pickle; predict refuses it unless
+    # --allow-pickle is given, and then warns why.
+    pickled = tmp_path / "model.joblib"
+    joblib.dump(hiermask.load(model_file), pickled)
+    assert pickled.read_bytes()[:2] != b"PK"
+    capsys.readouterr()
+    rc = main(["predict", str(pickled), str(data_csv)])
+    _, err = capsys.readouterr()
+    line = _one_line_error(err, 1, rc)
+    assert "not a model file" in line and "--allow-pickle" in line
+    assert "runs any code" in line
+    rc = main(["predict", str(pickled), str(data_csv), "--allow-pickle"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert err.strip() == f"hiermask: warning: {PICKLE_WARNING}"
+    expected = main(["predict", str(model_file), str(data_csv)])
+    assert expected == 0
+    assert capsys.readouterr().out == out  # the same predictions
+    rc = main(["predict", str(data_csv), str(data_csv), "--allow-pickle"])
+    warning, error = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and warning == f"hiermask: warning: {PICKLE_WARNING}"
+    assert error.startswith("hiermask: error: ") and "not a model" in error
+
+
+def test_fit_out_joblib_writes_a_pickle(data_csv, tmp_path, capsys):
+    out = tmp_path / "m.joblib"
+    argv = ["fit", str(data_csv), "--target", "Production_Speed"]
+    rc = main([*argv, "--group", "Product_Group", "--out", str(out), "-q", *SAMPLER])
+    assert rc == 0
+    est = joblib.load(out)
+    assert isinstance(est, MaskedHierarchicalRegressor)
+    assert "model saved to" in capsys.readouterr().out
 
 
 def test_predict_to_stdout_ignores_extra_columns(model_file, data_csv, capsys):
@@ -185,6 +223,7 @@ def test_predict_to_stdout_ignores_extra_columns(model_file, data_csv, capsys):
         ),
         (["fit", "{empty}", "--target", "y"], 1, "empty"),
         (["predict", "{data}", "{data}"], 1, "not a model"),
+        (["predict", "{broken}", "{data}"], 1, "not a zip archive"),
         (["predict", "{missing}", "{data}"], 1, "no such file"),
         (["predict", "{model}", "{data}", "--interval", "1.5"], 2, "(0, 1)"),
         (["predict", "{model}", "{wrong}"], 1, "not found"),
@@ -199,12 +238,15 @@ def test_errors_are_one_line_without_traceback(
     empty.write_text("")
     wrong = tmp_path / "wrong.csv"
     pd.DataFrame({"a": [1.0, 2.0]}).to_csv(wrong, index=False)
+    broken = tmp_path / "broken.hmz"
+    broken.write_bytes(model_file.read_bytes()[:500])  # truncated
     paths = {
         "missing": str(tmp_path / "missing.csv"),
         "data": str(data_csv),
         "empty": str(empty),
         "model": str(model_file),
         "wrong": str(wrong),
+        "broken": str(broken),
     }
     capsys.readouterr()
     rc = main([a.format(**paths) for a in argv])
@@ -289,7 +331,7 @@ def sleep_csv(tmp_path_factory):
 
 
 def test_fit_columns_options_mask_and_predict_id(sleep_csv, tmp_path, capsys):
-    model = tmp_path / "sleep.joblib"
+    model = tmp_path / "sleep.hmz"
     argv = ["fit", str(sleep_csv), "--target", "Reaction", "--group", "Subject"]
     options = ["--drop", "Unnamed: 0", "--id", "rownames", "--mask-threshold", "0.9"]
     priors = ["--coef-prior-scale", "2.5", "--noise-prior-scale", "0.5"]
@@ -299,7 +341,7 @@ def test_fit_columns_options_mask_and_predict_id(sleep_csv, tmp_path, capsys):
     assert "looks like a saved row index" not in err
     assert "Mask (True: the feature applies to the group):" in out
     assert "imputed cells (NaN in a feature that applies): 2 (Days 2)" in out
-    est = joblib.load(model)
+    est = load(model)
     assert list(est.feature_names_in_) == ["Subject", "Days"]
     assert not est.mask_.loc[309, "Days"] and est.mask_.loc[308, "Days"]
     params = est.get_params()

@@ -14,7 +14,7 @@ import pytest
 from scipy.stats import multivariate_normal
 
 from hiermask import _collapsed as collapsed
-from hiermask import _fit
+from hiermask import _fit, _limits
 from hiermask._collapsed import conditional_draws, marginal_loglik
 from hiermask._fit import FitConfig, _collapsed_data, _hyper, _prior_units
 from hiermask._stats import compute_scaling
@@ -216,11 +216,11 @@ def test_gradient_matches_finite_differences(pooling, block_groups, monkeypatch)
     # groups (7 groups: a ragged last block; the factorizations kept between
     # the passes with 2, factorized again with 3) as well as one block, the
     # last with LAPACK factors.
-    monkeypatch.setattr(collapsed, "BLOCK_GROUPS", block_groups)
+    monkeypatch.setattr(_limits, "BLOCK_GROUPS", block_groups)
     if block_groups is None:
-        monkeypatch.setattr(collapsed, "UNROLL_MAX_SIZE", 1)
+        monkeypatch.setattr(_limits, "UNROLL_MAX_SIZE", 1)
     if block_groups == 3:
-        monkeypatch.setattr(collapsed, "KEEP_FACTORS_BYTES", 0)
+        monkeypatch.setattr(_limits, "KEEP_FACTORS_BYTES", 0)
     data, hyper = _masked_problem()
     with jax.enable_x64(True):
         f, x = _loglik_of(pooling, _as_jax(data), _as_jax(hyper))
@@ -247,9 +247,9 @@ def test_blocking_over_groups_changes_nothing(pooling, monkeypatch):
     results = []
     cases = ((None, 16, 1 << 26), (2, 16, 1 << 26), (3, 16, 0), (3, 1, 1 << 26))
     for block_groups, unroll, keep in cases:
-        monkeypatch.setattr(collapsed, "BLOCK_GROUPS", block_groups)
-        monkeypatch.setattr(collapsed, "UNROLL_MAX_SIZE", unroll)
-        monkeypatch.setattr(collapsed, "KEEP_FACTORS_BYTES", keep)
+        monkeypatch.setattr(_limits, "BLOCK_GROUPS", block_groups)
+        monkeypatch.setattr(_limits, "UNROLL_MAX_SIZE", unroll)
+        monkeypatch.setattr(_limits, "KEEP_FACTORS_BYTES", keep)
         with jax.enable_x64(True):
             f, x = _loglik_of(pooling, _as_jax(data), _as_jax(hyper))
             value, grad = jax.value_and_grad(f)(jnp.asarray(x))
@@ -282,7 +282,7 @@ def test_conditional_draws_in_parts_match_one_run(pooling, monkeypatch):
     data, hyper = _masked_problem()
     n_groups, n_features = data.on.shape
     q = n_features + 1
-    monkeypatch.setattr(collapsed, "_CHUNK_FLOATS", 2 * n_groups * q * q)
+    monkeypatch.setattr(_limits, "CONDITIONAL_CHUNK_FLOATS", 2 * n_groups * q * q)
     assert _fit._conditional_parts(7, n_groups, q) == (2, 4, [(0, 4, 0), (4, 7, 2)])
     rng = np.random.default_rng(3)
     draws = {

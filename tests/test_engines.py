@@ -120,17 +120,21 @@ with jax.enable_x64(True):
             chol = jnp.linalg.cholesky(m * (1.0 + 1e-3 * c))
             return c + 1e-9 * jnp.sum(jnp.log(jnp.diagonal(chol, 0, 1, 2)))
         return jax.lax.fori_loop(0, 200, body, s)
-    program = exclusive(jax.jit(loop).lower(batch, 0.0).compile())
+    # lowered, and called, with a keyword argument as the fit's conditional
+    # draws are: the wrapper forwards keyword arguments (issue 12)
+    program = exclusive(jax.jit(loop).lower(batch, s=0.0).compile())
     plain = exclusive(jax.jit(lambda m: m * 2.0).lower(batch).compile())
     single = exclusive(jax.jit(jnp.linalg.cholesky).lower(m).compile())
     assert isinstance(program, _Exclusive)
     assert not isinstance(plain, _Exclusive) and not isinstance(single, _Exclusive)
+    done = []
     def run():
         with jax.enable_x64(True):
-            program(batch, 0.0)
+            done.append(float(program(batch, s=0.0)))
     threads = [threading.Thread(target=run) for _ in range(2)]
     [t.start() for t in threads]
     [t.join() for t in threads]
+    assert len(done) == 2, "a thread raised"
 print("ok")
 """
 

@@ -1,0 +1,93 @@
+"""JAX's persistent compilation cache, turned on where the user asks for it.
+
+The library never changes JAX's global configuration by itself; the command
+line turns the cache on (it owns its process), and a user turns it on in a
+notebook or script with :func:`enable_compilation_cache`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+#: Environment variable that turns the command line's cache off when set to
+#: a non-empty value other than "0".
+NO_CACHE_ENV = "HIERMASK_NO_CACHE"
+
+#: The JAX options :func:`enable_compilation_cache` sets.
+_OPTIONS = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+)
+
+
+def default_cache_dir() -> Path:
+    """The per-user cache folder of hiermask's compiled programs.
+
+    ``$XDG_CACHE_HOME/hiermask/jax`` (``~/.cache/hiermask/jax`` when unset)
+    on Linux, ``~/Library/Caches/hiermask/jax`` on macOS and
+    ``%LOCALAPPDATA%\\hiermask\\jax`` on Windows: the locations ``platformdirs``
+    gives.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData/Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "hiermask" / "jax"
+
+
+def cache_disabled_by_env() -> bool:
+    """Whether ``HIERMASK_NO_CACHE`` asks the command line not to cache."""
+    return os.environ.get(NO_CACHE_ENV, "") not in ("", "0")
+
+
+def enable_compilation_cache(path=None) -> dict:
+    """Turn on JAX's persistent compilation cache for this process.
+
+    hiermask's programs are cached per shape in memory; with this cache they
+    are also written to disk, so that a new process (a restarted notebook, a
+    ``GridSearchCV(n_jobs=...)`` worker, the next ``hiermask`` command) loads
+    them instead of compiling them again. This changes JAX's global
+    configuration for the whole process (every JAX program is then cached,
+    not only hiermask's): ``jax_compilation_cache_dir`` is set to ``path``,
+    and ``jax_persistent_cache_min_compile_time_secs`` and
+    ``jax_persistent_cache_min_entry_size_bytes`` to 0 (cache every
+    program, however fast it compiled). hiermask never calls this by itself.
+
+    Parameters
+    ----------
+    path : str or os.PathLike, default=None
+        Cache folder, created if missing; None: :func:`default_cache_dir`.
+
+    Returns
+    -------
+    dict
+        The previous values of the three options. To undo:
+        ``for name, value in previous.items(): jax.config.update(name, value)``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import jax
+    >>> import hiermask
+    >>> previous = hiermask.enable_compilation_cache(tempfile.mkdtemp())
+    >>> for name, value in previous.items():
+    ...     jax.config.update(name, value)
+    """
+    import jax
+
+    folder = Path(default_cache_dir() if path is None else path).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    previous = {name: getattr(jax.config, name) for name in _OPTIONS}
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return previous

@@ -1,0 +1,98 @@
+"""Size thresholds of the engines, in one place.
+
+Each threshold switches between two code paths that compute the same result
+(unrolled algebra or LAPACK, one block of groups or several, kept or
+recomputed factorizations, one part of conditional draws or two, ...). The
+code reads them from this module when it builds a program, and
+:func:`current` is part of every compile-cache key, so that a program built
+under one set of values is never reused under another. ``tests/
+test_thresholds.py`` fits and predicts on both sides of each one through the
+public API.
+
+Why each value was chosen, with the measurements behind it, is in the
+docstring of the function that uses it.
+"""
+
+from __future__ import annotations
+
+#: The groups' q x q matrices (q = features + 1) are factorized by unrolled
+#: code up to this size, by LAPACK above (``_collapsed._unrolled``).
+UNROLL_MAX_SIZE = 24
+
+#: The population's single matrix is factorized by unrolled code up to this
+#: size, by LAPACK above (``_collapsed._inverse_cholesky``).
+UNROLL_MAX_SIZE_POPULATION = 12
+
+#: Target bytes of one block of groups' intermediates in the collapsed
+#: density (one chain); the groups per block follow from q
+#: (``_collapsed._blocking``).
+BLOCK_BYTES = 1 << 21
+
+#: If not None, the number of groups per block, overriding ``BLOCK_BYTES``.
+BLOCK_GROUPS = None
+
+#: The blocks' factorizations are kept from the value's pass for the
+#: gradient's pass while they take at most this many bytes per chain
+#: (``_collapsed._keeps_factors``).
+KEEP_FACTORS_BYTES = 1 << 26
+
+#: The conditional draws go in chunks of at most this many (draws x groups x
+#: q x q) floats; two chunks or more run as two parts in parallel
+#: (``_collapsed.conditional_chunk``, ``_fit._conditional_parts``).
+CONDITIONAL_CHUNK_FLOATS = 1 << 22
+
+#: A tile of a chunk of conditional draws holds about this many times the
+#: (draw, group) pairs of a density block (``_collapsed._draw_tiling``).
+CONDITIONAL_TILE_FACTOR = 4
+
+#: Models whose data take more than this many numbers run one chain per
+#: compiled program, smaller ones pairs of chains in lockstep
+#: (``_sampler._chain_parts``).
+LOCKSTEP_MAX_DATA = 20_000
+
+#: Uniform numbers for multinomial sampling are drawn per block of this many
+#: leaves of a NUTS trajectory; longer trajectories draw further blocks
+#: (``_sampler``).
+LEAF_BLOCK = 64
+
+#: Rows per chunk of the prediction loops (``_predict``).
+PREDICT_CHUNK_ROWS = 1 << 13
+
+#: Cells (rows x q x q) per chunk of the sufficient-statistics pass
+#: (``_stats.group_statistics``).
+STATS_CHUNK_CELLS = 1 << 22
+
+#: Partitions' statistics combined per task in the dask tree reduction
+#: (``_dask``).
+DASK_SPLIT_EVERY = 8
+
+#: Convergence diagnostics cover every group coefficient while there are at
+#: most this many (groups x (features + 1)); above, only the population
+#: parameters (``_fit``).
+MAX_GROUP_PARAMS_DIAGNOSED = 2000
+
+_NAMES = (
+    "UNROLL_MAX_SIZE",
+    "UNROLL_MAX_SIZE_POPULATION",
+    "BLOCK_BYTES",
+    "BLOCK_GROUPS",
+    "KEEP_FACTORS_BYTES",
+    "CONDITIONAL_CHUNK_FLOATS",
+    "CONDITIONAL_TILE_FACTOR",
+    "LOCKSTEP_MAX_DATA",
+    "LEAF_BLOCK",
+    "PREDICT_CHUNK_ROWS",
+    "STATS_CHUNK_CELLS",
+    "DASK_SPLIT_EVERY",
+    "MAX_GROUP_PARAMS_DIAGNOSED",
+)
+
+
+def current():
+    """The thresholds in force, as a hashable tuple (a compile-cache key part).
+
+    Returns
+    -------
+    tuple of (str, object)
+    """
+    return tuple((name, globals()[name]) for name in _NAMES)

@@ -1,0 +1,57 @@
+"""JAX's persistent compilation cache: off unless asked for, on when asked."""
+
+import subprocess
+import sys
+
+import hiermask
+from hiermask._cache import cache_disabled_by_env, default_cache_dir
+
+_SCRIPT = """
+import os, sys
+import jax
+import hiermask
+from hiermask.datasets import make_manufacturing
+assert jax.config.jax_compilation_cache_dir is None  # import changes nothing
+if sys.argv[1] == "on":
+    previous = hiermask.enable_compilation_cache(sys.argv[2])
+    assert previous["jax_compilation_cache_dir"] is None
+X, y = make_manufacturing(60, random_state=0)
+hiermask.MaskedHierarchicalRegressor(
+    group_col="Product_Group", num_warmup=20, num_samples=20, num_chains=1,
+    on_bad_convergence="ignore", random_state=0,
+).fit(X, y)
+print(len(os.listdir(sys.argv[2])))
+"""
+
+
+def _run(mode, folder):
+    out = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, mode, str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_programs_are_cached_only_when_asked(tmp_path):
+    assert _run("off", tmp_path) == 0
+    assert _run("on", tmp_path) > 0
+
+
+def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "hiermask" / "jax"
+
+
+def test_no_cache_environment_variable(monkeypatch):
+    for value, disabled in [("", False), ("0", False), ("1", True), ("yes", True)]:
+        monkeypatch.setenv("HIERMASK_NO_CACHE", value)
+        assert cache_disabled_by_env() is disabled
+
+
+def test_enable_compilation_cache_is_public():
+    assert "enable_compilation_cache" in hiermask.__all__
