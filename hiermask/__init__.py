@@ -16,6 +16,7 @@ from ._estimator import (
     MaskedHierarchicalRegressor,
 )
 from ._files import ModelFileError, load
+from ._validation import UnseenGroupWarning
 
 try:
     __version__ = _metadata.version("hiermask")
@@ -27,6 +28,7 @@ __all__ = [
     "InconsistentVersionWarning",
     "MaskedHierarchicalRegressor",
     "ModelFileError",
+    "UnseenGroupWarning",
     "__version__",
     "enable_compilation_cache",
     "load",

@@ -17,9 +17,10 @@ statistics, so a distributed data frame is fitted without collecting it:
   (:func:`hiermask._fit.posterior_from_statistics`).
 
 Predictions are lazy: ``map_partitions`` over the rows with the fitted model
-as one shared graph key. The masks of groups not seen in fit are read from
-all of their rows, as in memory, by a lazy reduction the predictions depend
-on.
+as one shared graph key. Each row's prediction depends only on the row (an
+unseen group's row has its own mask); the groups not seen in fit are
+counted over all partitions by a lazy reduction the predictions depend on,
+which raises or warns once, as in memory.
 
 This module imports dask only inside its functions, so that hiermask works
 without the extra.
@@ -52,6 +53,7 @@ from ._validation import (
     _describe_rows,
     _label_is_missing,
     check_target,
+    check_unseen,
     check_weights,
     lookup_groups,
     split_groups,
@@ -559,19 +561,17 @@ def _too_many_latent_rows(count, limit, at_least=False):
 # ------------------------------------------------------------- predict
 @dataclass(frozen=True)
 class UnseenTable:
-    """Labels of the groups not seen in fit and their masks, over all rows.
+    """Labels of the groups not seen in fit, over all partitions.
 
     Attributes
     ----------
     labels : ndarray of shape (n_unseen,), object
-    mask : ndarray of shape (n_unseen, n_features), bool
     """
 
     labels: np.ndarray
-    mask: np.ndarray
 
     def lookup(self, labels, group_idx):
-        """The ``unseen`` tuple of :func:`hiermask._predict.unseen_masks`.
+        """The ``unseen`` tuple of :func:`hiermask._predict.unseen_codes`.
 
         Parameters
         ----------
@@ -583,28 +583,26 @@ class UnseenTable:
         Returns
         -------
         tuple
-            ``(codes, labels, mask)``.
+            ``(codes, labels)``.
         """
         codes = np.full(group_idx.shape[0], -1, dtype=np.int64)
         rows = np.flatnonzero(group_idx < 0)
         if rows.size:
             codes[rows] = lookup_groups(self.labels, labels[rows], rows.size)
-        return codes, self.labels, self.mask
+        return codes, self.labels
 
 
 @dataclass(frozen=True)
 class _UnseenCounts:
     labels: np.ndarray
     rows: np.ndarray
-    nans: np.ndarray
 
 
 def _merge_unseen(a: _UnseenCounts, b: _UnseenCounts) -> _UnseenCounts:
     labels, pos = _union(a.labels, b.labels)
-    rows, nans = _grow(a.rows, len(labels)), _grow(a.nans, len(labels))
+    rows = _grow(a.rows, len(labels))
     rows[pos] += b.rows
-    nans[pos] += b.nans
-    return _UnseenCounts(labels, rows, nans)
+    return _UnseenCounts(labels, rows)
 
 
 def _unseen_partition(X, groups, group_col, fitted, n, partition_info=None):
@@ -618,27 +616,20 @@ def _unseen_partition(X, groups, group_col, fitted, n, partition_info=None):
     counts = _UnseenCounts(
         labels,
         np.bincount(np.asarray(codes, dtype=np.int64), minlength=len(labels)),
-        np.rint(
-            group_sum(
-                np.isnan(parsed.features[rows]),
-                np.asarray(codes, dtype=np.int64),
-                len(labels),
-            )
-        ).astype(np.int64),
     )
     return pd.Series([counts], dtype=object)
 
 
-def _unseen_table(counts: _UnseenCounts, fitted_active, threshold, error):
-    if error and len(counts.labels):
-        raise ValueError(
-            f"{len(counts.labels)} group(s) were not seen in fit: "
-            f"{', '.join(map(repr, counts.labels[:10]))}. Use "
-            "unseen_groups='population' to predict them from the population."
-        )
-    with np.errstate(invalid="ignore", divide="ignore"):
-        frac = counts.nans / counts.rows[:, None]
-    return UnseenTable(counts.labels, (frac < threshold) & fitted_active)
+def _unseen_table(counts: _UnseenCounts, fitted, policy, pooling):
+    check_unseen(
+        fitted,
+        counts.labels,
+        int(counts.rows.sum()),
+        policy=policy,
+        pooling=pooling,
+        stacklevel=2,
+    )
+    return UnseenTable(counts.labels)
 
 
 def _predict_partition(X, groups, model, table, what, extra, partition_info=None):
@@ -652,7 +643,7 @@ def _predict_partition(X, groups, model, table, what, extra, partition_info=None
     return pd.DataFrame(values, index=X.index, columns=columns)
 
 
-def lazy_predictions(model, X, groups, what, extra, *, fitted, fitted_active):
+def lazy_predictions(model, X, groups, what, extra, *, fitted):
     """Lazy per-row outputs of a fitted model on a dask DataFrame.
 
     Parameters
@@ -672,8 +663,6 @@ def lazy_predictions(model, X, groups, what, extra, *, fitted, fitted_active):
         Further arguments of ``_predict_partition`` (e.g. n_samples, seed).
     fitted : ndarray of shape (n_groups,)
         Labels seen in fit.
-    fitted_active : ndarray of shape (n_features,), bool
-        Features that have a parameter.
 
     Returns
     -------
@@ -696,9 +685,9 @@ def lazy_predictions(model, X, groups, what, extra, *, fitted, fitted_active):
     )
     table = dask.delayed(_unseen_table, pure=True)(
         _tree_reduce(counts, _merge_unseen),
-        fitted_active,
-        model.mask_threshold,
-        model.unseen_groups == "error",
+        fitted,
+        model.unseen_groups,
+        model.pooling,
     )
     if what == "draws":
         columns = list(range(extra[0]))

@@ -6,10 +6,11 @@ import copy
 import numbers
 import warnings
 from importlib import metadata
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 from scipy.special import ndtri
 from sklearn.base import BaseEstimator, RegressorMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
@@ -20,15 +21,22 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import _dask
 from ._fit import FitConfig, Posterior, fit_posterior, posterior_from_statistics
-from ._masks import infer_mask
-from ._predict import predictive_draws, predictive_moments, unseen_masks
+from ._masks import MIN_EVIDENCE, mask_from_counts, nan_counts, thin_evidence
+from ._predict import predictive_draws, predictive_moments, unseen_codes
 from ._validation import (
     check_target,
+    check_unseen,
     check_weights,
+    constant_target_message,
     encode_groups,
     lookup_groups,
     split_groups,
+    target_note,
 )
+
+if TYPE_CHECKING:  # optional extras, for the annotations only
+    import arviz
+    import dask.dataframe as dd
 
 __all__ = [
     "ConvergenceError",
@@ -176,7 +184,11 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         intercept prior sits at the means). False: raw units, centred at 0.
     mask_threshold : float in (0, 1], default=1.0
         A feature is off for a group when its NaN fraction there is at least
-        this value.
+        this value. A small group is judged on its few rows: with 10% of
+        radon's basement values missing at random, a one-house county whose
+        value is missing has basement switched off. Fit warns with the count
+        and examples of the pairs switched off on fewer than 3 rows; fill
+        such values before fit when they are missing, not "does not apply".
     missing : {"impute", "error"}, default="impute"
         What to do with NaN in a feature that is on for the row's group.
     unseen_groups : {"population", "error"}, default="population"
@@ -201,7 +213,8 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         Memory budget for the draws of every group's coefficients that fit
         keeps (``num_chains * num_samples * n_groups * (n_features + 1) * 8``
         bytes); fit raises a ValueError before sampling when it would be
-        exceeded.
+        exceeded. ``to_arviz(X)`` holds its log-likelihood (8 bytes per draw
+        and row) to the same budget.
     max_latent_rows : int, default=100_000
         Dask input only: the most rows holding latent cells (NaN in a feature
         that applies to the row's group) that a fit brings to the client,
@@ -310,27 +323,27 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
     def __init__(
         self,
         *,
-        group_col=None,
-        pooling="partial",
-        coef_prior_scale=1.0,
-        intercept_prior_scale=1.0,
-        group_scale_prior=1.0,
-        noise_prior_scale=1.0,
-        standardize=True,
-        mask_threshold=1.0,
-        missing="impute",
-        unseen_groups="population",
-        engine="auto",
-        num_warmup=500,
-        num_samples=1000,
-        num_chains=4,
-        target_accept_prob=0.8,
-        on_bad_convergence="warn",
-        max_posterior_bytes=4_000_000_000,
-        max_latent_rows=100_000,
-        progress_bar=False,
-        random_state=None,
-    ):
+        group_col: str | int | None = None,
+        pooling: Literal["partial", "none", "complete"] = "partial",
+        coef_prior_scale: float = 1.0,
+        intercept_prior_scale: float = 1.0,
+        group_scale_prior: float = 1.0,
+        noise_prior_scale: float = 1.0,
+        standardize: bool = True,
+        mask_threshold: float = 1.0,
+        missing: Literal["impute", "error"] = "impute",
+        unseen_groups: Literal["population", "error"] = "population",
+        engine: Literal["auto", "collapsed", "direct"] = "auto",
+        num_warmup: int = 500,
+        num_samples: int = 1000,
+        num_chains: int = 4,
+        target_accept_prob: float = 0.8,
+        on_bad_convergence: Literal["warn", "raise", "ignore"] = "warn",
+        max_posterior_bytes: int = 4_000_000_000,
+        max_latent_rows: int = 100_000,
+        progress_bar: bool = False,
+        random_state: int | np.random.RandomState | None = None,
+    ) -> None:
         self.group_col = group_col
         self.pooling = pooling
         self.coef_prior_scale = coef_prior_scale
@@ -360,7 +373,14 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, groups=None, sample_weight=None):
+    def fit(
+        self,
+        X: ArrayLike | pd.DataFrame | dd.DataFrame,
+        y: ArrayLike | dd.Series,
+        *,
+        groups: ArrayLike | dd.Series | None = None,
+        sample_weight: ArrayLike | dd.Series | None = None,
+    ) -> MaskedHierarchicalRegressor:
         """Fit the model with NUTS.
 
         Parameters
@@ -423,27 +443,24 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
 
     def _fit(self, X, y, groups, sample_weight):
         """fit's work; returns the fitted attributes without setting them."""
-        parsed = split_groups(X, self.group_col, groups)
+        parsed = split_groups(X, self.group_col, groups, ensure_min_samples=2)
         validate_data(self, X, y, reset=True, skip_check_array=True)
         features = parsed.features
         n_samples = features.shape[0]
-        if n_samples < 2:
-            raise ValueError(
-                f"Found {n_samples} sample(s): n_samples=1 is too few; at least 2 "
-                "rows are needed to fit."
-            )
         target = check_target(y, n_samples)
+        note = target_note(target)
+        if note:
+            warnings.warn(note, UserWarning, stacklevel=4)
         weights = check_weights(sample_weight, features)
         groups_, group_idx = encode_groups(parsed.labels, n_samples)
         names = parsed.feature_names
-        mask = infer_mask(features, group_idx, len(groups_), self.mask_threshold)
+        nans = nan_counts(features, group_idx, len(groups_))
+        rows = np.bincount(group_idx, minlength=len(groups_))
+        mask = mask_from_counts(nans, rows, self.mask_threshold)
         self._check_mask_and_missing(
-            (mask[group_idx] & np.isnan(features)).sum(axis=0),
-            np.bincount(group_idx, minlength=len(groups_)),
-            groups_,
-            mask,
-            names,
+            np.where(mask, nans, 0).sum(axis=0), rows, groups_, mask, names
         )
+        self._warn_thin_masks(nans, mask, groups_, names)
         self._check_memory(len(groups_), features.shape[1])
         config = self._fit_config()
         posterior = fit_posterior(features, target, weights, group_idx, mask, config)
@@ -462,14 +479,14 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         summary = _dask.summarize(X, y, groups, sample_weight, self.group_col)
         if summary.n_rows < 2:
             raise ValueError(
-                f"Found {summary.n_rows} sample(s): n_samples=1 is too few; at "
-                "least 2 rows are needed to fit."
+                f"Found {summary.n_rows} sample(s) while a minimum of 2 is required."
             )
         if summary.weight_sum <= 0:
             raise ValueError("sample_weight sums to zero: nothing to fit.")
+        if float(summary.y.m2) == 0.0:
+            raise ValueError(constant_target_message(float(summary.y.mean)))
         groups_ = summary.labels
-        # The rule of infer_mask, on the counts summed over the partitions.
-        mask = summary.nans / summary.rows[:, None] < self.mask_threshold
+        mask = mask_from_counts(summary.nans, summary.rows, self.mask_threshold)
         self._check_mask_and_missing(
             np.where(mask, summary.nans, 0).sum(axis=0),
             summary.rows,
@@ -477,6 +494,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             mask,
             names,
         )
+        self._warn_thin_masks(summary.nans, mask, groups_, names)
         self._check_memory(len(groups_), len(names))
         config = self._fit_config()
         fit_stats = _dask.fit_statistics(
@@ -593,6 +611,28 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
                     stacklevel=4,
                 )
 
+    def _warn_thin_masks(self, nans, mask, groups_, names):
+        """Warn about (group, feature) pairs switched off on the NaN of fewer
+        than MIN_EVIDENCE rows: a value or two missing at random looks the
+        same as "does not apply"."""
+        g, j = thin_evidence(nans, mask)
+        if not len(g):
+            return
+        shown = ", ".join(
+            f"({groups_[a]!r}, {names[b]!r}: {int(nans[a, b])} row(s))"
+            for a, b in zip(g[:5], j[:5], strict=True)
+        )
+        more = f", ... ({len(g)} in all)" if len(g) > 5 else ""
+        warnings.warn(
+            f"{len(g)} (group, feature) pair(s) are switched off on the evidence "
+            f"of fewer than {MIN_EVIDENCE} rows with NaN: {shown}{more}. mask_ "
+            f"follows the rule (mask_threshold={self.mask_threshold}); if these "
+            "values are missing rather than not applicable, the coefficient is "
+            "still 0 there: fill them before fit to keep the feature on.",
+            UserWarning,
+            stacklevel=4,
+        )
+
     def _convergence(self, posterior: Posterior, groups_, names):
         diag = posterior.diagnostics
         label = self._diagnostic_labeler(groups_, names)
@@ -627,15 +667,20 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         if self.on_bad_convergence == "ignore":
             return
         problems = []
-        if convergence["max_r_hat"] > MAX_R_HAT:
+        r_hat, ess = convergence["max_r_hat"], convergence["min_ess_bulk"]
+        if np.isnan(r_hat) or np.isnan(ess):  # fewer than 4 draws per chain
             problems.append(
-                f"max r_hat {convergence['max_r_hat']:.3f} > {MAX_R_HAT} "
+                "r_hat and ESS could not be computed (too few draws: "
+                f"{self.num_chains} chain(s) x {self.num_samples})"
+            )
+        if r_hat > MAX_R_HAT:
+            problems.append(
+                f"max r_hat {r_hat:.3f} > {MAX_R_HAT} "
                 f"(worst: {convergence['worst_parameter']})"
             )
-        if convergence["min_ess_bulk"] < MIN_ESS_PER_CHAIN * self.num_chains:
+        if ess < MIN_ESS_PER_CHAIN * self.num_chains:
             problems.append(
-                f"min bulk ESS {convergence['min_ess_bulk']:.0f} < "
-                f"{MIN_ESS_PER_CHAIN * self.num_chains}"
+                f"min bulk ESS {ess:.0f} < {MIN_ESS_PER_CHAIN * self.num_chains}"
             )
         if convergence["n_divergences"]:
             problems.append(f"{convergence['n_divergences']} divergent transition(s)")
@@ -652,7 +697,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
 
     # -------------------------------------------------------------- predict
     @property
-    def mask_(self):
+    def mask_(self) -> pd.DataFrame:
         """Group x feature mask as a labelled DataFrame (True: feature on).
 
         Feature ``j`` is off for group ``g`` when the fraction of NaN in
@@ -679,11 +724,11 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         )
 
     def _prepare(self, X, groups, unseen_table=None):
-        """Features, fitted group codes (-1: unseen) and unseen-group masks.
+        """Features, fitted group codes (-1: unseen) and unseen-group codes.
 
-        ``unseen_table`` (dask partitions) gives the unseen groups' labels
-        and masks read from every partition; without it they are read from
-        ``X``'s own rows."""
+        ``unseen_table`` (dask partitions) numbers the unseen groups of every
+        partition (checked and warned about once, at compute); without it
+        they are numbered, checked and warned about here."""
         check_is_fitted(self)
         parsed = split_groups(X, self.group_col, groups, ensure_min_samples=0)
         validate_data(self, X, reset=False, skip_check_array=True)
@@ -694,30 +739,20 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             )
         n = parsed.features.shape[0]
         group_idx = lookup_groups(self.groups_, parsed.labels, n)
-        if (group_idx < 0).any() and self.unseen_groups == "error":
-            unseen = pd.unique(parsed.labels[group_idx < 0])
-            raise ValueError(
-                f"{len(unseen)} group(s) were not seen in fit: "
-                f"{', '.join(map(repr, unseen[:10]))}. Use "
-                "unseen_groups='population' to predict them from the population."
-            )
-        if (group_idx < 0).any() and self.pooling == "none":
-            warnings.warn(
-                "Groups not seen in fit are predicted from the prior: under "
-                "pooling='none' there is no population to draw them from.",
-                UserWarning,
-                stacklevel=4,
-            )
-        if unseen_table is not None:
-            unseen = unseen_table.lookup(parsed.labels, group_idx)
-        else:
-            unseen = unseen_masks(
+        if unseen_table is not None:  # checked once over all partitions
+            return (
                 parsed.features,
                 group_idx,
-                parsed.labels,
-                self._mask.any(axis=0),
-                self.mask_threshold,
+                unseen_table.lookup(parsed.labels, group_idx),
             )
+        unseen = unseen_codes(group_idx, parsed.labels)
+        check_unseen(
+            self.groups_,
+            unseen[1],
+            int(np.sum(group_idx < 0)),
+            policy=self.unseen_groups,
+            pooling=self.pooling,
+        )
         return parsed.features, group_idx, unseen
 
     def _lazy(self, X, groups, what, extra=()):
@@ -738,7 +773,6 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             what,
             extra,
             fitted=self.groups_,
-            fitted_active=self._mask.any(axis=0),
         )
 
     def _predict_partition(self, X, groups, unseen_table, what, extra, number):
@@ -756,9 +790,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
                 seed,
                 number,
             )
-        mean, sd = predictive_moments(
-            features, group_idx, self._mask, self._posterior, unseen
-        )
+        mean, sd = predictive_moments(features, group_idx, self._mask, self._posterior)
         if what == ("lower", "upper"):
             (z,) = extra
             return np.column_stack([mean - z * sd, mean + z * sd])
@@ -768,7 +800,18 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
     def _is_dask(X, groups):
         return _dask.is_dask_collection(X) or _dask.is_dask_collection(groups)
 
-    def predict(self, X, groups=None, return_std=False):
+    def predict(
+        self,
+        X: ArrayLike | pd.DataFrame | dd.DataFrame,
+        *,
+        groups: ArrayLike | dd.Series | None = None,
+        return_std: bool = False,
+    ) -> (
+        np.ndarray
+        | tuple[np.ndarray, np.ndarray]
+        | dd.Series
+        | tuple[dd.Series, dd.Series]
+    ):
         """Posterior-predictive mean (and sd) of each row.
 
         Parameters
@@ -808,13 +851,17 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         if self._is_dask(X, groups):
             frame = self._lazy(X, groups, ("mean", "sd") if return_std else ("mean",))
             return (frame["mean"], frame["sd"]) if return_std else frame["mean"]
-        features, group_idx, unseen = self._prepare(X, groups)
-        mean, sd = predictive_moments(
-            features, group_idx, self._mask, self._posterior, unseen
-        )
+        features, group_idx, _ = self._prepare(X, groups)
+        mean, sd = predictive_moments(features, group_idx, self._mask, self._posterior)
         return (mean, sd) if return_std else mean
 
-    def predict_interval(self, X, groups=None, coverage=0.9):
+    def predict_interval(
+        self,
+        X: ArrayLike | pd.DataFrame | dd.DataFrame,
+        *,
+        groups: ArrayLike | dd.Series | None = None,
+        coverage: float = 0.9,
+    ) -> np.ndarray | dd.DataFrame:
         """Central posterior-predictive interval of each row.
 
         The interval is ``mean +/- z sd`` of the moment-matched normal
@@ -854,10 +901,18 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         z = ndtri(0.5 + coverage / 2)
         if self._is_dask(X, groups):
             return self._lazy(X, groups, ("lower", "upper"), (float(z),))
-        mean, sd = self.predict(X, groups=groups, return_std=True)
+        features, group_idx, _ = self._prepare(X, groups)
+        mean, sd = predictive_moments(features, group_idx, self._mask, self._posterior)
         return np.column_stack([mean - z * sd, mean + z * sd])
 
-    def sample_y(self, X, groups=None, n_samples=1, random_state=None):
+    def sample_y(
+        self,
+        X: ArrayLike | pd.DataFrame | dd.DataFrame,
+        *,
+        groups: ArrayLike | dd.Series | None = None,
+        n_samples: int = 1,
+        random_state: int | np.random.RandomState | None = None,
+    ) -> np.ndarray | dd.DataFrame:
         """Draws from the posterior predictive distribution.
 
         Column ``k`` uses one posterior draw for every row; a group not seen
@@ -919,7 +974,14 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             features, group_idx, self._mask, self._posterior, unseen, n_samples, seed
         )
 
-    def score(self, X, y, groups=None, sample_weight=None):
+    def score(
+        self,
+        X: ArrayLike | pd.DataFrame,
+        y: ArrayLike,
+        *,
+        groups: ArrayLike | None = None,
+        sample_weight: ArrayLike | None = None,
+    ) -> float:
         """Coefficient of determination R^2 of the posterior-mean prediction.
 
         Parameters
@@ -957,19 +1019,29 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         return r2_score(y, self.predict(X, groups=groups), sample_weight=sample_weight)
 
     # ------------------------------------------------------------- results
-    def summary(self, coverage=0.9):
+    def summary(
+        self, coverage: float = 0.9, *, long: bool = False, group_level: bool = True
+    ) -> pd.DataFrame:
         """Posterior summary of every parameter.
 
         Parameters
         ----------
         coverage : float in (0, 1), default=0.9
             Mass of the central interval reported.
+        long : bool, default=False
+            Whether to give each row's ``parameter``, ``group`` and
+            ``feature`` as columns (None where a row has none) instead of a
+            readable index, ready for ``set_index`` or ``groupby``.
+        group_level : bool, default=True
+            Whether to include the group intercepts and coefficients; False
+            gives the population-level rows only (fast for many groups).
 
         Returns
         -------
         pandas.DataFrame
             One row per parameter (``coef[group, feature]``, ...), with mean,
-            sd, interval bounds, bulk and tail ESS and R-hat.
+            sd, interval bounds, bulk and tail ESS and R-hat (those computed
+            at fit for the convergence check are reused).
 
         Examples
         --------
@@ -989,18 +1061,61 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         check_is_fitted(self)
         from ._summary import summary_frame
 
-        return summary_frame(self, coverage=coverage)
+        return summary_frame(
+            self, coverage=coverage, long=long, group_level=group_level
+        )
 
-    def to_arviz(self):
+    def coefficients(self) -> pd.DataFrame:
+        """Posterior-mean intercepts and slopes as a labelled table.
+
+        Returns
+        -------
+        pandas.DataFrame of shape (n_groups, n_features + 1)
+            Index ``group`` (the labels of ``groups_``), columns
+            ``intercept`` and the feature names: ``intercept_`` and
+            ``coef_``, with NaN where a feature does not apply to a group
+            (``coef_`` holds 0.0 there).
+        """
+        check_is_fitted(self)
+        table = pd.DataFrame(
+            np.where(self._mask, self.coef_, np.nan),
+            index=pd.Index(self.groups_, name="group"),
+            columns=pd.Index(self._feature_names, name="feature"),
+        )
+        table.insert(0, "intercept", self.intercept_)
+        return table
+
+    def to_arviz(
+        self,
+        X: ArrayLike | pd.DataFrame | None = None,
+        y: ArrayLike | None = None,
+        *,
+        groups: ArrayLike | None = None,
+    ) -> arviz.InferenceData:
         """The posterior as an :class:`arviz.InferenceData`.
 
         Requires the optional extra ``hiermask[arviz]``.
+
+        Parameters
+        ----------
+        X : {array-like, DataFrame} of shape (n_samples, n_features_in), \
+                default=None
+            Rows whose pointwise log-likelihood is added (group
+            ``log_likelihood``, variable ``y``), so that ``arviz.loo`` and
+            ``arviz.compare`` work: usually the fit's ``X``. Every group must
+            have been seen in fit. None: no log-likelihood.
+        y : array-like of shape (n_samples,), default=None
+            Targets of ``X``'s rows; None: the fit's target (``X`` must then
+            be the fit's rows).
+        groups : array-like of shape (n_samples,), default=None
+            Group labels, when they are not a column of ``X``.
 
         Returns
         -------
         arviz.InferenceData
             Posterior (coefficients labelled by group and feature; masked
-            ones NaN), sample stats and the observed target.
+            ones NaN), sample stats, the observed target and, with ``X``,
+            the log-likelihood.
 
         Examples
         --------
@@ -1021,9 +1136,43 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
                 "to_arviz needs the target of the fit, which a fit on dask data "
                 "does not collect; summary() and posterior_ hold the posterior."
             )
-        from ._summary import to_inference_data
+        from ._summary import pointwise_log_likelihood, to_inference_data
 
-        return to_inference_data(self)
+        if X is None:
+            if y is not None:
+                raise ValueError("to_arviz: y was given without X.")
+            return to_inference_data(self)
+        features, group_idx, target = self._log_likelihood_rows(X, y, groups)
+        values = pointwise_log_likelihood(self, features, group_idx, target)
+        return to_inference_data(self, log_likelihood=(values, target))
+
+    def _log_likelihood_rows(self, X, y, groups):
+        """Features, group codes and targets of to_arviz's rows, checked."""
+        parsed = split_groups(X, self.group_col, groups, ensure_min_samples=1)
+        validate_data(self, X, reset=False, skip_check_array=True)
+        n = parsed.features.shape[0]
+        group_idx = lookup_groups(self.groups_, parsed.labels, n)
+        if (group_idx < 0).any():
+            unseen = pd.unique(parsed.labels[group_idx < 0])
+            raise ValueError(
+                f"to_arviz: {len(unseen)} group(s) of X were not seen in fit "
+                f"({', '.join(map(repr, unseen[:5]))}); the log-likelihood is "
+                "that of the fit's groups."
+            )
+        if y is None and n != len(self._fit_target):
+            raise ValueError(
+                f"to_arviz: X has {n} rows and the fit had {len(self._fit_target)}; "
+                "give y for other rows than the fit's."
+            )
+        target = self._fit_target if y is None else check_target(y, n)
+        need = 8 * n * self.posterior_["noise"].shape[0]
+        if need > self.max_posterior_bytes:
+            raise ValueError(
+                f"to_arviz: the log-likelihood of {n} rows would take "
+                f"{need / 1e9:.2f} GB, above max_posterior_bytes="
+                f"{self.max_posterior_bytes}; pass fewer rows or raise it."
+            )
+        return parsed.features, group_idx, target
 
     # ------------------------------------------------------------ pickling
     def __getstate__(self):

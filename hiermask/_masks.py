@@ -5,7 +5,19 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["group_sum", "infer_mask", "nan_fraction"]
+__all__ = [
+    "MIN_EVIDENCE",
+    "group_sum",
+    "infer_mask",
+    "mask_from_counts",
+    "nan_counts",
+    "thin_evidence",
+]
+
+#: Fit warns about (group, feature) pairs switched off on the NaN of fewer
+#: rows than this: one or two missing values look the same as "does not
+#: apply".
+MIN_EVIDENCE = 3
 
 
 def group_sum(values, group_idx, n_groups, weights=None):
@@ -32,8 +44,8 @@ def group_sum(values, group_idx, n_groups, weights=None):
     return np.asarray(onehot @ np.asarray(values, dtype=np.float64))
 
 
-def nan_fraction(X: np.ndarray, group_idx: np.ndarray, n_groups: int) -> np.ndarray:
-    """Fraction of NaN cells of each feature within each group.
+def nan_counts(X: np.ndarray, group_idx: np.ndarray, n_groups: int) -> np.ndarray:
+    """Number of NaN cells of each feature within each group.
 
     Parameters
     ----------
@@ -46,14 +58,57 @@ def nan_fraction(X: np.ndarray, group_idx: np.ndarray, n_groups: int) -> np.ndar
 
     Returns
     -------
-    ndarray of shape (n_groups, n_features)
-        NaN fraction; 1.0 for a group without rows.
+    ndarray of shape (n_groups, n_features), int64
     """
-    rows = np.bincount(group_idx, minlength=n_groups).astype(np.float64)
-    counts = group_sum(np.isnan(X), group_idx, n_groups)
+    return np.rint(group_sum(np.isnan(X), group_idx, n_groups)).astype(np.int64)
+
+
+def mask_from_counts(
+    nans: np.ndarray, rows: np.ndarray, threshold: float = 1.0
+) -> np.ndarray:
+    """The mask rule: feature ``j`` is off for group ``g`` when the fraction
+    of NaN in column ``j`` among the rows of ``g`` is at least ``threshold``.
+
+    Parameters
+    ----------
+    nans : ndarray of shape (n_groups, n_features)
+        NaN cells per group and feature.
+    rows : ndarray of shape (n_groups,)
+        Rows per group; a group without rows has every feature off.
+    threshold : float, default=1.0
+        NaN fraction at which a feature is switched off for a group.
+
+    Returns
+    -------
+    ndarray of shape (n_groups, n_features), bool
+        True where the feature applies to the group.
+    """
+    rows = np.asarray(rows, dtype=np.float64)[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
-        frac = counts / rows[:, None]
-    return np.where(rows[:, None] > 0, frac, 1.0)
+        frac = np.where(rows > 0, nans / rows, 1.0)
+    return frac < threshold
+
+
+def thin_evidence(nans: np.ndarray, mask: np.ndarray, limit: int = MIN_EVIDENCE):
+    """(group, feature) pairs switched off on the NaN of fewer than ``limit``
+    rows, features off in every group left out (they are dropped).
+
+    Parameters
+    ----------
+    nans : ndarray of shape (n_groups, n_features)
+        NaN cells per group and feature.
+    mask : ndarray of shape (n_groups, n_features), bool
+        The mask.
+    limit : int, default=MIN_EVIDENCE
+        Fewest NaN rows that switch a feature off without a warning.
+
+    Returns
+    -------
+    groups, features : ndarray of int
+        Codes of the pairs, in group order.
+    """
+    thin = ~mask & (nans < limit) & mask.any(axis=0)
+    return np.nonzero(thin)
 
 
 def infer_mask(
@@ -62,7 +117,8 @@ def infer_mask(
     """Which features apply to which group, read from the NaN pattern.
 
     Feature ``j`` is off for group ``g`` when the fraction of NaN in column
-    ``j`` among the rows of ``g`` is at least ``threshold``.
+    ``j`` among the rows of ``g`` is at least ``threshold``
+    (:func:`mask_from_counts`).
 
     Parameters
     ----------
@@ -80,4 +136,5 @@ def infer_mask(
     ndarray of shape (n_groups, n_features), bool
         True where the feature applies to the group.
     """
-    return nan_fraction(X, group_idx, n_groups) < threshold
+    rows = np.bincount(group_idx, minlength=n_groups)
+    return mask_from_counts(nan_counts(X, group_idx, n_groups), rows, threshold)

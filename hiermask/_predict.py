@@ -10,7 +10,9 @@ covariance ``S``,
 
 so no draws x rows matrix is ever formed. A group not seen in fit takes the
 population mean and a covariance that includes the between-group variance
-(or the prior under ``pooling="none"``).
+(or the prior under ``pooling="none"``); a feature applies to such a row
+when the row gives its value, so every row's prediction depends only on the
+row and the fitted model.
 """
 
 from __future__ import annotations
@@ -21,45 +23,65 @@ import numpy as np
 import pandas as pd
 
 from . import _limits
-from ._masks import group_sum
 
-__all__ = ["label_seed", "predictive_draws", "predictive_moments", "unseen_masks"]
+__all__ = [
+    "label_seed",
+    "predictive_draws",
+    "predictive_moments",
+    "row_mask",
+    "unseen_codes",
+    "unseen_moments",
+]
 
 
-def unseen_masks(X, group_idx, labels, fitted_active, threshold):
-    """Masks of unseen groups, read from their own rows.
+def unseen_codes(group_idx, labels):
+    """Number the groups not seen in fit, in order of first appearance.
 
     Parameters
     ----------
-    X : ndarray of shape (n_samples, n_features)
     group_idx : ndarray of shape (n_samples,)
         Fitted code of each row, -1 for unseen groups.
     labels : ndarray of shape (n_samples,) or None
         Labels of the rows.
-    fitted_active : ndarray of shape (n_features,), bool
-        Features that have a parameter at all.
-    threshold : float
-        NaN fraction at which a feature is off.
 
     Returns
     -------
     codes : ndarray of shape (n_samples,)
         Index into ``unseen_labels`` for unseen rows, -1 elsewhere.
-    unseen_labels : ndarray of shape (n_unseen,)
-    mask : ndarray of shape (n_unseen, n_features), bool
+    unseen_labels : ndarray of shape (n_unseen,), object
     """
     rows = np.flatnonzero(group_idx < 0)
     codes = np.full(group_idx.shape[0], -1, dtype=np.int64)
     if rows.size == 0:
-        return codes, np.zeros(0, dtype=object), np.zeros((0, X.shape[1]), bool)
-    codes_rows, unseen_labels = pd.factorize(labels[rows])
-    inv = codes_rows.astype(np.int64)
-    uniq = np.asarray(unseen_labels, dtype=object)
-    unseen_labels = uniq
+        return codes, np.zeros(0, dtype=object)
+    inv, uniq = pd.factorize(labels[rows])
     codes[rows] = inv
-    n = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
-    frac = group_sum(np.isnan(X[rows]), inv, len(uniq)) / n[:, None]
-    return codes, unseen_labels, (frac < threshold) & fitted_active
+    return codes, np.asarray(uniq, dtype=object)
+
+
+def row_mask(X, group_idx, mask):
+    """Which features apply to each row.
+
+    A seen group's row follows the fitted mask. A row of a group not seen in
+    fit has no mask of its own: a feature applies to it when the row gives
+    a value (and the feature has a parameter at all), so a prediction never
+    depends on the other rows of the batch.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_rows, n_features)
+    group_idx : ndarray of shape (n_rows,)
+        Fitted code, -1 for unseen groups.
+    mask : ndarray of shape (n_groups, n_features), bool
+        Fitted mask.
+
+    Returns
+    -------
+    ndarray of shape (n_rows, n_features), bool
+    """
+    seen = group_idx >= 0
+    own = ~np.isnan(X) & mask.any(axis=0)
+    return np.where(seen[:, None], mask[np.where(seen, group_idx, 0)], own)
 
 
 def _design(X, on, fill):
@@ -70,64 +92,65 @@ def _design(X, on, fill):
 
 
 def _none_prior_moments(on, prior):
-    """Prior mean and covariance of a new group's coefficients ("none")."""
-    p = on.shape[0]
+    """Prior mean and covariance of a new group's coefficients ("none"),
+    for rows whose applicable features are ``on`` (n_rows, n_features)."""
+    n, p = on.shape
     sd_l = prior["intercept_prior_scale"] * prior["y_unit"]
     sd_b = np.where(
         on, prior["coef_prior_scale"] * prior["y_unit"] / prior["x_unit"], 0.0
     )
     m_x = np.where(on, prior["x_ref"], 0.0)
-    mean = np.zeros(p + 1)
-    mean[0] = prior["y_ref"]
-    cov = np.zeros((p + 1, p + 1))
-    cov[0, 0] = sd_l**2 + np.sum((sd_b * m_x) ** 2)
-    cov[0, 1:] = cov[1:, 0] = -(sd_b**2) * m_x
-    cov[1:, 1:] = np.diag(sd_b**2)
+    mean = np.zeros((n, p + 1))
+    mean[:, 0] = prior["y_ref"]
+    cov = np.zeros((n, p + 1, p + 1))
+    cov[:, 0, 0] = sd_l**2 + np.sum((sd_b * m_x) ** 2, axis=1)
+    cov[:, 0, 1:] = cov[:, 1:, 0] = -(sd_b**2) * m_x
+    diag = np.arange(1, p + 1)
+    cov[:, diag, diag] = sd_b**2
     return mean, cov
 
 
-def group_moments(posterior, unseen_mask):
-    """Coefficient mean and covariance of every unseen group.
+def unseen_moments(posterior, on):
+    """Coefficient mean and covariance of rows of groups not seen in fit.
 
     Parameters
     ----------
     posterior : Posterior
-    unseen_mask : ndarray of shape (n_unseen, n_features), bool
+    on : ndarray of shape (n_rows, n_features), bool
+        The features that apply to each row (:func:`row_mask`).
 
     Returns
     -------
-    mean : ndarray of shape (n_unseen, q)
-    cov : ndarray of shape (n_unseen, q, q)
+    mean : ndarray of shape (n_rows, q)
+    cov : ndarray of shape (n_rows, q, q)
     """
-    n_unseen, p = unseen_mask.shape
-    mean = np.zeros((n_unseen, p + 1))
-    cov = np.zeros((n_unseen, p + 1, p + 1))
-    onq = np.concatenate([np.ones((n_unseen, 1), bool), unseen_mask], axis=1)
-    for u in range(n_unseen):
-        if posterior.unseen_mean is None:
-            m, c = _none_prior_moments(unseen_mask[u], posterior.prior_reference)
-        else:
-            m, c = posterior.unseen_mean, posterior.unseen_cov
-        mean[u] = m * onq[u]
-        cov[u] = c * onq[u][:, None] * onq[u][None, :]
-    return mean, cov
+    n, p = on.shape
+    if posterior.unseen_mean is None:
+        mean, cov = _none_prior_moments(on, posterior.prior_reference)
+    else:
+        mean = np.broadcast_to(posterior.unseen_mean, (n, p + 1))
+        cov = np.broadcast_to(posterior.unseen_cov, (n, p + 1, p + 1))
+    onq = np.concatenate([np.ones((n, 1), bool), on], axis=1)
+    return mean * onq, cov * onq[:, :, None] * onq[:, None, :]
 
 
-def _row_fields(rows, group_idx, codes, mask, umask, posterior):
-    """Per-row group fields of a chunk: seen flag, fitted or unseen group code,
-    mask, and the expectation and variance used for NaN in applicable cells."""
+def _row_fields(X, rows, group_idx, mask, posterior):
+    """Per-row group fields of a chunk: seen flag, fitted group code (0 for
+    unseen rows), mask, and the expectation and variance used for NaN in
+    applicable cells."""
     g = group_idx[rows]
     seen = g >= 0
     gs = np.where(seen, g, 0)
-    uc = np.where(seen, 0, codes[rows])
-    on = np.where(seen[:, None], mask[gs], umask[uc] if len(umask) else False)
+    on = row_mask(X[rows], g, mask)
     fill = np.where(seen[:, None], posterior.x_fill[gs], posterior.x_fill_population)
     xvar = np.where(seen[:, None], posterior.x_var[gs], posterior.x_var_population)
-    return seen, gs, uc, on, fill, xvar
+    return seen, gs, on, fill, xvar
 
 
-def predictive_moments(X, group_idx, mask, posterior, unseen):
+def predictive_moments(X, group_idx, mask, posterior):
     """Mean and sd of the posterior predictive of every row.
+
+    Each row's moments depend only on the row and the fitted model.
 
     Parameters
     ----------
@@ -137,29 +160,21 @@ def predictive_moments(X, group_idx, mask, posterior, unseen):
     mask : ndarray of shape (n_groups, n_features), bool
         Fitted mask.
     posterior : Posterior
-    unseen : tuple
-        ``(codes, labels, mask)`` from :func:`unseen_masks`.
 
     Returns
     -------
     mean, sd : ndarray of shape (n_samples,)
     """
-    codes, _, umask = unseen
-    umean, ucov = group_moments(posterior, umask)
     n = X.shape[0]
     mean = np.empty(n)
     var = np.empty(n)
     for start in range(0, n, _limits.PREDICT_CHUNK_ROWS):
         sl = slice(start, min(start + _limits.PREDICT_CHUNK_ROWS, n))
-        seen, gs, uc, on, fill, xvar = _row_fields(
-            sl, group_idx, codes, mask, umask, posterior
-        )
-        m = np.where(
-            seen[:, None], posterior.coef_mean[gs], umean[uc] if len(umean) else 0
-        )
-        c = np.where(
-            seen[:, None, None], posterior.coef_cov[gs], ucov[uc] if len(ucov) else 0
-        )
+        seen, gs, on, fill, xvar = _row_fields(X, sl, group_idx, mask, posterior)
+        m = posterior.coef_mean[gs]
+        c = posterior.coef_cov[gs]
+        if not seen.all():
+            m[~seen], c[~seen] = unseen_moments(posterior, on[~seen])
         xt, latent = _design(X[sl], on, fill)
         mean[sl] = np.einsum("ni,ni->n", xt, m)
         v = np.einsum("ni,nij,nj->n", xt, c, xt) + posterior.noise_var
@@ -210,16 +225,34 @@ def _unseen_draws(posterior, label, on, seed, draw_idx):
     return np.concatenate([alpha[:, None], beta * on], axis=1)
 
 
+def _unseen_coef(X, group_idx, mask, posterior, unseen, seed, draw_idx):
+    """Coefficient draws (n_rows, n_samples, q) of the unseen rows of ``X``
+    (zeros elsewhere), one computation per (label, row mask) pair."""
+    codes, labels = unseen
+    rows = np.flatnonzero(group_idx < 0)
+    if rows.size == 0:
+        return rows, []
+    on = row_mask(X[rows], group_idx[rows], mask)
+    keys, inverse = np.unique(
+        np.column_stack([codes[rows], on]), axis=0, return_inverse=True
+    )
+    table = [
+        _unseen_draws(posterior, labels[key[0]], key[1:].astype(bool), seed, draw_idx)
+        for key in keys
+    ]
+    return rows, [table[k] for k in np.ravel(inverse)]
+
+
 def predictive_draws(X, group_idx, mask, posterior, unseen, n_samples, seed, number=0):
     """Draws from the posterior predictive, one posterior draw per column.
 
     Also serves the partitions of a dask frame, numbered by ``number``:
     column ``k`` uses the same posterior draw in every partition and a group
     not seen in fit gets the same effects wherever its rows are, because
-    both depend only on ``seed`` (and the label). The noise of partition 0
-    is the in-memory stream, so a one-partition frame gets exactly the
-    in-memory draws; partition ``k > 0`` draws its noise from a stream
-    seeded by ``(seed, 0, k)``.
+    both depend only on ``seed`` (and the label); an unseen row's mask is its
+    own (:func:`row_mask`). The noise of partition 0 is the in-memory stream,
+    so a one-partition frame gets exactly the in-memory draws; partition
+    ``k > 0`` draws its noise from a stream seeded by ``(seed, 0, k)``.
 
     Parameters
     ----------
@@ -229,7 +262,7 @@ def predictive_draws(X, group_idx, mask, posterior, unseen, n_samples, seed, num
     mask : ndarray of shape (n_groups, n_features), bool
     posterior : Posterior
     unseen : tuple
-        ``(codes, labels, mask)`` from :func:`unseen_masks` (or
+        ``(codes, labels)`` from :func:`unseen_codes` (or
         :meth:`hiermask._dask.UnseenTable.lookup`).
     n_samples : int
         Number of draws per row.
@@ -242,7 +275,6 @@ def predictive_draws(X, group_idx, mask, posterior, unseen, n_samples, seed, num
     -------
     ndarray of shape (n_rows, n_samples)
     """
-    codes, ulabels, umask = unseen
     draws = posterior.draws
     rng = np.random.default_rng([int(seed), 0])
     n_draws = draws["noise"].shape[0]
@@ -252,17 +284,14 @@ def predictive_draws(X, group_idx, mask, posterior, unseen, n_samples, seed, num
     n, p = X.shape
     out = np.empty((n, n_samples))
     sigma = draws["noise"][draw_idx]
-    # each unseen group's draws depend only on the seed and its label
-    unseen_coef = {
-        u: _unseen_draws(posterior, ulabels[u], umask[u], seed, draw_idx)
-        for u in np.unique(codes[codes >= 0])
-    }
+    unseen_rows, unseen_coef = _unseen_coef(
+        X, group_idx, mask, posterior, unseen, seed, draw_idx
+    )
+    where_unseen = dict(zip(unseen_rows.tolist(), unseen_coef, strict=True))
     step = max(1, _limits.PREDICT_CHUNK_ROWS // n_samples)
     for start in range(0, n, step):
         sl = slice(start, min(start + step, n))
-        seen, gs, uc, on, fill, xvar = _row_fields(
-            sl, group_idx, codes, mask, umask, posterior
-        )
+        seen, gs, on, fill, xvar = _row_fields(X, sl, group_idx, mask, posterior)
         Xc = X[sl]
         latent = np.isnan(Xc) & on
         # x: (rows, samples, p), latent cells drawn from their predictive
@@ -277,7 +306,7 @@ def predictive_draws(X, group_idx, mask, posterior, unseen, n_samples, seed, num
                 draws["coef"][draw_idx][:, gs[rows]], (1, 0, 2)
             )
         for r in np.flatnonzero(~seen):
-            coef[r] = unseen_coef[uc[r]]
+            coef[r] = where_unseen[start + r]
         mean = coef[..., 0] + np.sum(coef[..., 1:] * x, axis=-1)
         out[sl] = mean + sigma * rng.standard_normal((Xc.shape[0], n_samples))
     return out

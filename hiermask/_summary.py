@@ -11,12 +11,25 @@ are not silently reported as draws of 0.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import pandas as pd
 
 from ._sampler import parameter_diagnostics
 
-__all__ = ["interval_labels", "summary_frame", "to_inference_data"]
+__all__ = [
+    "interval_labels",
+    "pointwise_log_likelihood",
+    "summary_frame",
+    "to_inference_data",
+]
+
+#: Rows per chunk of the pointwise log-likelihood.
+LOG_LIKELIHOOD_CHUNK = 256
+
+#: The columns that name a row of ``summary(long=True)``.
+LONG_COLUMNS = ("parameter", "group", "feature")
 
 #: Install hint given when the optional ArviZ extra is missing.
 ARVIZ_HINT = 'to_arviz() needs ArviZ: pip install "hiermask[arviz]"'
@@ -55,43 +68,83 @@ def interval_labels(coverage):
     return _percent(tail), _percent(1.0 - tail)
 
 
-def _blocks(est):
-    """Yield ``(row names, draws of shape (n_draws, k))`` per parameter block.
+class _Block(NamedTuple):
+    """One parameter block: per row its parameter name, group and feature
+    label (None where it has none) and its key among the fit's diagnostics;
+    the draws, (n_draws, n_rows)."""
 
-    Only parameters that exist are yielded: masked coefficients and the
+    parameter: str
+    groups: list
+    features: list
+    keys: list
+    draws: np.ndarray
+
+
+def _blocks(est, group_level=True):
+    """Yield the parameter blocks that exist: masked coefficients and the
     population parameters of features that are off in every group are left
-    out.
-    """
+    out, and the group-level blocks too unless ``group_level``."""
     draws = est.posterior_
-    groups = [str(g) for g in est.groups_]
     names = list(est._feature_names)
     mask = np.asarray(est._mask, dtype=bool)
     active = np.flatnonzero(mask.any(axis=0))
+    groups_ = list(est.groups_)
 
-    yield [f"intercept[{g}]" for g in groups], draws["intercept"]
-    gs, js = np.nonzero(mask)
-    yield (
-        [f"coef[{groups[g]}, {names[j]}]" for g, j in zip(gs, js, strict=True)],
-        draws["coef"][:, gs, js],
-    )
-    if "population_intercept" in draws:
-        yield ["population_intercept"], draws["population_intercept"][:, None]
-    if "population_coef" in draws:
-        yield (
-            [f"population_coef[{names[j]}]" for j in active],
-            draws["population_coef"][:, active],
+    def one(name):
+        return _Block(name, [None], [None], [name], draws[name][:, None])
+
+    def per_feature(name):
+        keys = [f"{name}[{j}]" for j in active]
+        return _Block(
+            name, [None] * len(active), [names[j] for j in active], keys,
+            draws[name][:, active],
+        )  # fmt: skip
+
+    if group_level:
+        n = len(groups_)
+        yield _Block(
+            "intercept", groups_, [None] * n, [f"intercept[{g}]" for g in range(n)],
+            draws["intercept"],
+        )  # fmt: skip
+        gs, js = np.nonzero(mask)
+        yield _Block(
+            "coef",
+            [groups_[g] for g in gs],
+            [names[j] for j in js],
+            [f"coef[{g}, {j}]" for g, j in zip(gs, js, strict=True)],
+            draws["coef"][:, gs, js],
         )
-    if "group_intercept_scale" in draws:
-        yield ["group_intercept_scale"], draws["group_intercept_scale"][:, None]
-    if "group_coef_scale" in draws:
-        yield (
-            [f"group_coef_scale[{names[j]}]" for j in active],
-            draws["group_coef_scale"][:, active],
-        )
-    yield ["noise"], draws["noise"][:, None]
+    for name in ("population_intercept", "population_coef"):
+        if name in draws:
+            yield one(name) if name == "population_intercept" else per_feature(name)
+    for name in ("group_intercept_scale", "group_coef_scale"):
+        if name in draws:
+            yield one(name) if name == "group_intercept_scale" else per_feature(name)
+    yield one("noise")
 
 
-def summary_frame(est, coverage=0.9):
+def _row_name(parameter, group, feature):
+    inside = ", ".join(str(v) for v in (group, feature) if v is not None)
+    return f"{parameter}[{inside}]" if inside else parameter
+
+
+def _diagnostics(est, block, n_chains):
+    """R-hat, bulk and tail ESS of a block's rows: those the fit computed
+    are reused, the others (group-level rows of large models) computed."""
+    known = est._posterior.diagnostics
+    out = np.full((len(block.keys), 3), np.nan)
+    missing = [i for i, key in enumerate(block.keys) if key not in known]
+    for i, key in enumerate(block.keys):
+        if key in known:
+            out[i] = known[key]
+    if missing:
+        values = np.asarray(block.draws[:, missing], dtype=np.float64)
+        chains = values.reshape(n_chains, -1, len(missing))
+        out[missing] = np.column_stack(parameter_diagnostics(chains))
+    return out
+
+
+def summary_frame(est, coverage=0.9, *, long=False, group_level=True):
     """Posterior summary of every parameter of a fitted estimator.
 
     Parameters
@@ -100,6 +153,14 @@ def summary_frame(est, coverage=0.9):
         A fitted estimator.
     coverage : float in (0, 1), default=0.9
         Mass of the central interval reported.
+    long : bool, default=False
+        Whether to index the rows by position, with columns ``parameter``,
+        ``group`` and ``feature`` (None where a row has no group or feature)
+        in front, ready for ``set_index`` or a groupby.
+    group_level : bool, default=True
+        Whether to include the rows of the group intercepts and
+        coefficients; False gives the population-level rows only, in time
+        independent of the number of groups.
 
     Returns
     -------
@@ -122,7 +183,8 @@ def summary_frame(est, coverage=0.9):
 
     Notes
     -----
-    Every column is computed from the draws in ``est.posterior_``. The
+    Every column is computed from the draws in ``est.posterior_``; the
+    diagnostics that fit computed for its convergence check are reused. The
     fitted attributes ``coef_`` and ``intercept_`` of the collapsed engine
     are Rao-Blackwellized (averages of exact conditional means), so they can
     differ from the ``mean`` column by a fraction of the Monte Carlo error.
@@ -144,22 +206,30 @@ def summary_frame(est, coverage=0.9):
     lower, upper = interval_labels(coverage)
     tail = (1.0 - float(coverage)) / 2.0
     n_chains = int(est._posterior.n_chains)
-    index, parts = [], []
-    for names, values in _blocks(est):
-        if not names:
+    labels, parts = [], []
+    for block in _blocks(est, group_level):
+        if not block.keys:
             continue
-        values = np.asarray(values, dtype=np.float64)
+        values = np.asarray(block.draws, dtype=np.float64)
         n_draws = values.shape[0]
         mean = values.mean(axis=0)
-        sd = values.std(axis=0, ddof=1) if n_draws > 1 else np.full(len(names), np.nan)
+        sd = values.std(axis=0, ddof=1) if n_draws > 1 else np.full(mean.shape, np.nan)
         lo, hi = np.quantile(values, [tail, 1.0 - tail], axis=0)
-        chains = values.reshape(n_chains, n_draws // n_chains, len(names))
-        r_hat, ess_bulk, ess_tail = parameter_diagnostics(chains)
-        index.extend(names)
+        r_hat, ess_bulk, ess_tail = _diagnostics(est, block, n_chains).T
+        labels += [
+            (block.parameter, g, f)
+            for g, f in zip(block.groups, block.features, strict=True)
+        ]
         parts.append(np.column_stack([mean, sd, lo, hi, ess_bulk, ess_tail, r_hat]))
     columns = ["mean", "sd", lower, upper, "ess_bulk", "ess_tail", "r_hat"]
     table = np.concatenate(parts, axis=0) if parts else np.zeros((0, len(columns)))
-    return pd.DataFrame(table, index=pd.Index(index, name="parameter"), columns=columns)
+    if long:
+        ids = pd.DataFrame(
+            labels, columns=["parameter", "group", "feature"], dtype=object
+        )
+        return pd.concat([ids, pd.DataFrame(table, columns=columns)], axis=1)
+    index = pd.Index([_row_name(*label) for label in labels], name="parameter")
+    return pd.DataFrame(table, index=index, columns=columns)
 
 
 def _import_arviz():
@@ -188,13 +258,58 @@ def _version():
     return __version__
 
 
-def to_inference_data(est):
+def pointwise_log_likelihood(est, features, group_idx, y):
+    """Log density of each row's target under each posterior draw.
+
+    ``log N(y_i | alpha_g + x_i'beta_g, sigma)`` per draw, with the draws of
+    the row's group. A NaN in a feature that applies to the row's group is
+    integrated out at its fitted distribution (mean ``x_fill``, variance
+    ``x_var``), which adds ``beta_j^2 Var(x_j)`` to the variance. Sample
+    weights are not applied: each row is one observation.
+
+    Parameters
+    ----------
+    est : MaskedHierarchicalRegressor
+        A fitted estimator.
+    features : ndarray of shape (n_rows, n_features)
+    group_idx : ndarray of shape (n_rows,)
+        Fitted group code of each row (every group seen in fit).
+    y : ndarray of shape (n_rows,)
+
+    Returns
+    -------
+    ndarray of shape (n_draws, n_rows)
+    """
+    draws, post = est.posterior_, est._posterior
+    on = np.asarray(est._mask, dtype=bool)[group_idx]
+    latent = np.isnan(features) & on
+    x = np.where(on, np.where(latent, post.x_fill[group_idx], features), 0.0)
+    xvar = np.where(latent, post.x_var[group_idx], 0.0)
+    sigma2 = draws["noise"][:, None] ** 2
+    out = np.empty((sigma2.shape[0], len(y)))
+    for start in range(0, len(y), LOG_LIKELIHOOD_CHUNK):
+        rows = slice(start, start + LOG_LIKELIHOOD_CHUNK)
+        coef = draws["coef"][:, group_idx[rows]]  # (n_draws, rows, p)
+        mean = draws["intercept"][:, group_idx[rows]] + np.einsum(
+            "drp,rp->dr", coef, x[rows]
+        )
+        var = sigma2 + np.einsum("drp,rp->dr", coef**2, xvar[rows])
+        out[:, rows] = -0.5 * (np.log(2 * np.pi * var) + (y[rows] - mean) ** 2 / var)
+    return out
+
+
+def to_inference_data(est, log_likelihood=None):
     """The posterior of a fitted estimator as an :class:`arviz.InferenceData`.
 
     Parameters
     ----------
     est : MaskedHierarchicalRegressor
         A fitted estimator.
+    log_likelihood : tuple or None, default=None
+        ``(values, y)``: the pointwise log-likelihood, (n_draws, n_rows) as
+        :func:`pointwise_log_likelihood` returns it, and the targets of its
+        rows; they become the ``log_likelihood`` group (variable ``y``) and
+        the observed data.
 
     Returns
     -------
@@ -212,7 +327,10 @@ def to_inference_data(est):
         - ``sample_stats``: ``diverging`` (bool), ``n_steps`` (leapfrog
           steps) and ``tree_depth`` (``ceil(log2(n_steps + 1))``), all
           (chain, draw).
-        - ``observed_data``: ``y`` (obs_id), the target used in fit.
+        - ``observed_data``: ``y`` (obs_id), the target used in fit (or the
+          rows of ``log_likelihood``).
+        - ``log_likelihood``: ``y`` (chain, draw, obs_id), with
+          ``log_likelihood`` only.
         - ``constant_data``: ``mask`` (group, feature), True where the
           feature applies to the group.
 
@@ -298,6 +416,17 @@ def to_inference_data(est):
         attrs=attrs,
     )
     y = np.asarray(est._fit_target, dtype=np.float64)
+    if log_likelihood is not None:
+        values, y = log_likelihood
+        extra = {
+            "log_likelihood": xr.Dataset(
+                {"y": (("chain", "draw", "obs_id"), per_chain(values))},
+                coords={**sample_coords, "obs_id": np.arange(y.shape[0])},
+                attrs=attrs,
+            )
+        }
+    else:
+        extra = {}
     observed = xr.Dataset(
         {"y": (("obs_id",), y)}, coords={"obs_id": np.arange(y.shape[0])}, attrs=attrs
     )
@@ -311,6 +440,7 @@ def to_inference_data(est):
         "sample_stats": sample_stats,
         "observed_data": observed,
         "constant_data": constant,
+        **extra,
     }
     if hasattr(az, "InferenceData"):
         return az.InferenceData(**groups)

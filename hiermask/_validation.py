@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,12 +24,48 @@ _ALL_ZERO_OPTION = (
 
 __all__ = [
     "ParsedX",
+    "UnseenGroupWarning",
     "check_target",
+    "check_unseen",
     "check_weights",
+    "constant_target_message",
     "encode_groups",
     "lookup_groups",
     "split_groups",
+    "target_note",
+    "unseen_note",
 ]
+
+#: Largest magnitude accepted in X and y: the squares of larger values, summed
+#: over the rows, overflow the float64 statistics of the fit (1e150 ** 2 * 1e8
+#: rows is still finite).
+MAX_ABS_VALUE = 1e150
+
+#: Unseen labels listed by name in the note of :func:`unseen_note`.
+MAX_LABELS_SHOWN = 5
+
+
+class UnseenGroupWarning(UserWarning):
+    """Warned by the predict methods when rows belong to groups not seen in
+    fit (a typo, or an int label against string labels, looks exactly like a
+    new group).
+
+    Examples
+    --------
+    >>> import warnings
+    >>> from hiermask import MaskedHierarchicalRegressor, UnseenGroupWarning
+    >>> from hiermask.datasets import make_manufacturing
+    >>> X, y = make_manufacturing(60, random_state=0)
+    >>> est = MaskedHierarchicalRegressor(
+    ...     group_col="Product_Group", num_warmup=100, num_samples=100,
+    ...     num_chains=2, on_bad_convergence="ignore", random_state=0,
+    ... ).fit(X, y)
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     _ = est.predict(X.head(2).assign(Product_Group="Product_Group_9"))
+    >>> any(issubclass(w.category, UnseenGroupWarning) for w in caught)
+    True
+    """
 
 
 @dataclass(frozen=True)
@@ -232,7 +269,26 @@ def split_groups(X, group_col=None, groups=None, *, ensure_min_samples=1) -> Par
             + ", ".join(bad)
             + ". Replace it with a finite value or NaN."
         )
+    _check_magnitude(features, names)
     return ParsedX(features=features, labels=labels, feature_names=names)
+
+
+def _check_magnitude(features: np.ndarray, names: list) -> None:
+    """Refuse values whose squares would overflow the statistics."""
+    with np.errstate(invalid="ignore"):
+        big = np.abs(features) > MAX_ABS_VALUE
+    if not big.any():
+        return
+    bad = [
+        f"{names[j]!r} ({int(big[:, j].sum())} cell(s), e.g. "
+        f"{features[np.argmax(big[:, j]), j]:.3g})"
+        for j in np.flatnonzero(big.any(axis=0))
+    ]
+    raise ValueError(
+        f"Input X has values above {MAX_ABS_VALUE:g} in magnitude in feature "
+        f"column(s) {', '.join(bad)}; their squares overflow float64. Rescale "
+        "the column (e.g. to other units) or replace the value with NaN."
+    )
 
 
 def _label_is_missing(labels: np.ndarray) -> np.ndarray:
@@ -350,7 +406,76 @@ def check_target(y, n_samples: int) -> np.ndarray:
             "Input y contains infinity or a value too large for dtype('float64'): "
             f"{int(inf.sum())} value(s), at {_describe_rows(np.flatnonzero(inf))}."
         )
+    big = np.abs(y) > MAX_ABS_VALUE
+    if big.any():
+        raise ValueError(
+            f"Input y has values above {MAX_ABS_VALUE:g} in magnitude: "
+            f"{int(big.sum())} value(s), at {_describe_rows(np.flatnonzero(big))}; "
+            "their squares overflow float64. Rescale the target."
+        )
     return y
+
+
+def constant_target_message(value: float) -> str:
+    """The error for a target that takes one value.
+
+    Parameters
+    ----------
+    value : float
+        The value.
+
+    Returns
+    -------
+    str
+    """
+    return (
+        f"y is constant (every value is {value:g}): there is nothing to regress, "
+        "and the priors, in units of sd(y) = 0, would be degenerate. Check that "
+        "the target column is the intended one."
+    )
+
+
+def target_note(y: np.ndarray) -> str | None:
+    """What the Gaussian model assumes, for a target that looks binary or
+    like counts; raises for a constant target.
+
+    Parameters
+    ----------
+    y : ndarray of shape (n_samples,)
+        The validated target (finite).
+
+    Returns
+    -------
+    str or None
+        A warning text when ``y`` takes two values or only non-negative
+        integers, else None.
+
+    Raises
+    ------
+    ValueError
+        When ``y`` is constant.
+    """
+    low, high = float(y.min()), float(y.max())
+    if low == high:
+        raise ValueError(constant_target_message(low))
+    model = (
+        "the model assumes a continuous Gaussian target, y ~ Normal(intercept + "
+        "x'coef, sigma) with one sigma for every row"
+    )
+    if np.all((y == low) | (y == high)):
+        return (
+            f"y takes only two values ({low:g} and {high:g}): {model}, so "
+            "predictions and intervals are not confined to these values (a "
+            "linear probability model). For a binary outcome a logistic model "
+            "fits better."
+        )
+    if low >= 0 and np.all(y == np.round(y)):
+        return (
+            f"y holds only non-negative integers ({low:g} to {high:g}): {model}, so "
+            "intervals can go below 0 and the spread does not grow with the mean. "
+            "For counts a Poisson or negative binomial model may fit better."
+        )
+    return None
 
 
 def check_weights(
@@ -385,3 +510,118 @@ def check_weights(
     if require_positive_sum and w.sum() <= 0:
         raise ValueError("sample_weight sums to zero: nothing to fit.")
     return w
+
+
+def _canonical(label) -> str:
+    """The label as a stripped string, numbers written one way (308, 308.0
+    and "308 " are all "308")."""
+    text = str(label).strip()
+    try:
+        return str(int(text))
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+def _near_misses(fitted: np.ndarray, unseen: np.ndarray) -> list[str]:
+    """Hints for unseen labels that equal a seen one after converting the
+    type or stripping spaces."""
+    seen = {}
+    for label in fitted:
+        seen.setdefault(_canonical(label), label)
+    hints = []
+    for label in unseen:
+        match = seen.get(_canonical(label))
+        if match is None:
+            continue
+        how = []
+        if type(label) is not type(match) or str(label).strip() != str(match).strip():
+            how.append("converting its type")
+        if str(label) != str(label).strip() or str(match) != str(match).strip():
+            how.append("stripping spaces")
+        hints.append(
+            f"{label!r} ({type(label).__name__}) would match the seen label "
+            f"{match!r} ({type(match).__name__}) after {' and '.join(how)}"
+        )
+        if len(hints) == MAX_LABELS_SHOWN:
+            break
+    return hints
+
+
+def unseen_note(fitted: np.ndarray, unseen: np.ndarray, n_rows: int, pooling: str):
+    """The warning text for rows of groups not seen in fit.
+
+    Parameters
+    ----------
+    fitted : ndarray of shape (n_groups,)
+        Labels seen in fit.
+    unseen : ndarray of shape (n_unseen,)
+        The distinct unseen labels, in order of first appearance.
+    n_rows : int
+        Number of rows with an unseen label.
+    pooling : str
+        The model's pooling (what an unseen group is predicted from).
+
+    Returns
+    -------
+    str
+    """
+    source = {
+        "partial": "from the population distribution of the groups",
+        "complete": "with the coefficients shared by every group",
+        "none": "from the prior: pooling='none' has no population to draw from",
+    }[pooling]
+    shown = ", ".join(map(repr, unseen[:MAX_LABELS_SHOWN]))
+    more = f", ... ({len(unseen)} in all)" if len(unseen) > MAX_LABELS_SHOWN else ""
+    text = (
+        f"{n_rows} row(s) in {len(unseen)} group(s) not seen in fit ({shown}{more}) "
+        f"are predicted {source}."
+    )
+    hints = _near_misses(fitted, unseen)
+    if hints:
+        text += " " + "; ".join(hints) + "."
+    return text + " Use unseen_groups='error' to refuse them."
+
+
+def check_unseen(fitted, unseen, n_rows, *, policy, pooling, stacklevel=4):
+    """Refuse (``policy="error"``) or warn about rows of unseen groups.
+
+    Parameters
+    ----------
+    fitted : ndarray of shape (n_groups,)
+        Labels seen in fit.
+    unseen : ndarray of shape (n_unseen,)
+        The distinct unseen labels; nothing happens when it is empty.
+    n_rows : int
+        Number of rows with an unseen label.
+    policy : {"population", "error"}
+        The estimator's ``unseen_groups``.
+    pooling : str
+        The estimator's ``pooling``.
+    stacklevel : int, default=4
+        Passed to :func:`warnings.warn`.
+
+    Raises
+    ------
+    ValueError
+        Under ``policy="error"``, listing the unseen labels.
+    """
+    if len(unseen) == 0:
+        return
+    if policy == "error":
+        hints = _near_misses(fitted, unseen)
+        raise ValueError(
+            f"{len(unseen)} group(s) were not seen in fit: "
+            f"{', '.join(map(repr, unseen[:10]))}. "
+            + ("; ".join(hints) + ". " if hints else "")
+            + "Use unseen_groups='population' to predict them from the population."
+        )
+    warnings.warn(
+        unseen_note(fitted, unseen, n_rows, pooling),
+        UnseenGroupWarning,
+        stacklevel=stacklevel,
+    )

@@ -12,6 +12,7 @@ stderr: exit status 2 for bad command lines, 1 for everything else.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import warnings
@@ -121,6 +122,85 @@ def _add_sampler_options(parser, *, defaults):
     )
 
 
+def _columns(text):
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected column names, got {text!r}")
+    return names
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _threshold(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _add_column_options(parser):
+    parser.add_argument(
+        "--drop",
+        type=_columns,
+        default=[],
+        metavar="COLS",
+        help="comma-separated columns to ignore (e.g. a saved row index)",
+    )
+    parser.add_argument(
+        "--id",
+        metavar="COL",
+        help="an identifier column, never a feature (predict --id writes it out)",
+    )
+
+
+#: Model options of ``hiermask fit``: flag, estimator parameter, type, help.
+MODEL_OPTIONS = (
+    ("--coef-prior-scale", "coef_prior_scale", _positive_float,
+     "prior sd of the population slopes, in units of sd(y)/sd(x)"),
+    ("--intercept-prior-scale", "intercept_prior_scale", _positive_float,
+     "prior sd of the intercept at the feature means, in units of sd(y)"),
+    ("--group-scale-prior", "group_scale_prior", _positive_float,
+     "HalfNormal scale of the between-group sds"),
+    ("--noise-prior-scale", "noise_prior_scale", _positive_float,
+     "HalfNormal scale of the residual sd, in units of sd(y)"),
+    ("--mask-threshold", "mask_threshold", _threshold,
+     "a feature is off for a group when its NaN fraction there is at least this"),
+)  # fmt: skip
+
+
+def _add_model_options(parser):
+    from ._estimator import MaskedHierarchicalRegressor
+
+    defaults = MaskedHierarchicalRegressor().get_params()
+    group = parser.add_argument_group("model")
+    for flag, name, kind, text in MODEL_OPTIONS:
+        group.add_argument(
+            flag,
+            dest=name,
+            type=kind,
+            default=defaults[name],
+            metavar="X",
+            help=f"{text} (default: %(default)s)",
+        )
+    group.add_argument(
+        "--unseen-groups",
+        choices=("population", "error"),
+        default=defaults["unseen_groups"],
+        help="groups not seen in fit, at predict (default: %(default)s)",
+    )
+
+
 def build_parser():
     """The argument parser of the ``hiermask`` command.
 
@@ -174,8 +254,9 @@ def build_parser():
         help="fit a CSV or Parquet file and print the posterior summary",
         description=(
             "Fit MaskedHierarchicalRegressor on a table: every column other than "
-            "the target (or those named by --features) is a feature, NaN cells "
-            "included; a feature NaN in every row of a group is off for it."
+            "the target, the group, --id and --drop (or those named by --features) "
+            "is a feature, NaN cells included; a feature NaN in every row of a "
+            "group is off for it."
         ),
     )
     fit.add_argument("data", type=Path, metavar="DATA", help="a .csv or .parquet file")
@@ -183,9 +264,12 @@ def build_parser():
     fit.add_argument("--group", metavar="COL", help="group column (default: one group)")
     fit.add_argument(
         "--features",
+        type=_columns,
         metavar="COLS",
-        help="comma-separated feature columns (default: all but target and group)",
+        help="comma-separated feature columns (default: all but the target, group, "
+        "id and dropped columns)",
     )
+    _add_column_options(fit)
     fit.add_argument(
         "--pooling",
         choices=("partial", "none", "complete"),
@@ -204,6 +288,7 @@ def build_parser():
         default="impute",
         help="NaN in a feature that applies to the row's group (default: %(default)s)",
     )
+    _add_model_options(fit)
     fit.add_argument(
         "--out",
         type=Path,
@@ -243,6 +328,17 @@ def build_parser():
     )
     predict.add_argument(
         "--out", type=Path, metavar="PATH", help="output CSV (default: stdout)"
+    )
+    predict.add_argument(
+        "--id",
+        metavar="COL",
+        help="a column of DATA written first in the output, to join on",
+    )
+    predict.add_argument(
+        "--unseen-groups",
+        choices=("population", "error"),
+        help="groups not seen in fit: predict from the population (with a "
+        "warning) or refuse them (default: the fitted model's setting)",
     )
     predict.add_argument(
         "--allow-pickle",
@@ -490,9 +586,8 @@ def write_plots(est, X, y, directory):
     }
     paths = []
     for name, (size, draw) in jobs.items():
-        fig = Figure(figsize=size)
+        fig = Figure(figsize=size, layout="constrained")
         draw(fig.subplots())
-        fig.tight_layout()
         path = directory / name
         fig.savefig(path, dpi=100)
         paths.append(path)
@@ -570,24 +665,75 @@ def cmd_demo(args):
     return 0
 
 
-def cmd_fit(args):
-    """``hiermask fit``."""
-    df = read_table(args.data)
-    needed = [args.target] + ([args.group] if args.group is not None else [])
-    if args.features is not None:
-        features = [c.strip() for c in args.features.split(",") if c.strip()]
-        if not features:
-            raise CLIError("--features names no column")
-        needed += features
+#: Column names that pandas and R give a row index written to CSV.
+SAVED_INDEX = re.compile(r"^(Unnamed: \d+|index|rownames|X|\.\.\.1)$")
+
+
+def _fit_columns(df, args):
+    """The feature columns of ``hiermask fit``, checked against the table."""
+    needed = [args.target, *(c for c in (args.group, args.id) if c is not None)]
+    needed += list(args.drop) + list(args.features or [])
     _require_columns(df, needed, args.data)
     if args.group is not None and args.group == args.target:
         raise CLIError("--target and --group name the same column")
-    if args.features is None:
-        features = [c for c in df.columns if c not in (args.target, args.group)]
-    else:
-        features = [c for c in features if c not in (args.target, args.group)]
+    excluded = {args.target, args.group, args.id, *args.drop}
+    chosen = args.features if args.features is not None else list(df.columns)
+    features = [c for c in chosen if c not in excluded]
     if not features and args.group is None:
         raise CLIError(f"{args.data} has no feature columns besides the target")
+    for name in features:
+        if SAVED_INDEX.match(str(name)) and _looks_like_row_numbers(df[name]):
+            _err(
+                f"warning: column {name!r} looks like a saved row index and is "
+                f"fitted as a feature; leave it out with --drop {name!r}"
+            )
+    return features
+
+
+def _looks_like_row_numbers(column):
+    if str(column.name).startswith("Unnamed: "):
+        return True
+    values = column.to_numpy()
+    n = len(values)
+    return pd.api.types.is_integer_dtype(column.dtype) and (
+        np.array_equal(values, np.arange(n))
+        or np.array_equal(values, np.arange(1, n + 1))
+    )
+
+
+def _mask_lines(est, X, features):
+    """The mask (groups with a feature off, when there are many groups) and
+    the number of imputed cells, for the terminal."""
+    mask = est.mask_
+    lines = ["", "Mask (True: the feature applies to the group):"]
+    if mask.to_numpy().all():
+        lines = ["", "Mask: every feature applies to every group."]
+    elif mask.shape[0] > MAX_SUMMARY_ROWS:
+        partial = mask[~mask.all(axis=1)]
+        lines.append(
+            f"({mask.shape[0] - partial.shape[0]} of {mask.shape[0]} groups have "
+            "every feature on; the others:)"
+        )
+        mask = partial
+    if not mask.to_numpy().all():
+        lines.append(mask.to_string())
+    if est.group_col is None:
+        on = np.broadcast_to(est.mask_.to_numpy()[0], (len(X), len(features)))
+    else:
+        on = est.mask_.loc[X[est.group_col]].to_numpy()
+    imputed = pd.Series((X[features].isna().to_numpy() & on).sum(axis=0), features)
+    shown = ", ".join(f"{k} {v}" for k, v in imputed[imputed > 0].items())
+    lines.append(
+        f"imputed cells (NaN in a feature that applies): {int(imputed.sum())}"
+        + (f" ({shown})" if shown else "")
+    )
+    return lines
+
+
+def cmd_fit(args):
+    """``hiermask fit``."""
+    df = read_table(args.data)
+    features = _fit_columns(df, args)
     columns = ([args.group] if args.group is not None else []) + features
     X = df[columns]
     y = df[args.target]
@@ -597,7 +743,7 @@ def cmd_fit(args):
     if text:
         raise CLIError(
             f"feature column(s) {', '.join(map(repr, text))} are not numeric; "
-            "encode them or leave them out with --features"
+            "encode them or leave them out with --drop"
         )
     n_groups = df[args.group].nunique() if args.group is not None else 1
     if args.out is not None and not args.out.parent.exists():
@@ -609,12 +755,26 @@ def cmd_fit(args):
         pooling=args.pooling,
         engine=args.engine,
         missing=args.missing,
+        unseen_groups=args.unseen_groups,
+        **{name: getattr(args, name) for _, name, _, _ in MODEL_OPTIONS},
     )
     note = _fit_note(len(X), n_groups, len(features), args)
     with _Warnings(), _Progress(note, args.quiet, est):
         est.fit(X, y)
-    summary = est.summary()
-    _out(format_summary(summary), _convergence_line(est))
+    # Only the rows that are printed (or written) are summarized.
+    summary = est.summary(group_level=False)
+    n_group_rows = len(est.groups_) + int(est.mask_.to_numpy().sum())
+    full = len(summary) + n_group_rows <= MAX_SUMMARY_ROWS
+    if full or args.summary_csv is not None:
+        summary = est.summary()
+    text = format_summary(summary)
+    if not full and args.summary_csv is None:
+        text += (
+            f"\n({n_group_rows} group-level rows not shown; write them all with "
+            "--summary-csv PATH)"
+        )
+    _out(text, _convergence_line(est))
+    _out(*_mask_lines(est, X, features))
     if args.summary_csv is not None:
         summary.to_csv(args.summary_csv)
         _out(f"summary written to {args.summary_csv}")
@@ -712,9 +872,15 @@ def cmd_predict(args):
                 f"{est.n_features_in_}"
             )
         X = df
+    if args.id is not None:
+        _require_columns(df, [args.id], args.data)
+    if args.unseen_groups is not None:
+        est.set_params(unseen_groups=args.unseen_groups)
     with _Warnings():
         mean, sd = est.predict(X, return_std=True)
         out = pd.DataFrame({"mean": mean, "sd": sd})
+        if args.id is not None:
+            out.insert(0, args.id, df[args.id].to_numpy())
         if args.interval is not None:
             bounds = est.predict_interval(X, coverage=args.interval)
             out["lower"], out["upper"] = bounds[:, 0], bounds[:, 1]
@@ -733,7 +899,7 @@ def cmd_predict(args):
 COMMANDS = {"demo": cmd_demo, "fit": cmd_fit, "predict": cmd_predict}
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """Run the ``hiermask`` command.
 
     Parameters

@@ -19,6 +19,7 @@ import numbers
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 
 MANUFACTURING_GROUPS = ("Product_Group_1", "Product_Group_2")
 """tuple of str: The two group labels of :func:`make_manufacturing`."""
@@ -96,7 +97,12 @@ def _check_fraction(name, value):
     return value
 
 
-def make_manufacturing(n_samples=500, *, noise=0.5, random_state=None):
+def make_manufacturing(
+    n_samples: int = 500,
+    *,
+    noise: float = 0.5,
+    random_state: int | np.random.RandomState | np.random.Generator | None = None,
+) -> tuple[pd.DataFrame, pd.Series]:
     """Simulate the two-product-group manufacturing example.
 
     Production speed depends on feed speed and pull acceleration for both
@@ -175,15 +181,15 @@ None, default=None
 
 
 def make_schools(
-    n_schools=8,
+    n_schools: int = 8,
     *,
-    n_students=None,
-    mean=75.0,
-    between_sd=8.0,
-    within_sd=12.0,
-    random_state=None,
-    return_truth=False,
-):
+    n_students: int | ArrayLike | None = None,
+    mean: float = 75.0,
+    between_sd: float = 8.0,
+    within_sd: float = 12.0,
+    random_state: int | np.random.RandomState | np.random.Generator | None = None,
+    return_truth: bool = False,
+) -> tuple:
     """Simulate test scores of students nested in schools.
 
     Each school k has a true mean ``m_k ~ Normal(mean, between_sd)``, and each
@@ -267,14 +273,14 @@ None, default=None
 
 
 def make_missing_x(
-    n_samples=100,
+    n_samples: int = 100,
     *,
-    intercept=2.0,
-    slope=3.0,
-    noise=1.0,
-    missing_fraction=0.3,
-    random_state=None,
-):
+    intercept: float = 2.0,
+    slope: float = 3.0,
+    noise: float = 1.0,
+    missing_fraction: float = 0.3,
+    random_state: int | np.random.RandomState | np.random.Generator | None = None,
+) -> tuple[pd.DataFrame, pd.Series]:
     """Simulate a simple regression whose covariate is missing at random.
 
     ``x ~ Normal(0, 1)`` and ``y = intercept + slope * x + Normal(0, noise)``;
@@ -325,16 +331,16 @@ None, default=None
 
 
 def make_grouped_regression(
-    n_samples=1000,
-    n_groups=10,
-    n_features=3,
+    n_samples: int = 1000,
+    n_groups: int = 10,
+    n_features: int = 3,
     *,
-    pooling_sd=0.5,
-    noise=1.0,
-    mask_fraction=0.0,
-    random_state=None,
-    return_truth=False,
-):
+    pooling_sd: float = 0.5,
+    noise: float = 1.0,
+    mask_fraction: float = 0.0,
+    random_state: int | np.random.RandomState | np.random.Generator | None = None,
+    return_truth: bool = False,
+) -> tuple:
     """Simulate a hierarchical linear regression with per-group feature masks.
 
     The population coefficients and intercept are drawn from ``Normal(0, 1)``;

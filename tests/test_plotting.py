@@ -8,6 +8,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.axes import Axes
 from numpy.testing import assert_allclose
@@ -144,3 +145,98 @@ def test_missing_matplotlib_says_how_to_install(fitted, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r'pip install "hiermask\[plot\]"'):
         plotting.plot_mask(est)
+
+
+# ------------------------------------------------- readable plots (#15)
+def _many_groups(n_groups):
+    """n_groups groups of 4 rows, one feature; group "g0" has 2 rows whose
+    slope (no pooling) is 50, far out of the others' spread."""
+    from hiermask import MaskedHierarchicalRegressor
+
+    rng = np.random.default_rng(n_groups)
+    labels = np.repeat([f"g{i}" for i in range(n_groups)], 4)
+    x = rng.normal(size=labels.size)
+    slope = 1.0 + 0.5 * rng.normal(size=n_groups)
+    y = np.repeat(slope, 4) * x + 0.3 * rng.normal(size=labels.size)
+    X = pd.DataFrame({"g": labels, "x": x})
+    X, y = X.iloc[2:], y[2:]  # "g0" keeps 2 rows
+    y[:2] = 50.0 * X["x"].to_numpy()[:2]
+    est = MaskedHierarchicalRegressor(
+        group_col="g",
+        num_warmup=50,
+        num_samples=50,
+        num_chains=2,
+        random_state=0,
+        on_bad_convergence="ignore",
+    ).fit(X, y)
+    return est, X, y
+
+
+@pytest.fixture(scope="module")
+def many():
+    return _many_groups(61)
+
+
+def test_new_figures_keep_their_labels_in_a_plain_savefig(fitted, tmp_path):
+    est, X, y = fitted
+    for ax in (
+        plotting.plot_mask(est),
+        plotting.plot_forest(est),
+        plotting.plot_shrinkage(est, X, y),
+        plotting.plot_ppc(est, X, y, n_samples=5),
+    ):
+        fig = ax.figure
+        assert fig.get_layout_engine() is not None
+        fig.savefig(tmp_path / "plot.png")  # plain: lays the figure out
+        box, drawn = fig.bbox, ax.get_tightbbox()  # every drawn label
+        assert box.x0 - 1 <= drawn.x0 and drawn.x1 <= box.x1 + 1, drawn
+        assert box.y0 - 1 <= drawn.y0 and drawn.y1 <= box.y1 + 1, drawn
+
+
+def _forest_labels(ax):
+    return [t.get_text() for t in ax.get_yticklabels()]
+
+
+def test_plot_forest_groups_subset(fitted):
+    est, _, _ = fitted
+    ax = plotting.plot_forest(est, feature="Feed_Speed", groups=["Product_Group_2"])
+    assert _forest_labels(ax) == ["population mean", "Product_Group_2"]
+    with pytest.raises(ValueError, match=r"1 group\(s\) not seen in fit: 'nope'"):
+        plotting.plot_forest(est, groups=["nope"])
+
+
+def test_plot_forest_shows_the_extremes_above_60_groups(many):
+    """61 groups: the 30 whose posterior means are farthest from the median
+    (oracle: computed here from the draws), ordered by mean, with a note;
+    60 groups (both sides of MAX_FOREST_GROUPS): every group, no note."""
+    est, _, _ = many
+    ax = plotting.plot_forest(est)
+    means = est.posterior_["coef"][:, :, 0].mean(axis=0)
+    far = np.argsort(-np.abs(means - np.median(means)), kind="stable")[:30]
+    far = far[np.argsort(means[far], kind="stable")]
+    labels = _forest_labels(ax)
+    assert labels[0] == "population mean" and len(labels) == 31
+    assert labels[1:] == [str(est.groups_[g]) for g in far]
+    assert "61 groups: the 30 farthest from the median" in ax.get_title()
+    est60, _, _ = _many_groups(60)
+    ax = plotting.plot_forest(est60)
+    n_rows = round(ax.get_ylim()[1] + 0.3)  # one row per group + population
+    assert n_rows == 61 and "groups:" not in ax.get_title()
+
+
+def test_plot_shrinkage_clips_one_outlying_group(many, tmp_path):
+    """Oracle for the axis: 3 interquartile ranges beyond the quartiles of the
+    no-pooling slopes (plus a 4% margin); clip=False holds every value."""
+    est, X, y = many
+    raw = plotting.no_pooling_estimates(est, X, y)[1][:, 0]
+    assert raw.max() > 40  # "g0"
+    q1, q3 = np.quantile(raw, [0.25, 0.75])
+    lo, hi = q1 - 3 * (q3 - q1), q3 + 3 * (q3 - q1)
+    ax = plotting.plot_shrinkage(est, X, y)
+    margin = 0.04 * (hi - lo)
+    assert_allclose(ax.get_ylim(), (lo - margin, hi + margin), rtol=1e-12)
+    assert "beyond the axis (triangles)" in ax.get_xlabel()
+    _render(ax, tmp_path / "clipped.png")
+    ax = plotting.plot_shrinkage(est, X, y, clip=False)
+    assert ax.get_ylim()[1] > raw.max()
+    assert "beyond the axis" not in ax.get_xlabel()

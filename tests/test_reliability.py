@@ -524,11 +524,15 @@ BAD_INPUTS = [
     ("predict_wrong_column_count", case_predict_wrong_column_count, "predict",
      ValueError, "X has 3 features, but MaskedHierarchicalRegressor is expecting 2"),
     ("all_nan_row", case_all_nan_row, None, None, None),
-    ("one_row_per_group", case_one_row_per_group, None, None, None),
+    # x1 is NaN in group a's one row: off, on the evidence of one row (#15)
+    ("one_row_per_group", case_one_row_per_group, None, None,
+     "UserWarning: 1 (group, feature) pair(s) are switched off on the evidence"),
     ("constant_within_group", case_constant_within_group, None, None, None),
     ("collinear_features", case_collinear_features, None, None, None),
     ("scales_1e-12_1e12", case_extreme_scales, None, None, None),
-    ("one_group_partial_pooling", case_one_group_partial_pooling, None, None, None),
+    # its check predicts a new group: the one note of that call (#15)
+    ("one_group_partial_pooling", case_one_group_partial_pooling, None, None,
+     "UnseenGroupWarning: 3 row(s) in 1 group(s) not seen in fit ('new')"),
     ("zero_rows_at_predict", case_zero_rows_at_predict, None, None, None),
     ("zero_rows_at_predict_array", case_zero_rows_at_predict_array, None, None,
      None),

@@ -1,12 +1,13 @@
 """summary() and to_arviz() (issue 4)."""
 
+import copy
 import sys
 
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from ._fitted import manufacturing_fit
+from ._fitted import GROUP, manufacturing_fit
 
 G1, G2 = "Product_Group_1", "Product_Group_2"
 FEATURES = ["Feed_Speed", "Pull_Acceleration", "Cutting_Wait_Time"]
@@ -212,3 +213,101 @@ def test_to_arviz_without_arviz_says_how_to_install(fitted, monkeypatch):
     monkeypatch.setitem(sys.modules, "arviz", None)
     with pytest.raises(ImportError, match=r'pip install "hiermask\[arviz\]"'):
         est.to_arviz()
+
+
+# ------------------------------------------------ tables people use (#15)
+def test_summary_long_form_and_population_only(fitted):
+    est, _, _ = fitted
+    wide = est.summary()
+    long = est.summary(long=True)
+    assert list(long.columns[:3]) == ["parameter", "group", "feature"]
+    assert list(long.columns[3:]) == list(wide.columns)
+    # Same rows in the same order, same numbers (the same arithmetic).
+    assert_array_equal(long.iloc[:, 3:].to_numpy(), wide.to_numpy())
+    row = long.set_index(["parameter", "group", "feature"]).loc[
+        ("coef", G2, "Cutting_Wait_Time")
+    ]
+    assert_array_equal(row.to_numpy(), wide.loc[f"coef[{G2}, Cutting_Wait_Time]"])
+    assert (
+        long.loc[long["parameter"] == "noise", ["group", "feature"]]
+        .isna()
+        .to_numpy()
+        .all()
+    )
+    assert set(long.loc[long["parameter"] == "population_coef", "feature"]) == set(
+        FEATURES
+    )
+    population = est.summary(group_level=False)
+    assert not population.index.str.startswith(("intercept[", "coef[")).any()
+    assert_array_equal(population.to_numpy(), wide.loc[population.index].to_numpy())
+
+
+def test_summary_reuses_the_fit_diagnostics(fitted, monkeypatch):
+    """The fit diagnosed every parameter of this small model: summary()
+    computes none again. With the fit's diagnostics removed (as for group
+    rows above the fit's limit), it computes them and gets the same values."""
+    import hiermask._summary as summary_module
+
+    est, _, _ = fitted
+    expected = est.summary()
+    bare = copy.deepcopy(est)
+    bare._posterior.diagnostics.clear()
+    assert_allclose(bare.summary().to_numpy(), expected.to_numpy(), rtol=1e-12)
+
+    def refuse(x):
+        raise AssertionError("diagnostics computed again")
+
+    monkeypatch.setattr(summary_module, "parameter_diagnostics", refuse)
+    assert_array_equal(est.summary().to_numpy(), expected.to_numpy())
+
+
+def test_coefficients_table(fitted):
+    est, _, _ = fitted
+    table = est.coefficients()
+    assert list(table.columns) == ["intercept", *FEATURES]
+    assert list(table.index) == [G1, G2] and table.index.name == "group"
+    assert_array_equal(table["intercept"], est.intercept_)
+    assert np.isnan(table.loc[G1, "Cutting_Wait_Time"])
+    on = est.mask_.to_numpy()
+    assert_array_equal(table[FEATURES].to_numpy()[on], est.coef_[on])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_to_arviz_log_likelihood_for_loo_and_compare(fitted):
+    """Oracle: scipy's normal log density at draw 0 for rows without NaN;
+    a row with a NaN in an applicable feature integrates it out. az.loo and
+    az.compare run on two hiermask models of the same rows."""
+    az = pytest.importorskip("arviz")
+    from scipy.stats import norm
+
+    est, X, y = fitted
+    idata = est.to_arviz(X)
+    ll = idata.log_likelihood["y"].to_numpy()
+    n_draws = est.posterior_["noise"].shape[0]
+    assert ll.shape == (2, n_draws // 2, len(y))
+    post = est.posterior_
+    for i in (0, len(y) - 1):
+        g = list(est.groups_).index(X[GROUP].iloc[i])
+        x = np.nan_to_num(X.iloc[i, 1:].to_numpy(dtype=float)) * est._mask[g]
+        mean = post["intercept"][0, g] + post["coef"][0, g] @ x
+        want = norm.logpdf(y.iloc[i], mean, post["noise"][0])
+        assert_allclose(ll[0, 0, i], want, rtol=1e-10)
+    assert_array_equal(idata.observed_data["y"].to_numpy(), y.to_numpy())
+    loo = az.loo(idata)
+    assert np.isfinite(loo["elpd_loo"])
+    complete, _, _ = manufacturing_fit("complete")
+    table = az.compare({"partial": idata, "complete": complete.to_arviz(X)})
+    assert set(table.index) == {"partial", "complete"}
+    # The groups differ (different slopes): partial pooling predicts better.
+    assert table.index[0] == "partial"
+    with pytest.raises(ValueError, match="not seen in fit"):
+        est.to_arviz(X.assign(**{GROUP: "other"}))
+    with pytest.raises(ValueError, match="give y for other rows"):
+        est.to_arviz(X.iloc[:5])
+    # Both sides of the memory budget (8 bytes per draw and row).
+    small = copy.copy(est)
+    small.max_posterior_bytes = 8 * n_draws * 3
+    assert small.to_arviz(X.iloc[:3], y.iloc[:3]).log_likelihood["y"].shape[2] == 3
+    small.max_posterior_bytes -= 1
+    with pytest.raises(ValueError, match="above max_posterior_bytes"):
+        small.to_arviz(X.iloc[:3], y.iloc[:3])
