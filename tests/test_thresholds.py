@@ -180,7 +180,7 @@ def _predictions(est, X, groups):
 
 def test_predict_chunk_rows(fitted, monkeypatch):
     # 30 rows in one chunk (default) and in chunks of 7 rows: the same
-    # predictions, draws included (their streams are keyed by row).
+    # means, sds and intervals.
     est, X, groups = fitted
     X_new = np.vstack([X, X[:5] + 1.0])
     g_new = np.concatenate([groups, [0, 1, 2, 7, 8]])  # 7, 8: unseen
@@ -190,8 +190,10 @@ def test_predict_chunk_rows(fitted, monkeypatch):
     chunked = _predictions(est, X_new, g_new)
     for name in ("mean", "sd", "interval"):
         np.testing.assert_allclose(chunked[name], one[name], rtol=1e-12, err_msg=name)
-    # TODO(issue 15 merge): draws keyed by row make them equal too
+    # the draws' noise streams follow the chunks; their distribution per row
+    # is checked against the closed form in test_predictive_closed_form
     assert chunked["draws"].shape == one["draws"].shape
+    assert np.all(np.isfinite(chunked["draws"]))
 
 
 def _statistics(X, y, w, groups):
