@@ -1,6 +1,6 @@
 """``python -m hiermask``: the ``hiermask`` command line (see :mod:`hiermask.cli`)."""
 
-from .cli import main
+from .cli import command
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(command())

@@ -120,6 +120,31 @@ def _add_sampler_options(parser, *, defaults):
         action="store_true",
         help="no progress note or progress bar on stderr",
     )
+    _add_cache_option(parser)
+
+
+def _home_relative(path):
+    # ``~/...`` for a path under the home folder (help texts, docs).
+    try:
+        return f"~/{path.relative_to(Path.home()).as_posix()}"
+    except ValueError:
+        return str(path)
+
+
+def _add_cache_option(parser):
+    from ._cache import NO_CACHE_ENV, default_cache_dir
+
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help=(
+            "do not use JAX's persistent compilation cache (on by default in "
+            f"{_home_relative(default_cache_dir())}, so that the next command loads "
+            "the compiled "
+            f"programs instead of compiling them; {NO_CACHE_ENV}=1 also turns it "
+            "off)"
+        ),
+    )
 
 
 def _columns(text):
@@ -348,6 +373,7 @@ def build_parser():
             "contains, so use this only for files you trust"
         ),
     )
+    _add_cache_option(predict)
     return parser
 
 
@@ -899,6 +925,36 @@ def cmd_predict(args):
 COMMANDS = {"demo": cmd_demo, "fit": cmd_fit, "predict": cmd_predict}
 
 
+def command(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hiermask`` command (and ``python -m hiermask``).
+
+    :func:`main` with JAX's persistent compilation cache turned on for this
+    process (:func:`hiermask.enable_compilation_cache` in its default folder),
+    unless ``--no-cache`` is given or ``HIERMASK_NO_CACHE`` is set: the command
+    owns its process, so a second ``hiermask fit`` loads the programs the
+    first one compiled. :func:`main` itself, called from Python, leaves JAX's
+    configuration alone.
+
+    Parameters
+    ----------
+    argv : list of str, default=None
+        Arguments without the program name; None reads ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        Exit status, as :func:`main`'s.
+
+    Examples
+    --------
+    >>> from hiermask.cli import command
+    >>> command(["--version"])  # doctest: +ELLIPSIS
+    hiermask ...
+    0
+    """
+    return _main(argv, cache=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``hiermask`` command.
 
@@ -924,11 +980,20 @@ def main(argv: list[str] | None = None) -> int:
     ...
     0
     """
+    return _main(argv, cache=False)
+
+
+def _main(argv, *, cache):
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if cache and not getattr(args, "no_cache", False):
+        from ._cache import cache_disabled_by_env, enable_compilation_cache
+
+        if not cache_disabled_by_env():
+            enable_compilation_cache()
     try:
         return COMMANDS[args.command](args)
     except CLIError as exc:

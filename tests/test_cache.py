@@ -55,3 +55,44 @@ def test_no_cache_environment_variable(monkeypatch):
 
 def test_enable_compilation_cache_is_public():
     assert "enable_compilation_cache" in hiermask.__all__
+
+
+def _cli(args, cache_home, **env):
+    import os
+
+    run_env = {k: v for k, v in os.environ.items() if k != "HIERMASK_NO_CACHE"}
+    run_env.update(XDG_CACHE_HOME=str(cache_home), **env)
+    out = subprocess.run(
+        [sys.executable, "-m", "hiermask", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=run_env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    folder = cache_home / "hiermask" / "jax"
+    return len(list(folder.iterdir())) if folder.exists() else 0
+
+
+DEMO = ["demo", "--n-samples", "40", "--num-warmup", "20", "--num-samples", "20",
+        "--num-chains", "1", "--quiet"]  # fmt: skip
+
+
+def test_command_line_caches_unless_told_not_to(tmp_path):
+    # The command owns its process: it turns the cache on in the user's cache
+    # folder; --no-cache and HIERMASK_NO_CACHE turn it off.
+    assert _cli([*DEMO, "--no-cache"], tmp_path / "a") == 0
+    assert _cli(DEMO, tmp_path / "b", HIERMASK_NO_CACHE="1") == 0
+    assert _cli(DEMO, tmp_path / "c") > 0
+
+
+def test_main_called_from_python_leaves_jax_config_alone(tmp_path, capsys):
+    import jax
+
+    from hiermask.cli import main
+
+    before = jax.config.jax_compilation_cache_dir
+    # parsed, then refused (no such model file): past the cache switch
+    assert main(["predict", str(tmp_path / "none.hmz"), str(tmp_path / "x.csv")]) == 1
+    assert jax.config.jax_compilation_cache_dir == before
