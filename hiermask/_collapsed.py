@@ -43,23 +43,25 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
-import numpyro
 import numpyro.distributions as dist
 
 from . import _limits
-from ._model import IMPUTE_LOC_SCALE, IMPUTE_SCALE_SCALE, Hyper, sample_imputation
-from ._sampler import _INIT_RADIUS, FlatDensity, _normal, _uniform
+from ._density import INIT_RADIUS, FlatDensity
+from ._model import IMPUTE_LOC_SCALE, IMPUTE_SCALE_SCALE, Hyper
+from ._nuts import normal, uniform
+from ._stats import centred_design, latent_layout
 
 __all__ = [
     "CollapsedData",
+    "CollapsedEngine",
     "collapsed_density",
-    "collapsed_model",
     "conditional_chunk",
     "conditional_draws",
     "marginal_loglik",
@@ -70,7 +72,7 @@ __all__ = [
 # size: one vectorized loop over a block's groups per column, no library
 # call. Larger ones go to LAPACK, whose compile time does not grow with the
 # size; a program that calls it on a batch of matrices runs its chains one
-# after another (:func:`hiermask._sampler.exclusive`).
+# after another (:func:`hiermask._xla.exclusive`).
 # The unrolled program, and its compile time, grow as the size squared.
 # Measured on the 2-core benchmark machine: at size 6 and 10,000 groups the
 # unrolled gradient runs 2x faster than with LAPACK; at size 21 and 1,000
@@ -112,6 +114,97 @@ class CollapsedData(NamedTuple):
     x_sum: jnp.ndarray  # (G, P)
     x_sumsq: jnp.ndarray  # (G, P)
     noise_guess: jnp.ndarray  # (2, 2) residual_sd_guess: per group, pooled
+
+
+@dataclass(frozen=True)
+class CollapsedEngine:
+    """The collapsed engine: group coefficients integrated out.
+
+    An engine prepares its data once (:meth:`prepare`), gives the sampler a
+    density over a flat vector (:meth:`density`) and draws what it
+    integrated out (:meth:`conditional`). Engines are hashable: equal
+    engines share compiled programs.
+
+    Parameters
+    ----------
+    pooling : {"partial", "none", "complete"}
+    """
+
+    pooling: str = "partial"
+
+    #: Sampled sites that :meth:`conditional` takes.
+    conditional_sites: ClassVar[tuple] = (
+        "noise",
+        "intercept_scale",
+        "coef_scale",
+        "x_missing",
+    )
+
+    def prepare(self, statistics, ref):
+        """The engine's data from the statistics of the rows.
+
+        Parameters
+        ----------
+        statistics : FitStatistics
+            What :mod:`hiermask._fit` gathers from the rows: ``mask`` (all
+            features), ``scaling``, ``stats`` and ``latent`` rows.
+        ref : tuple
+            Prior reference points ``(M_y, s_y, M, s)`` in data units.
+
+        Returns
+        -------
+        CollapsedData
+        """
+        mask, scaling = statistics.mask, statistics.scaling
+        stats, rows = statistics.stats, statistics.latent
+        on = mask[:, mask.any(axis=0)]
+        design, latent = centred_design(rows.X, on[rows.group_idx], scaling)
+        cols, miss_row, miss_col, miss_slot = latent_layout(latent)
+        totals = (np.sum(a, axis=0, keepdims=True) for a in _stat_arrays(stats))
+        return CollapsedData(
+            on=on.astype(np.float64),
+            k=scaling.x_mean / scaling.x_scale,
+            K=ref[2] / scaling.x_scale,
+            e_y=np.asarray((scaling.y_mean - ref[0]) / scaling.y_scale),
+            n=stats.n,
+            gram=stats.gram,
+            xty=stats.xty,
+            yty=stats.yty,
+            inc_group=rows.group_idx,
+            inc_design=design,
+            inc_y=(rows.y - scaling.y_mean) / scaling.y_scale,
+            inc_w=rows.w,
+            miss_row=miss_row,
+            miss_col=miss_col,
+            miss_slot=miss_slot,
+            impute_cols=cols,
+            x_count=stats.x_count[:, cols],
+            x_sum=stats.x_sum[:, cols],
+            x_sumsq=stats.x_sumsq[:, cols],
+            noise_guess=np.stack(
+                [residual_sd_guess(*_stat_arrays(stats)), residual_sd_guess(*totals)]
+            ),
+        )
+
+    def density(self, data, hyper):
+        """The posterior as a :class:`~hiermask._density.FlatDensity`.
+
+        See :func:`collapsed_density`.
+        """
+        return collapsed_density(data, hyper, self.pooling)
+
+    def conditional(self, rng_key, draws, data, hyper, **chunking):
+        """Exact draws of the population and group coefficients.
+
+        See :func:`conditional_draws` (``chunking``: its ``chunk``,
+        ``first_chunk`` and ``n_valid``).
+        """
+        return conditional_draws(rng_key, draws, data, hyper, self.pooling, **chunking)
+
+
+def _stat_arrays(stats):
+    # The statistics residual_sd_guess takes.
+    return stats.n, stats.gram, stats.xty, stats.yty
 
 
 def residual_sd_guess(n, gram, xty, yty):
@@ -825,7 +918,7 @@ def marginal_loglik(pooling, values, data, hyper, cells):
 
 
 def _imputation_loglik(data, loc, scale, cells):
-    # x_observed factor and the latent cells' prior, as in collapsed_model.
+    # x_observed factor and the latent cells' prior, as in direct_model.
     quad = data.x_sumsq - 2.0 * loc * data.x_sum + data.x_count * loc**2
     observed = jnp.sum(
         -0.5 * data.x_count * jnp.log(2.0 * jnp.pi * scale**2) - 0.5 * quad / scale**2
@@ -838,58 +931,11 @@ def _imputation_loglik(data, loc, scale, cells):
     )
 
 
-def collapsed_model(data: CollapsedData, hyper: Hyper, pooling: str = "partial"):
-    """NumPyro model of the collapsed engine.
-
-    NUTS samples only the residual sd, the between-group sds (partial
-    pooling) and the imputation model with its latent cells; the population
-    means and every group's coefficients are integrated out exactly and drawn
-    afterwards by :func:`conditional_draws`. Sites, priors and names match
-    :func:`hiermask._model.direct_model`. The runner samples the same density
-    through :func:`collapsed_density` (attached as ``flat_density``).
-
-    Parameters
-    ----------
-    data : CollapsedData
-        Statistics in internal units.
-    hyper : Hyper
-        Prior scales in internal units.
-    pooling : {"partial", "none", "complete"}
-        Pooling mode.
-    """
-    n_groups, n_features = data.on.shape
-    cells = jnp.zeros(0)
-    if data.miss_row.shape[0]:
-        miss_group = data.inc_group[data.miss_row]
-        loc, scale, cells = sample_imputation(
-            n_groups, data.impute_cols, miss_group, data.miss_slot
-        )
-        quad = data.x_sumsq - 2.0 * loc * data.x_sum + data.x_count * loc**2
-        numpyro.factor(
-            "x_observed",
-            jnp.sum(
-                -0.5 * data.x_count * jnp.log(2.0 * jnp.pi * scale**2)
-                - 0.5 * quad / scale**2
-            ),
-        )
-    values = {"sigma": numpyro.sample("noise", dist.HalfNormal(hyper.noise))}
-    if pooling == "partial":
-        values["tau_a"] = numpyro.sample(
-            "intercept_scale", dist.HalfNormal(hyper.group_intercept)
-        )
-        values["tau"] = numpyro.sample(
-            "coef_scale",
-            dist.HalfNormal(hyper.group_coef * jnp.ones(n_features)).to_event(1),
-        )
-    numpyro.factor(
-        "marginal_likelihood", marginal_loglik(pooling, values, data, hyper, cells)
-    )
-
-
 def collapsed_density(data: CollapsedData, hyper: Hyper, pooling: str = "partial"):
     """The collapsed posterior as a density over one flat unconstrained vector.
 
-    Exactly the posterior of :func:`collapsed_model` (same sites, priors and
+    The posterior of :func:`hiermask._model.direct_model` with the population
+    means and group coefficients integrated out (same sites, priors and
     likelihood), written by hand: positive sites are softplus transforms of
     unconstrained coordinates, with their log-Jacobians. Unlike exp, softplus
     grows linearly, so a half-normal prior's tail stays Gaussian in the
@@ -1005,9 +1051,9 @@ def collapsed_density(data: CollapsedData, hyper: Hyper, pooling: str = "partial
         jnp.zeros(len(positive)).at[offsets[at]].set(jnp.where(known, z_guess, 0.0))
     )
     radius = (
-        jnp.full(len(positive), _INIT_RADIUS)
+        jnp.full(len(positive), INIT_RADIUS)
         .at[offsets[at]]
-        .set(jnp.where(known, jnp.minimum(_INIT_RADIUS, 4.0 * sd_z), _INIT_RADIUS))
+        .set(jnp.where(known, jnp.minimum(INIT_RADIUS, 4.0 * sd_z), INIT_RADIUS))
     )
     # and its first warmup metric from that standard error (near the mode
     # the gradient, which sets the others', says little of its scale)
@@ -1022,9 +1068,6 @@ def collapsed_density(data: CollapsedData, hyper: Hyper, pooling: str = "partial
 def _inverse_softplus(x):
     # log(exp(x) - 1), stable for large x
     return x + jnp.log(-jnp.expm1(-x))
-
-
-collapsed_model.flat_density = collapsed_density
 
 
 # conditional_draws processes draws in chunks of at most this many
@@ -1326,7 +1369,7 @@ def conditional_draws(
     def one_chunk(acc, args):
         index, sigma, base, cells, weight = args
         key_data = _chunk_key_data(rng_key, index)
-        normals = _normal(_uniform(key_data, (chunk, q * (n_groups + 1))))
+        normals = normal(uniform(key_data, (chunk, q * (n_groups + 1))))
         normals = jnp.concatenate(
             [normals, jnp.zeros((n_sub * tile - chunk, normals.shape[1]))]
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ._sampler import parameter_diagnostics
+from ._diagnostics import parameter_diagnostics
 
 __all__ = ["interval_labels", "summary_frame", "to_inference_data"]
 

@@ -25,7 +25,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils._param_validation import InvalidParameterError
 
-from hiermask import ConvergenceError, MaskedHierarchicalRegressor, _sampler
+from hiermask import ConvergenceError, MaskedHierarchicalRegressor, _runner
 from hiermask.datasets import (
     MANUFACTURING_TRUE_COEF,
     make_manufacturing,
@@ -552,13 +552,13 @@ def test_progress_bar_reports_every_iteration_and_keeps_the_draws(monkeypatch, c
     X, y = make_manufacturing(200, random_state=3)
     plain = MaskedHierarchicalRegressor(group_col="Product_Group", **FAST).fit(X, y)
     calls = []
-    original = _sampler._ProgressBar.update
+    original = _runner._ProgressBar.update
 
     def record(self, part, iteration):
         calls.append((part, iteration))
         original(self, part, iteration)
 
-    monkeypatch.setattr(_sampler._ProgressBar, "update", record)
+    monkeypatch.setattr(_runner._ProgressBar, "update", record)
     shown = MaskedHierarchicalRegressor(
         group_col="Product_Group", progress_bar=True, **FAST
     ).fit(X, y)
