@@ -86,8 +86,10 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
     ``X``: a feature whose cells are all NaN within a group (more precisely,
     whose NaN fraction there is at least ``mask_threshold``) has no
     coefficient for that group. Other NaN are imputed as latent variables.
-    The model is fitted with NUTS (NumPyro on JAX) and partially pools the
-    groups' intercepts and slopes.
+    The model is fitted with hiermask's own JAX-compiled NUTS (NumPyro's
+    algorithm) on a density it writes itself, and partially pools the
+    groups' intercepts and slopes; NumPyro supplies the direct engine's
+    model and its distributions.
 
     Parameters
     ----------

@@ -272,8 +272,12 @@ def to_inference_data(est):
     variables["noise"] = (("chain", "draw"), per_chain(draws["noise"]))
 
     attrs = {
-        "inference_library": "numpyro",
-        "inference_library_version": _library_version("numpyro"),
+        # hiermask's own NUTS (NumPyro's algorithm) on its own density;
+        # NumPyro supplies the direct engine's model and distributions
+        "inference_library": "hiermask (NUTS: NumPyro's algorithm)",
+        "inference_library_version": _version(),
+        "model_library": "numpyro",
+        "model_library_version": _library_version("numpyro"),
         "creation_library": "hiermask",
         "creation_library_version": _version(),
         "pooling": str(est.pooling),
