@@ -152,6 +152,30 @@ def test_programs_calling_lapack_run_one_at_a_time():
     assert out.stdout.strip() == "ok"
 
 
+#: Imports the package and reports whether JAX started a backend (which any
+#: compilation, such as probing XLA options, does).
+_IMPORT_ONLY = """
+import hiermask, hiermask.cli, hiermask.plotting
+from jax._src import xla_bridge
+print(xla_bridge.backends_are_initialized())
+"""
+
+
+def test_import_compiles_nothing_and_starts_no_backend():
+    # In a subprocess: this test process has long started JAX's backend.
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORT_ONLY],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_chain_does_not_stick_at_a_million_rows():
