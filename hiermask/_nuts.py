@@ -52,6 +52,7 @@ __all__ = [
     "is_turning",
     "key_data",
     "leapfrog",
+    "make_point",
     "normal",
     "sample",
     "step",
@@ -128,12 +129,37 @@ def key_data(seed_value, num_chains, num_warmup, num_samples, max_tree_depth):
 
 
 class Point(NamedTuple):
-    """A point of phase space per chain."""
+    """A point of phase space per chain, stored as one array so that every
+    select of a point is one operation (a small model's cost is the number
+    of operations run): ``[z, r, grad, potential]`` of shape
+    (C, 3 dim + 1), read through the properties."""
 
-    z: jnp.ndarray  # (C, dim) position
-    r: jnp.ndarray  # (C, dim) momentum
-    grad: jnp.ndarray  # (C, dim) gradient of the potential at z
-    potential: jnp.ndarray  # (C,)
+    data: jnp.ndarray
+
+    @property
+    def dim(self):
+        return (self.data.shape[-1] - 1) // 3
+
+    @property
+    def z(self):  # (C, dim) position
+        return self.data[:, : self.dim]
+
+    @property
+    def r(self):  # (C, dim) momentum
+        return self.data[:, self.dim : 2 * self.dim]
+
+    @property
+    def grad(self):  # (C, dim) gradient of the potential at z
+        return self.data[:, 2 * self.dim : 3 * self.dim]
+
+    @property
+    def potential(self):  # (C,)
+        return self.data[:, 3 * self.dim]
+
+
+def make_point(z, r, grad, potential):
+    """The :class:`Point` of its parts."""
+    return Point(jnp.concatenate([z, r, grad, potential[:, None]], axis=1))
 
 
 def kinetic_energy(inv_mass, r):
@@ -155,7 +181,7 @@ def leapfrog(value_and_grad, point, step, inv_mass):
     z = point.z + step * inv_mass * r
     potential, grad = value_and_grad(z)
     r = r - 0.5 * step * grad
-    return Point(z, r, grad, potential)
+    return make_point(z, r, grad, potential)
 
 
 def checkpoint_indices(leaf):
@@ -448,7 +474,7 @@ def step(
         top_u=u[:, dim + max_depth : dim + 2 * max_depth],
         first_gradient=first_gradient,
     )
-    start = Point(state.z, r0, state.grad, state.potential)
+    start = make_point(state.z, r0, state.grad, state.potential)
     tree = _build_tree(
         traj,
         _initial_tree(start, max_depth),
