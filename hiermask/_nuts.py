@@ -238,26 +238,82 @@ class Trajectory(NamedTuple):
     first_gradient: jnp.ndarray  # () bool
 
 
-class Tree(NamedTuple):
-    """A trajectory under construction, per chain."""
+# Rows of a tree's point table.
+_CURRENT, _LEFT, _RIGHT, _PROPOSAL, _SUB_PROPOSAL = range(5)
 
-    current: Point  # the edge the next leaf extends
-    left: Point  # the tree's left-most point (finished doublings)
-    right: Point  # its right-most point
-    proposal: Point  # the tree's multinomial sample
-    sub_proposal: Point  # the sample of the doubling under way
-    r_sum: jnp.ndarray  # (C, dim) momentum sum of the tree
-    sub_r_sum: jnp.ndarray  # (C, dim) of the doubling under way
-    ckpt_r: jnp.ndarray  # (C, max_depth, dim) checkpointed momenta
-    ckpt_r_sum: jnp.ndarray  # (C, max_depth, dim) and running sums
-    log_weight: jnp.ndarray  # (C,) log total weight of the tree
-    sub_log_weight: jnp.ndarray  # (C,) of the doubling under way
+
+class Tree(NamedTuple):
+    """A trajectory under construction, per chain.
+
+    Same-shaped parts are stacked, so that the trajectory loop carries ten
+    arrays and every per-chain select of a tree is ten operations (a small
+    model's cost is the number of operations run); the parts are read
+    through the properties and the tree is made by :func:`make_tree`.
+    """
+
+    points: jnp.ndarray  # (C, 5, 3 dim + 1): current, left, right, proposals
+    r_sums: jnp.ndarray  # (C, 2, dim): momentum sums of tree, doubling
+    ckpt: jnp.ndarray  # (C, max_depth, 2, dim): checkpointed r, r_sum
+    log_weights: jnp.ndarray  # (C, 2): log total weights of tree, doubling
     sum_accept: jnp.ndarray  # (C,) sum of the leaves' acceptance statistics
     depth: jnp.ndarray  # (C,) number of finished doublings
     leaf: jnp.ndarray  # (C,) index of the next leaf in its doubling
     n_leaves: jnp.ndarray  # (C,)
     done: jnp.ndarray  # (C,)
     diverging: jnp.ndarray  # (C,)
+
+    @property
+    def current(self):  # the edge the next leaf extends
+        return Point(self.points[:, _CURRENT])
+
+    @property
+    def left(self):  # the tree's left-most point (finished doublings)
+        return Point(self.points[:, _LEFT])
+
+    @property
+    def right(self):  # its right-most point
+        return Point(self.points[:, _RIGHT])
+
+    @property
+    def proposal(self):  # the tree's multinomial sample
+        return Point(self.points[:, _PROPOSAL])
+
+    @property
+    def sub_proposal(self):  # the sample of the doubling under way
+        return Point(self.points[:, _SUB_PROPOSAL])
+
+    @property
+    def r_sum(self):  # (C, dim) momentum sum of the tree
+        return self.r_sums[:, 0]
+
+    @property
+    def sub_r_sum(self):  # (C, dim) of the doubling under way
+        return self.r_sums[:, 1]
+
+    @property
+    def log_weight(self):  # (C,) log total weight of the tree
+        return self.log_weights[:, 0]
+
+    @property
+    def sub_log_weight(self):  # (C,) of the doubling under way
+        return self.log_weights[:, 1]
+
+
+def make_tree(points, r_sums, log_weights, ckpt, **rest):
+    """The :class:`Tree` of its parts.
+
+    ``points``: the :class:`Point` ``(current, left, right, proposal,
+    sub_proposal)``; ``r_sums``: ``(r_sum, sub_r_sum)``; ``log_weights``:
+    ``(log_weight, sub_log_weight)``; ``ckpt``: the stacked checkpoints of
+    :func:`_grow_subtree`; ``rest``: the other fields by name.
+    """
+    return Tree(
+        points=jnp.stack([p.data for p in points], axis=1),
+        r_sums=jnp.stack(r_sums, axis=1),
+        ckpt=ckpt,
+        log_weights=jnp.stack(log_weights, axis=1),
+        **rest,
+    )
 
 
 class _Leaf(NamedTuple):
@@ -269,8 +325,7 @@ class _Leaf(NamedTuple):
     take: jnp.ndarray  # it becomes the doubling's sample
     sub_log_weight: jnp.ndarray
     sub_r_sum: jnp.ndarray
-    ckpt_r: jnp.ndarray
-    ckpt_r_sum: jnp.ndarray
+    ckpt: jnp.ndarray  # (C, max_depth, 2, dim) checkpointed r and r_sum
     sub_turning: jnp.ndarray
     sub_done: jnp.ndarray  # the doubling is finished (full, turning, diverging)
 
@@ -279,18 +334,11 @@ def _initial_tree(start, max_depth):
     # A tree of the starting point alone.
     n_chains, dim = start.r.shape
     zeros = jnp.zeros(n_chains, jnp.int32)
-    return Tree(
-        current=start,
-        left=start,
-        right=start,
-        proposal=start,
-        sub_proposal=start,
-        r_sum=start.r,
-        sub_r_sum=jnp.zeros_like(start.r),
-        ckpt_r=jnp.zeros((n_chains, max_depth, dim)),
-        ckpt_r_sum=jnp.zeros((n_chains, max_depth, dim)),
-        log_weight=jnp.zeros(n_chains),
-        sub_log_weight=jnp.full(n_chains, -jnp.inf),
+    return make_tree(
+        points=(start,) * 5,
+        r_sums=(start.r, jnp.zeros_like(start.r)),
+        log_weights=(jnp.zeros(n_chains), jnp.full(n_chains, -jnp.inf)),
+        ckpt=jnp.zeros((n_chains, max_depth, 2, dim)),
         sum_accept=jnp.zeros(n_chains),
         depth=zeros,
         leaf=zeros,
@@ -314,12 +362,15 @@ def _grow_subtree(traj, tree, leaf_u):
     take = (u < jnp.exp(-delta - sub_log_weight)) | traj.first_gradient
     sub_r_sum = tree.sub_r_sum + new.r
     idx_min, idx_max = checkpoint_indices(tree.leaf)
-    levels = jnp.arange(tree.ckpt_r.shape[1])
+    levels = jnp.arange(tree.ckpt.shape[1])
     store = ((tree.leaf % 2) == 0)[:, None] & (levels == idx_max[:, None])
-    ckpt_r = jnp.where(store[:, :, None], new.r[:, None], tree.ckpt_r)
-    ckpt_r_sum = jnp.where(store[:, :, None], sub_r_sum[:, None], tree.ckpt_r_sum)
+    ckpt = jnp.where(
+        store[:, :, None, None],
+        jnp.stack([new.r, sub_r_sum], axis=1)[:, None],
+        tree.ckpt,
+    )
     sub_turning = is_iterative_turning(
-        traj.inv_mass, new.r, sub_r_sum, ckpt_r, ckpt_r_sum, idx_min, idx_max
+        traj.inv_mass, new.r, sub_r_sum, ckpt[:, :, 0], ckpt[:, :, 1], idx_min, idx_max
     )
     full = (tree.leaf + 1) == (1 << tree.depth)
     return _Leaf(
@@ -330,8 +381,7 @@ def _grow_subtree(traj, tree, leaf_u):
         take=take,
         sub_log_weight=sub_log_weight,
         sub_r_sum=sub_r_sum,
-        ckpt_r=ckpt_r,
-        ckpt_r_sum=ckpt_r_sum,
+        ckpt=ckpt,
         sub_turning=sub_turning,
         sub_done=full | sub_turning | diverging | traj.first_gradient,
     )
@@ -353,20 +403,19 @@ def _combine_tree(traj, tree, leaf, max_depth):
     ends = ~valid | turning | (depth >= max_depth) | traj.first_gradient
     # The next doubling starts from the edge in its direction.
     next_right = _pick(traj.going_right, jnp.minimum(depth, max_depth - 1))
-    return Tree(
-        current=_where(sub_done, _where(next_right, right, left), new),
-        left=left,
-        right=right,
-        proposal=_where(move, sub_proposal, tree.proposal),
-        sub_proposal=sub_proposal,
-        r_sum=r_sum,
-        sub_r_sum=_where(sub_done, 0.0 * new.r, leaf.sub_r_sum),
-        ckpt_r=leaf.ckpt_r,
-        ckpt_r_sum=leaf.ckpt_r_sum,
-        log_weight=jnp.where(
-            valid, jnp.logaddexp(tree.log_weight, leaf.sub_log_weight), tree.log_weight
+    current = _where(sub_done, _where(next_right, right, left), new)
+    proposal = _where(move, sub_proposal, tree.proposal)
+    log_weight = jnp.where(
+        valid, jnp.logaddexp(tree.log_weight, leaf.sub_log_weight), tree.log_weight
+    )
+    return make_tree(
+        points=(current, left, right, proposal, sub_proposal),
+        r_sums=(r_sum, _where(sub_done, 0.0 * new.r, leaf.sub_r_sum)),
+        log_weights=(
+            log_weight,
+            jnp.where(sub_done, -jnp.inf, leaf.sub_log_weight),
         ),
-        sub_log_weight=jnp.where(sub_done, -jnp.inf, leaf.sub_log_weight),
+        ckpt=leaf.ckpt,
         sum_accept=tree.sum_accept + jnp.minimum(jnp.exp(-leaf.delta), 1.0),
         depth=depth,
         leaf=jnp.where(sub_done, 0, tree.leaf + 1),
