@@ -213,7 +213,7 @@ def main(argv=None):
     # One chain: the sampler's cost (client side, O(groups x features^3) per
     # gradient) dominates the fit at 1,000 groups x 20 features here. (Two
     # chains of this model once hung: jaxlib's batched LAPACK kernels in two
-    # programs at once; fixed by hiermask._sampler.exclusive.)
+    # programs at once; fixed by hiermask._xla.exclusive.)
     parser.add_argument("--num-chains", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

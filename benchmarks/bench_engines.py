@@ -91,10 +91,11 @@ class Profiler:
     """Times the phases of ``fit`` by wrapping the engine's module functions."""
 
     def __init__(self):
-        from hiermask import _estimator, _fit, _sampler
+        from hiermask import _estimator, _fit
 
-        self._fit, self._sampler, self._estimator = _fit, _sampler, _estimator
+        self._fit, self._estimator = _fit, _estimator
         self.times = {}
+        self.run_timings = {}
 
     def _wrap(self, name, phase, module=None):
         module = self._fit if module is None else module
@@ -103,6 +104,8 @@ class Profiler:
         def timed(*args, **kwargs):
             start = time.perf_counter()
             out = original(*args, **kwargs)
+            if name == "run_nuts":  # the sampler's own timings, with its result
+                self.run_timings = dict(out.timings)
             self.times[phase] = self.times.get(phase, 0.0) + (
                 time.perf_counter() - start
             )
@@ -118,8 +121,8 @@ class Profiler:
         patched = [
             self._wrap("cell_moments", "stats_s"),
             self._wrap("group_statistics", "stats_s"),
-            self._wrap("_collapsed_from_statistics", "stats_s"),
-            self._wrap("_direct_data", "stats_s"),
+            self._wrap("prepare", "stats_s", self._fit.CollapsedEngine),
+            self._wrap("prepare", "stats_s", self._fit.DirectEngine),
             self._wrap("run_nuts", "nuts_s"),
             self._wrap("_conditional", "draws_s"),
             self._wrap("_diagnose", "diag_s"),
@@ -134,7 +137,7 @@ class Profiler:
             self.times["fit_s"] = time.perf_counter() - start
             for module, name, original in patched:
                 setattr(module, name, original)
-            last = dict(self._sampler.LAST_TIMINGS)
+            last = self.run_timings
             self.times["trace_s"] = last.get("trace", 0.0)
             self.times["compile_s"] = last.get("compile", 0.0)
             self.times["sample_s"] = last.get("run", 0.0)
@@ -208,13 +211,13 @@ _COLDSTART = """
 import json, time, warnings
 warnings.simplefilter("ignore")
 t0 = time.perf_counter()
-from hiermask import MaskedHierarchicalRegressor, _sampler
+from hiermask import MaskedHierarchicalRegressor
 from hiermask.datasets import make_manufacturing
 X, y = make_manufacturing(500, random_state=0)
 t1 = time.perf_counter()
-MaskedHierarchicalRegressor(group_col="Product_Group", random_state=0).fit(X, y)
+est = MaskedHierarchicalRegressor(group_col="Product_Group", random_state=0).fit(X, y)
 t2 = time.perf_counter()
-timings = {f"{k}_s": v for k, v in _sampler.LAST_TIMINGS.items()}
+timings = {f"{k}_s": v for k, v in est._posterior.timings.items()}
 print(json.dumps({"import_s": t1 - t0, "fit_s": t2 - t1, **timings}))
 """
 
@@ -363,7 +366,8 @@ def bench_gridsearch(quick):
     """GridSearchCV over 4 prior scales, 5 folds, 10,000 rows and 20 groups."""
     from sklearn.model_selection import GridSearchCV, KFold
 
-    from hiermask import MaskedHierarchicalRegressor, _sampler
+    from hiermask import MaskedHierarchicalRegressor
+    from hiermask._runner import cache_info
     from hiermask.datasets import make_grouped_regression
 
     X, y = make_grouped_regression(10_000, 20, 3, random_state=0)
@@ -372,7 +376,7 @@ def bench_gridsearch(quick):
         {"coef_prior_scale": [0.25, 0.5, 1.0, 2.0]},
         cv=KFold(3 if quick else 5, shuffle=True, random_state=0),
     )
-    traces = sum(_sampler.TRACE_COUNTS.values())
+    traces = cache_info().misses
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()
@@ -385,7 +389,7 @@ def bench_gridsearch(quick):
             "fits": n_fits,
             "fit_s": seconds,
             "per_fit_s": seconds / n_fits,
-            "compilations": sum(_sampler.TRACE_COUNTS.values()) - traces,
+            "compilations": cache_info().misses - traces,
             "best": search.best_params_["coef_prior_scale"],
         }
     ]

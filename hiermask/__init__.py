@@ -1,10 +1,16 @@
 """hiermask: Bayesian hierarchical regression with NaN-inferred feature masks.
 
 The one public estimator, :class:`MaskedHierarchicalRegressor`, reads which
-features apply to which group from the NaN pattern of ``X``, fits a partially
-pooled linear model with its own JAX-compiled NUTS (NumPyro's algorithm) and
-predicts posterior means, sds, intervals and draws, also for groups never seen
-in fit.
+features apply to which group from the NaN pattern of ``X``, fits a
+partially pooled linear model and predicts posterior means, sds, intervals
+and draws, also for groups never seen in fit.
+
+The sampler is hiermask's own NUTS, compiled with JAX: NumPyro's algorithm
+(multinomial trajectory sampling, the generalized U-turn criterion, Stan's
+warmup windows, dual averaging restarted from the current step size after
+each window as NumPyro does by default) on a density hiermask writes itself
+(:mod:`hiermask._nuts`, :mod:`hiermask._runner`). NumPyro supplies the
+direct engine's model and its distributions.
 """
 
 from importlib import metadata as _metadata

@@ -43,45 +43,36 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
-import numpyro
 import numpyro.distributions as dist
 
 from . import _limits
-from ._model import IMPUTE_LOC_SCALE, IMPUTE_SCALE_SCALE, Hyper, sample_imputation
-from ._sampler import _INIT_RADIUS, FlatDensity, _normal, _uniform
+from ._density import INIT_RADIUS, FlatDensity
+from ._model import IMPUTE_LOC_SCALE, IMPUTE_SCALE_SCALE, Hyper
+from ._nuts import normal, uniform
+from ._stats import centred_design, latent_layout
 
 __all__ = [
     "CollapsedData",
+    "CollapsedEngine",
     "collapsed_density",
-    "collapsed_model",
     "conditional_chunk",
     "conditional_draws",
     "marginal_loglik",
     "residual_sd_guess",
 ]
 
-# Each group's matrix is factorized by unrolled elementwise code up to this
-# size: one vectorized loop over a block's groups per column, no library
-# call. Larger ones go to LAPACK, whose compile time does not grow with the
-# size; a program that calls it on a batch of matrices runs its chains one
-# after another (:func:`hiermask._sampler.exclusive`).
-# The unrolled program, and its compile time, grow as the size squared.
-# Measured on the 2-core benchmark machine: at size 6 and 10,000 groups the
-# unrolled gradient runs 2x faster than with LAPACK; at size 21 and 1,000
-# groups a whole fit (4 chains x 60 iterations) took 37 s unrolled with
-# chains in parallel against 63 s through LAPACK, after about 6 s more of
-# compilation.
-
-# The population's single matrix is unrolled up to this size (a scalar
-# program, which compiles slowly when large), by LAPACK above it (one call
-# per gradient, no batch). At 100 groups x 11 coefficients unrolling it
-# saved 3 s of sampling for 2 s more compilation; at 21 it cost 40 s more.
+# Each group's matrix is factorized by unrolled elementwise code up to
+# UNROLL_MAX_SIZE (one vectorized loop over a block's groups per column, no
+# library call), by LAPACK above (:func:`hiermask._xla.exclusive`); the
+# population's single matrix up to UNROLL_MAX_SIZE_POPULATION. Why these
+# sizes, measured: docs/performance.md, "Unroll limits".
 
 
 def _unrolled(q):
@@ -112,6 +103,97 @@ class CollapsedData(NamedTuple):
     x_sum: jnp.ndarray  # (G, P)
     x_sumsq: jnp.ndarray  # (G, P)
     noise_guess: jnp.ndarray  # (2, 2) residual_sd_guess: per group, pooled
+
+
+@dataclass(frozen=True)
+class CollapsedEngine:
+    """The collapsed engine: group coefficients integrated out.
+
+    An engine prepares its data once (:meth:`prepare`), gives the sampler a
+    density over a flat vector (:meth:`density`) and draws what it
+    integrated out (:meth:`conditional`). Engines are hashable: equal
+    engines share compiled programs.
+
+    Parameters
+    ----------
+    pooling : {"partial", "none", "complete"}
+    """
+
+    pooling: str = "partial"
+
+    #: Sampled sites that :meth:`conditional` takes.
+    conditional_sites: ClassVar[tuple] = (
+        "noise",
+        "intercept_scale",
+        "coef_scale",
+        "x_missing",
+    )
+
+    def prepare(self, statistics, ref):
+        """The engine's data from the statistics of the rows.
+
+        Parameters
+        ----------
+        statistics : FitStatistics
+            What :mod:`hiermask._fit` gathers from the rows: ``mask`` (all
+            features), ``scaling``, ``stats`` and ``latent`` rows.
+        ref : tuple
+            Prior reference points ``(M_y, s_y, M, s)`` in data units.
+
+        Returns
+        -------
+        CollapsedData
+        """
+        mask, scaling = statistics.mask, statistics.scaling
+        stats, rows = statistics.stats, statistics.latent
+        on = mask[:, mask.any(axis=0)]
+        design, latent = centred_design(rows.X, on[rows.group_idx], scaling)
+        cols, miss_row, miss_col, miss_slot = latent_layout(latent)
+        totals = (np.sum(a, axis=0, keepdims=True) for a in _stat_arrays(stats))
+        return CollapsedData(
+            on=on.astype(np.float64),
+            k=scaling.x_mean / scaling.x_scale,
+            K=ref[2] / scaling.x_scale,
+            e_y=np.asarray((scaling.y_mean - ref[0]) / scaling.y_scale),
+            n=stats.n,
+            gram=stats.gram,
+            xty=stats.xty,
+            yty=stats.yty,
+            inc_group=rows.group_idx,
+            inc_design=design,
+            inc_y=(rows.y - scaling.y_mean) / scaling.y_scale,
+            inc_w=rows.w,
+            miss_row=miss_row,
+            miss_col=miss_col,
+            miss_slot=miss_slot,
+            impute_cols=cols,
+            x_count=stats.x_count[:, cols],
+            x_sum=stats.x_sum[:, cols],
+            x_sumsq=stats.x_sumsq[:, cols],
+            noise_guess=np.stack(
+                [residual_sd_guess(*_stat_arrays(stats)), residual_sd_guess(*totals)]
+            ),
+        )
+
+    def density(self, data, hyper):
+        """The posterior as a :class:`~hiermask._density.FlatDensity`.
+
+        See :func:`collapsed_density`.
+        """
+        return collapsed_density(data, hyper, self.pooling)
+
+    def conditional(self, rng_key, draws, data, hyper, **chunking):
+        """Exact draws of the population and group coefficients.
+
+        See :func:`conditional_draws` (``chunking``: its ``chunk``,
+        ``first_chunk`` and ``n_valid``).
+        """
+        return conditional_draws(rng_key, draws, data, hyper, self.pooling, **chunking)
+
+
+def _stat_arrays(stats):
+    # The statistics residual_sd_guess takes.
+    return stats.n, stats.gram, stats.xty, stats.yty
 
 
 def residual_sd_guess(n, gram, xty, yty):
@@ -637,11 +719,9 @@ def _pooled_total(pop_left, s, y, z):
 
 
 # The blocks' factorizations are kept from the value's pass over the groups
-# for the gradient's pass while they take at most this many bytes (per
-# chain); above, the gradient's pass factorizes each block again. Keeping
-# them made the gradient at 10,000 groups x 6 coefficients 20% faster
-# (9.3 to 7.4 ms, one chain, 2-core benchmark machine); they take ~1 kB per
-# group at 6 coefficients, ~11 kB at 21.
+# for the gradient's pass while they take at most KEEP_FACTORS_BYTES (per
+# chain); above, the gradient's pass factorizes each block again
+# (docs/performance.md, "Kept factorizations").
 
 
 def _keeps_factors(blocks):
@@ -825,7 +905,7 @@ def marginal_loglik(pooling, values, data, hyper, cells):
 
 
 def _imputation_loglik(data, loc, scale, cells):
-    # x_observed factor and the latent cells' prior, as in collapsed_model.
+    # x_observed factor and the latent cells' prior, as in direct_model.
     quad = data.x_sumsq - 2.0 * loc * data.x_sum + data.x_count * loc**2
     observed = jnp.sum(
         -0.5 * data.x_count * jnp.log(2.0 * jnp.pi * scale**2) - 0.5 * quad / scale**2
@@ -838,58 +918,77 @@ def _imputation_loglik(data, loc, scale, cells):
     )
 
 
-def collapsed_model(data: CollapsedData, hyper: Hyper, pooling: str = "partial"):
-    """NumPyro model of the collapsed engine.
+class _Layout(NamedTuple):
+    # Where each sampled site sits in the flat vector, and its prior.
+    sites: list  # (name, shape, positive, prior scale or None)
+    offsets: np.ndarray  # (n_sites + 1,)
+    positive: np.ndarray  # (size,) bool: softplus-transformed coordinates
+    has_prior: np.ndarray  # (size,) bool: Normal / HalfNormal prior here
+    prior_scale: jnp.ndarray  # (size,)
 
-    NUTS samples only the residual sd, the between-group sds (partial
-    pooling) and the imputation model with its latent cells; the population
-    means and every group's coefficients are integrated out exactly and drawn
-    afterwards by :func:`conditional_draws`. Sites, priors and names match
-    :func:`hiermask._model.direct_model`. The runner samples the same density
-    through :func:`collapsed_density` (attached as ``flat_density``).
+    def transform(self, z):
+        return jnp.where(self.positive, jax.nn.softplus(z), z)
 
-    Parameters
-    ----------
-    data : CollapsedData
-        Statistics in internal units.
-    hyper : Hyper
-        Prior scales in internal units.
-    pooling : {"partial", "none", "complete"}
-        Pooling mode.
+    def unpack(self, x):
+        return {
+            name: x[start:stop].reshape(shape)
+            for (name, shape, _, _), start, stop in zip(
+                self.sites, self.offsets[:-1], self.offsets[1:], strict=True
+            )
+        }
+
+
+def _layout(data, hyper, pooling):
+    """The sampled sites of the collapsed model, in the flat vector's order.
+
+    Each site is ``(name, shape, positive, prior scale)``: a Normal prior
+    (HalfNormal when positive) of that scale; None for the latent cells,
+    whose prior is the imputation model.
     """
     n_groups, n_features = data.on.shape
-    cells = jnp.zeros(0)
-    if data.miss_row.shape[0]:
-        miss_group = data.inc_group[data.miss_row]
-        loc, scale, cells = sample_imputation(
-            n_groups, data.impute_cols, miss_group, data.miss_slot
-        )
-        quad = data.x_sumsq - 2.0 * loc * data.x_sum + data.x_count * loc**2
-        numpyro.factor(
-            "x_observed",
-            jnp.sum(
-                -0.5 * data.x_count * jnp.log(2.0 * jnp.pi * scale**2)
-                - 0.5 * quad / scale**2
-            ),
-        )
-    values = {"sigma": numpyro.sample("noise", dist.HalfNormal(hyper.noise))}
+    n_cells = data.miss_row.shape[0]
+    n_cols = data.impute_cols.shape[0]
+    sites = []
+    if n_cells:
+        sites += [
+            ("x_loc", (n_groups, n_cols), False, IMPUTE_LOC_SCALE),
+            ("x_scale", (n_cols,), True, IMPUTE_SCALE_SCALE),
+            ("x_missing", (n_cells,), False, None),
+        ]
+    sites.append(("noise", (), True, hyper.noise))
     if pooling == "partial":
-        values["tau_a"] = numpyro.sample(
-            "intercept_scale", dist.HalfNormal(hyper.group_intercept)
-        )
-        values["tau"] = numpyro.sample(
-            "coef_scale",
-            dist.HalfNormal(hyper.group_coef * jnp.ones(n_features)).to_event(1),
-        )
-    numpyro.factor(
-        "marginal_likelihood", marginal_loglik(pooling, values, data, hyper, cells)
+        sites += [
+            ("intercept_scale", (), True, hyper.group_intercept),
+            ("coef_scale", (n_features,), True, hyper.group_coef),
+        ]
+    sizes = [math.prod(shape) for _, shape, _, _ in sites]
+    prior_scale = jnp.concatenate(
+        [
+            jnp.broadcast_to(1.0 if scale is None else scale, (width,))
+            for (_, _, _, scale), width in zip(sites, sizes, strict=True)
+        ]
     )
+    return _Layout(
+        sites=sites,
+        offsets=np.cumsum([0, *sizes]),
+        positive=np.repeat([site[2] for site in sites], sizes),
+        has_prior=np.repeat([site[3] is not None for site in sites], sizes),
+        prior_scale=prior_scale,
+    )
+
+
+def _prepared_stats(pooling, data, cells):
+    # The statistics given the latent cells, and in blocks (None under
+    # complete pooling).
+    prep = _prepare(pooling, data, add_incomplete_rows(data, cells))
+    return prep, None if pooling == "complete" else _group_blocks(prep, data.on)
 
 
 def collapsed_density(data: CollapsedData, hyper: Hyper, pooling: str = "partial"):
     """The collapsed posterior as a density over one flat unconstrained vector.
 
-    Exactly the posterior of :func:`collapsed_model` (same sites, priors and
+    The posterior of :func:`hiermask._model.direct_model` with the population
+    means and group coefficients integrated out (same sites, priors and
     likelihood), written by hand: positive sites are softplus transforms of
     unconstrained coordinates, with their log-Jacobians. Unlike exp, softplus
     grows linearly, so a half-normal prior's tail stays Gaussian in the
@@ -909,74 +1008,32 @@ def collapsed_density(data: CollapsedData, hyper: Hyper, pooling: str = "partial
     -------
     FlatDensity
     """
-    n_groups, n_features = data.on.shape
+    layout = _layout(data, hyper, pooling)
     n_cells = data.miss_row.shape[0]
-    n_cols = data.impute_cols.shape[0]
-    # (name, shape, positive, prior scale: Normal or HalfNormal(scale))
-    sites = []
-    if n_cells:
-        sites += [
-            ("x_loc", (n_groups, n_cols), False, IMPUTE_LOC_SCALE),
-            ("x_scale", (n_cols,), True, IMPUTE_SCALE_SCALE),
-            ("x_missing", (n_cells,), False, None),  # prior: imputation model
-        ]
-    sites.append(("noise", (), True, hyper.noise))
-    if pooling == "partial":
-        sites += [
-            ("intercept_scale", (), True, hyper.group_intercept),
-            ("coef_scale", (n_features,), True, hyper.group_coef),
-        ]
-    sizes = [math.prod(shape) for _, shape, _, _ in sites]
-    positive = np.repeat([site[2] for site in sites], sizes)
-    has_prior = np.repeat([site[3] is not None for site in sites], sizes)
-    prior_scale = jnp.concatenate(
-        [
-            jnp.broadcast_to(1.0 if scale is None else scale, (width,))
-            for (_, _, _, scale), width in zip(sites, sizes, strict=True)
-        ]
-    )
-    offsets = np.cumsum([0, *sizes])
-    names = [site[0] for site in sites]
-    prep = blocks = None
-    if not n_cells:
-        prep = _prepare(pooling, data, add_incomplete_rows(data, ()))
-        if pooling != "complete":
-            blocks = _group_blocks(prep, data.on)
-
-    def transform(z):
-        return jnp.where(positive, jax.nn.softplus(z), z)
-
-    def unpack(x):
-        return {
-            name: x[start:stop].reshape(shape)
-            for (name, shape, _, _), start, stop in zip(
-                sites, offsets[:-1], offsets[1:], strict=True
-            )
-        }
+    fixed = None if n_cells else _prepared_stats(pooling, data, ())
 
     def log_density(z):
-        x = transform(z)
+        x = layout.transform(z)
         # log-Jacobians and the Normal / HalfNormal priors, all sites at once
         # (constants dropped).
-        logp = jnp.sum(jnp.where(positive, jax.nn.log_sigmoid(z), 0.0))
-        logp = logp - 0.5 * jnp.sum(jnp.where(has_prior, (x / prior_scale) ** 2, 0.0))
-        values = unpack(x)
+        logp = jnp.sum(jnp.where(layout.positive, jax.nn.log_sigmoid(z), 0.0))
+        logp = logp - 0.5 * jnp.sum(
+            jnp.where(layout.has_prior, (x / layout.prior_scale) ** 2, 0.0)
+        )
+        values = layout.unpack(x)
         scales = {"sigma": values["noise"]}
         if pooling == "partial":
             scales["tau_a"] = values["intercept_scale"]
             scales["tau"] = values["coef_scale"]
-        stats_prep, stats_blocks = prep, blocks
+        stats = fixed
         if n_cells:
             loc, scale, cells = values["x_loc"], values["x_scale"], values["x_missing"]
             logp = logp + _imputation_loglik(data, loc, scale, cells)
-            stats_prep = _prepare(pooling, data, add_incomplete_rows(data, cells))
-            if pooling != "complete":
-                stats_blocks = _group_blocks(stats_prep, data.on)
+            stats = _prepared_stats(pooling, data, cells)
         base = None if pooling == "complete" else _base_sd(pooling, scales, hyper)
         return logp + _prepared_loglik(
             pooling,
-            stats_prep,
-            stats_blocks,
+            *stats,
             _pop_left(data),
             scales["sigma"],
             base,
@@ -984,47 +1041,48 @@ def collapsed_density(data: CollapsedData, hyper: Hyper, pooling: str = "partial
             stats_grad=n_cells > 0,
         )
 
-    def potential(z):
-        return -log_density(z)
-
     def constrain(z):
-        return unpack(transform(z))
+        return layout.unpack(layout.transform(z))
 
-    # Chains start their residual sd within 4 standard errors of the
-    # least-squares guess (within +-2 of it in the unconstrained space if
-    # that is narrower), the rest in +-2 around 0 as usual: with many rows
-    # the residual sd is known to a fraction of a percent, and a chain that
-    # starts it far away spends the warmup windows walking in, which ruins
-    # their variance estimates (a stuck chain, seen at 1e6 rows).
+    return FlatDensity(
+        int(layout.offsets[-1]),
+        lambda z: -log_density(z),
+        constrain,
+        *_noise_start(data, pooling, layout),
+    )
+
+
+def _noise_start(data, pooling, layout):
+    """Where chains start, and the first metric: ``(center, radius, variance)``.
+
+    The residual sd starts within 4 standard errors of the least-squares
+    guess (within +-2 of it in the unconstrained space if that is narrower),
+    the rest in +-2 around 0 as usual: with many rows the residual sd is
+    known to a fraction of a percent, and a chain that starts it far away
+    spends the warmup windows walking in, which ruins their variance
+    estimates (a stuck chain, seen at 1e6 rows). Its first warmup metric is
+    that standard error squared (near the mode the gradient, which sets the
+    others', says little of its scale); NaN elsewhere.
+    """
+    size = len(layout.positive)
     guess = data.noise_guess[1 if pooling == "complete" else 0]
-    at = names.index("noise")
+    at = layout.offsets[[site[0] for site in layout.sites].index("noise")]
     z_guess = _inverse_softplus(guess[0])
     sd_z = guess[1] / jax.nn.sigmoid(z_guess)
     known = guess[1] > 0
-    center = (
-        jnp.zeros(len(positive)).at[offsets[at]].set(jnp.where(known, z_guess, 0.0))
-    )
+    center = jnp.zeros(size).at[at].set(jnp.where(known, z_guess, 0.0))
     radius = (
-        jnp.full(len(positive), _INIT_RADIUS)
-        .at[offsets[at]]
-        .set(jnp.where(known, jnp.minimum(_INIT_RADIUS, 4.0 * sd_z), _INIT_RADIUS))
+        jnp.full(size, INIT_RADIUS)
+        .at[at]
+        .set(jnp.where(known, jnp.minimum(INIT_RADIUS, 4.0 * sd_z), INIT_RADIUS))
     )
-    # and its first warmup metric from that standard error (near the mode
-    # the gradient, which sets the others', says little of its scale)
-    variance = (
-        jnp.full(len(positive), jnp.nan)
-        .at[offsets[at]]
-        .set(jnp.where(known, sd_z**2, jnp.nan))
-    )
-    return FlatDensity(len(positive), potential, constrain, center, radius, variance)
+    variance = jnp.full(size, jnp.nan).at[at].set(jnp.where(known, sd_z**2, jnp.nan))
+    return center, radius, variance
 
 
 def _inverse_softplus(x):
     # log(exp(x) - 1), stable for large x
     return x + jnp.log(-jnp.expm1(-x))
-
-
-collapsed_model.flat_density = collapsed_density
 
 
 # conditional_draws processes draws in chunks of at most this many
@@ -1145,6 +1203,252 @@ def conditional_chunk(n_draws, n_groups, q):
     return max(1, min(n_draws, _limits.CONDITIONAL_CHUNK_FLOATS // (n_groups * q * q)))
 
 
+class _DrawPlan(NamedTuple):
+    # The static sizes of a run of conditional draws.
+    pooling: str
+    n_draws: int
+    n_groups: int
+    q: int
+    chunk: int  # draws per chunk (one random-number call)
+    n_chunks: int
+    size: int  # groups per block
+    n_blocks: int
+    tile: int  # draws per tile
+    n_sub: int  # tiles per chunk
+    unroll: bool
+    n_cells: int
+
+
+class _DrawConsts(NamedTuple):
+    # What every tile reads: the data and the population's constants.
+    data: CollapsedData
+    prior_var: jnp.ndarray  # (q,)
+    pop_left: jnp.ndarray  # (q, q)
+    consts: tuple  # e_y, k, -K and the first row of A (over the slopes)
+    fixed: tuple  # (prep, blocks) without latent cells, else None
+
+
+def _draw_plan(n_draws, data, pooling, chunk):
+    n_groups, n_features = data.on.shape
+    q = n_features + 1
+    if chunk is None:
+        chunk = conditional_chunk(n_draws, n_groups, q)
+    chunk = min(chunk, n_draws)
+    size, n_blocks = _blocking(n_groups, q)
+    tile, n_sub = _draw_tiling(chunk, n_groups, q)
+    return _DrawPlan(
+        pooling=pooling,
+        n_draws=n_draws,
+        n_groups=n_groups,
+        q=q,
+        chunk=chunk,
+        n_chunks=-(-n_draws // chunk),
+        size=size,
+        n_blocks=n_blocks,
+        tile=tile,
+        n_sub=n_sub,
+        unroll=_unrolled(q),
+        n_cells=data.miss_row.shape[0],
+    )
+
+
+def _chunked(plan, x):
+    # (D, ...) -> (n_chunks, n_sub, tile, ...); padding repeats the last
+    # draw (weight 0)
+    n_chunks, chunk = plan.n_chunks, plan.chunk
+    x = jnp.concatenate([x, jnp.repeat(x[-1:], n_chunks * chunk - plan.n_draws, 0)])
+    x = x.reshape(n_chunks, chunk, *x.shape[1:])
+    x = jnp.concatenate(
+        [x, jnp.repeat(x[:, -1:], plan.n_sub * plan.tile - chunk, axis=1)], axis=1
+    )
+    return x.reshape(n_chunks, plan.n_sub, plan.tile, *x.shape[2:])
+
+
+def _per_draw(plan, draws, hyper, n_valid):
+    """Each draw's sigma, base sds, latent cells and weight, in tiles."""
+    if plan.pooling == "partial":
+        base = jnp.concatenate(
+            [draws["intercept_scale"][:, None], draws["coef_scale"]], axis=1
+        )
+    else:
+        base = jnp.broadcast_to(_base_sd("none", None, hyper), (plan.n_draws, plan.q))
+    n_chunks, chunk = plan.n_chunks, plan.chunk
+    keep = jnp.arange(n_chunks * chunk) < n_valid
+    keep = jnp.concatenate(
+        [
+            keep.reshape(n_chunks, chunk),
+            jnp.zeros((n_chunks, plan.n_sub * plan.tile - chunk), bool),
+        ],
+        axis=1,
+    )
+    return (
+        _chunked(plan, draws["noise"]),
+        _chunked(plan, base),
+        _chunked(plan, draws.get("x_missing", jnp.zeros((plan.n_draws, 0)))),
+        keep.reshape(n_chunks, plan.n_sub, plan.tile).astype(float),
+    )
+
+
+def _draw_statistics(plan, c, cells):
+    # The tile's statistics and blocks, and the vmap axis of the blocks
+    # (0: one per draw, given its latent cells; None: shared).
+    if not plan.n_cells:
+        return (*c.fixed, None)
+    prep, blocks = jax.vmap(functools.partial(_prepared_blocks, plan.pooling, c.data))(
+        cells
+    )
+    # blocks by draw -> draws inside each block
+    blocks = _Blocks(
+        *(None if a is None else jnp.moveaxis(a, 0, 1) for a in blocks[:3]),
+        blocks.unit[0],
+    )
+    return prep, blocks, 0
+
+
+def _prepared_blocks(pooling, data, cells):
+    # statistics given one draw's latent cells, and in blocks
+    prep = _prepare(pooling, data, add_incomplete_rows(data, cells))
+    return prep, _group_blocks(prep, data.on)
+
+
+def _vmapped(axis, fn, *args):
+    # fn over the tile's draws; statistics (args 2-4) shared unless per draw
+    return jax.vmap(fn, (0, 0, axis, axis, axis, *[0] * (len(args) - 5)))(*args)
+
+
+def _tile_population(plan, c, tile_stats, inv, base, eps_pop, first):
+    """The tile's draws of the population vector ``phi`` (tile, q)."""
+    prep, blocks, axis = tile_stats
+    pooling = plan.pooling
+    if pooling == "none":
+        return jnp.zeros((plan.tile, plan.q))
+    if pooling == "complete":
+        return jax.vmap(_population_draw, (0, axis, axis, None, 0))(
+            inv, prep.pop_gram, prep.pop_xty, c.prior_var, eps_pop
+        )
+
+    def factor(i, b, g, r, o):
+        return _block_factor(pooling, i, b, _Blocks(g, r, o, blocks.unit), plan.unroll)
+
+    def sums(carry, x):
+        f = _vmapped(axis, factor, inv, base, *x) if first is None else first
+        _, _, y, z = jax.vmap(functools.partial(_block_sums, pooling))(f)
+        return (carry[0] + y, carry[1] + z), None
+
+    q = plan.q
+    xs = (blocks.gram, blocks.xty, blocks.onq)
+    zeros = (jnp.zeros((plan.tile, q, q)), jnp.zeros((plan.tile, q)))
+    (y, z), _ = _loop(sums, zeros, xs, plan.n_blocks)
+    total_y = jnp.einsum("ki,dkl,lj->dij", c.pop_left, y, c.pop_left)
+    total_z = z @ c.pop_left
+    return jax.vmap(_population_draw, (0, 0, 0, None, 0))(
+        inv, total_y, total_z, c.prior_var, eps_pop
+    )
+
+
+def _tile_groups(plan, c, tile_stats, inv, base, phi, weight, first, eps_group, acc):
+    """Every group's draws given the tile's ``phi``, block by block, and the
+    weighted sums of their conditional moments; returns ``(acc, coef)``."""
+    _, blocks, axis = tile_stats
+    pooling, tile, q = plan.pooling, plan.tile, plan.q
+
+    def one(i, b, g, r, o, p, e, *chol):
+        blk = _Blocks(g, r, o, blocks.unit)
+        if not chol:
+            chol = _block_chol(i, b, blk, plan.unroll)
+        return _group_draw(pooling, i, blk, p, e, c.consts, chol)
+
+    def groups(carry, x):
+        gram, xty, onq_b, eps, acc_b = x
+        if pooling == "complete":
+            mean = jax.vmap(_prior_mean, (None, axis, 0, None))(
+                pooling, onq_b, phi, c.consts
+            )
+            coef, dmd = mean, jnp.zeros((tile, q, q, plan.size))
+        else:
+            chol = () if first is None else (first.d, first.rows)
+            coef, mean, dmd = _vmapped(
+                axis, one, inv, base, gram, xty, onq_b, phi, eps, *chol
+            )
+        w = weight[:, None, None]
+        acc_b = (
+            acc_b[0] + jnp.sum(w * mean, 0),
+            acc_b[1] + jnp.sum(w[..., None] * dmd, 0),
+            acc_b[2] + jnp.sum(w[..., None] * mean[:, :, None] * mean[:, None], 0),
+        )
+        return carry, (jnp.swapaxes(coef, 1, 2), acc_b)
+
+    xs = (blocks.gram, blocks.xty, blocks.onq, eps_group, acc)
+    _, (coef, acc) = _loop(groups, None, xs, plan.n_blocks)
+    # coef (n_blocks, tile, size, q) -> (tile, G, q)
+    coef = jnp.moveaxis(coef, 0, 1).reshape(tile, plan.n_blocks * plan.size, q)
+    return acc, coef[:, : plan.n_groups]
+
+
+def _one_tile(plan, c, acc, args):
+    """A tile's draws: ``phi`` given the sampled sites, then the groups."""
+    sigma, base, cells, weight, eps_pop, eps_group = args
+    inv = 1.0 / sigma**2
+    tile_stats = _draw_statistics(plan, c, cells)
+    _, blocks, axis = tile_stats
+    # one block: one factorization for both passes
+    first = None
+    if plan.n_blocks == 1 and plan.pooling != "complete":
+
+        def factor(i, b, g, r, o):
+            blk = _Blocks(g, r, o, blocks.unit)
+            return _block_factor(plan.pooling, i, b, blk, plan.unroll)
+
+        first = _vmapped(
+            axis,
+            factor,
+            inv,
+            base,
+            *(x[0] for x in (blocks.gram, blocks.xty, blocks.onq)),
+        )
+    phi = _tile_population(plan, c, tile_stats, inv, base, eps_pop, first)
+    acc, coef = _tile_groups(
+        plan, c, tile_stats, inv, base, phi, weight, first, eps_group, acc
+    )
+    return acc, (phi, coef)
+
+
+def _chunk_normals(plan, rng_key, index):
+    """A chunk's standard normals: population (n_sub, tile, q) and groups
+    (n_sub, n_blocks, tile, q, size); the stream depends on ``index`` only."""
+    q, chunk, tile, n_sub = plan.q, plan.chunk, plan.tile, plan.n_sub
+    key_data = _chunk_key_data(rng_key, index)
+    normals = normal(uniform(key_data, (chunk, q * (plan.n_groups + 1))))
+    normals = jnp.concatenate(
+        [normals, jnp.zeros((n_sub * tile - chunk, normals.shape[1]))]
+    )
+    eps_pop = normals[:, :q].reshape(n_sub, tile, q)
+    eps_group = _to_blocks(
+        normals[:, q:].reshape(-1, q, plan.n_groups), plan.size, plan.n_blocks
+    )
+    eps_group = eps_group.reshape(plan.n_blocks, n_sub, tile, q, plan.size)
+    return eps_pop, jnp.moveaxis(eps_group, 0, 1)
+
+
+def _draw_results(plan, c, phi, coef, acc, n_valid):
+    # The draws in the order of the posterior draws, and the moments.
+    q, n_groups, chunk = plan.q, plan.n_groups, plan.chunk
+    onq = jnp.concatenate([jnp.ones((n_groups, 1)), c.data.on], axis=1)
+    phi = phi.reshape(plan.n_chunks, plan.n_sub * plan.tile, q)[:, :chunk]
+    phi = phi.reshape(-1, q)[: plan.n_draws]
+    coef = coef.reshape(plan.n_chunks, plan.n_sub * plan.tile, n_groups, q)[:, :chunk]
+    coef = coef.reshape(-1, n_groups, q)[: plan.n_draws] * onq
+    s_mean, s_dmd, s_outer = (_from_blocks(a, n_groups) / n_valid for a in acc)
+    mean = s_mean.T
+    cov = _apply_a(s_dmd, onq[:, 1:].T * c.consts[3][:, None]) + s_outer
+    cov = jnp.moveaxis(cov, -1, 0) - mean[:, :, None] * mean[:, None, :]
+    out = {"group_coef_internal": coef}
+    if plan.pooling != "none":
+        out["intercept_at_means"] = phi[:, 0]
+        out["coef_mean"] = phi[:, 1:]
+    return out, mean * onq, cov * onq[:, :, None] * onq[:, None, :]
+
+
 def conditional_draws(
     rng_key, draws, data, hyper, pooling, chunk=None, first_chunk=0, n_valid=None
 ):
@@ -1186,175 +1490,35 @@ def conditional_draws(
     mean : array of shape (G, q)
     cov : array of shape (G, q, q)
     """
-    n_draws = draws["noise"].shape[0]
-    n_groups, n_features = data.on.shape
-    q = n_features + 1
-    if chunk is None:
-        chunk = conditional_chunk(n_draws, n_groups, q)
-    chunk = min(chunk, n_draws)
-    n_valid = n_draws if n_valid is None else n_valid
-    n_chunks = -(-n_draws // chunk)
-    size, n_blocks = _blocking(n_groups, q)
-    unroll = _unrolled(q)
-    tile, n_sub = _draw_tiling(chunk, n_groups, q)
-    n_cells = data.miss_row.shape[0]
+    plan = _draw_plan(draws["noise"].shape[0], data, pooling, chunk)
+    n_valid = plan.n_draws if n_valid is None else n_valid
     prior_var = jnp.concatenate([hyper.intercept[None] ** 2, hyper.coef**2])
-    pop_left = _pop_left(data)
-    # e_y, k, -K and the first row of A (over the slopes, times on)
     a_row = data.k if pooling == "partial" else data.k - data.K
-    consts = (data.e_y, data.k, -data.K, a_row)
-    onq = jnp.concatenate([jnp.ones((n_groups, 1)), data.on], axis=1)
-
-    def chunked(x):
-        # (D, ...) -> (n_chunks, n_sub, tile, ...); padding repeats the last
-        # draw (weight 0)
-        x = jnp.concatenate([x, jnp.repeat(x[-1:], n_chunks * chunk - n_draws, 0)])
-        x = x.reshape(n_chunks, chunk, *x.shape[1:])
-        x = jnp.concatenate(
-            [x, jnp.repeat(x[:, -1:], n_sub * tile - chunk, axis=1)], axis=1
-        )
-        return x.reshape(n_chunks, n_sub, tile, *x.shape[2:])
-
-    if pooling == "partial":
-        base = jnp.concatenate(
-            [draws["intercept_scale"][:, None], draws["coef_scale"]], axis=1
-        )
-    else:
-        base = jnp.broadcast_to(_base_sd("none", None, hyper), (n_draws, q))
-    keep = jnp.arange(n_chunks * chunk) < n_valid
-    keep = jnp.concatenate(
-        [
-            keep.reshape(n_chunks, chunk),
-            jnp.zeros((n_chunks, n_sub * tile - chunk), bool),
-        ],
-        axis=1,
+    c = _DrawConsts(
+        data=data,
+        prior_var=prior_var,
+        pop_left=_pop_left(data),
+        consts=(data.e_y, data.k, -data.K, a_row),
+        fixed=None if plan.n_cells else _prepared_blocks(pooling, data, jnp.zeros(0)),
     )
-    per_draw = (
-        chunked(draws["noise"]),
-        chunked(base),
-        chunked(draws.get("x_missing", jnp.zeros((n_draws, 0)))),
-        keep.reshape(n_chunks, n_sub, tile).astype(float),
-    )
-
-    def prepare(cells):
-        # statistics given one draw's latent cells, and in blocks
-        prep = _prepare(pooling, data, add_incomplete_rows(data, cells))
-        return prep, _group_blocks(prep, data.on)
-
-    fixed = None if n_cells else prepare(jnp.zeros(0))
-
-    def one_tile(acc, args):
-        sigma, base, cells, weight, eps_pop, eps_group = args
-        inv = 1.0 / sigma**2
-        if n_cells:
-            prep, blocks = jax.vmap(prepare)(cells)
-            # blocks by draw -> draws inside each block
-            blocks = _Blocks(
-                *(None if a is None else jnp.moveaxis(a, 0, 1) for a in blocks[:3]),
-                blocks.unit[0],
-            )
-            axis = 0
-        else:
-            prep, blocks = fixed
-            axis = None
-        xs = (blocks.gram, blocks.xty, blocks.onq)
-
-        def vmapped(fn, *args):
-            # fn over the tile's draws; statistics shared unless per draw
-            return jax.vmap(fn, (0, 0, axis, axis, axis, *[0] * (len(args) - 5)))(*args)
-
-        def factor(i, b, g, r, o):
-            return _block_factor(pooling, i, b, _Blocks(g, r, o, blocks.unit), unroll)
-
-        # one block: one factorization for both passes
-        first = None
-        if n_blocks == 1 and pooling != "complete":
-            first = vmapped(factor, inv, base, *(x[0] for x in xs))
-        if pooling == "none":
-            phi = jnp.zeros((tile, q))
-        elif pooling == "complete":
-            phi = jax.vmap(_population_draw, (0, axis, axis, None, 0))(
-                inv, prep.pop_gram, prep.pop_xty, prior_var, eps_pop
-            )
-        else:
-
-            def sums(carry, x):
-                f = vmapped(factor, inv, base, *x) if first is None else first
-                _, _, y, z = jax.vmap(functools.partial(_block_sums, pooling))(f)
-                return (carry[0] + y, carry[1] + z), None
-
-            zeros = (jnp.zeros((tile, q, q)), jnp.zeros((tile, q)))
-            (y, z), _ = _loop(sums, zeros, xs, n_blocks)
-            total_y = jnp.einsum("ki,dkl,lj->dij", pop_left, y, pop_left)
-            total_z = z @ pop_left
-            phi = jax.vmap(_population_draw, (0, 0, 0, None, 0))(
-                inv, total_y, total_z, prior_var, eps_pop
-            )
-
-        def groups(carry, x):
-            gram, xty, onq_b, eps, acc_b = x
-            if pooling == "complete":
-                mean = jax.vmap(_prior_mean, (None, axis, 0, None))(
-                    pooling, onq_b, phi, consts
-                )
-                coef, dmd = mean, jnp.zeros((tile, q, q, size))
-            else:
-
-                def one(i, b, g, r, o, p, e, *chol):
-                    blk = _Blocks(g, r, o, blocks.unit)
-                    if not chol:
-                        chol = _block_chol(i, b, blk, unroll)
-                    return _group_draw(pooling, i, blk, p, e, consts, chol)
-
-                chol = () if first is None else (first.d, first.rows)
-                coef, mean, dmd = vmapped(
-                    one, inv, base, gram, xty, onq_b, phi, eps, *chol
-                )
-            w = weight[:, None, None]
-            acc_b = (
-                acc_b[0] + jnp.sum(w * mean, 0),
-                acc_b[1] + jnp.sum(w[..., None] * dmd, 0),
-                acc_b[2] + jnp.sum(w[..., None] * mean[:, :, None] * mean[:, None], 0),
-            )
-            return carry, (jnp.swapaxes(coef, 1, 2), acc_b)
-
-        _, (coef, acc) = _loop(groups, None, (*xs, eps_group, acc), n_blocks)
-        # coef (n_blocks, tile, size, q) -> (tile, G, q)
-        coef = jnp.moveaxis(coef, 0, 1).reshape(tile, n_blocks * size, q)
-        return acc, (phi, coef[:, :n_groups])
 
     def one_chunk(acc, args):
         index, sigma, base, cells, weight = args
-        key_data = _chunk_key_data(rng_key, index)
-        normals = _normal(_uniform(key_data, (chunk, q * (n_groups + 1))))
-        normals = jnp.concatenate(
-            [normals, jnp.zeros((n_sub * tile - chunk, normals.shape[1]))]
-        )
-        eps_pop = normals[:, :q].reshape(n_sub, tile, q)
-        # group normals (q, G) per draw -> (n_sub, n_blocks, tile, q, size)
-        eps_group = _to_blocks(normals[:, q:].reshape(-1, q, n_groups), size, n_blocks)
-        eps_group = eps_group.reshape(n_blocks, n_sub, tile, q, size)
-        eps_group = jnp.moveaxis(eps_group, 0, 1)
+        eps_pop, eps_group = _chunk_normals(plan, rng_key, index)
         return _loop(
-            one_tile, acc, (sigma, base, cells, weight, eps_pop, eps_group), n_sub
+            functools.partial(_one_tile, plan, c),
+            acc,
+            (sigma, base, cells, weight, eps_pop, eps_group),
+            plan.n_sub,
         )
 
+    q, size, n_blocks = plan.q, plan.size, plan.n_blocks
     acc = (
         jnp.zeros((n_blocks, q, size)),
         jnp.zeros((n_blocks, q, q, size)),
         jnp.zeros((n_blocks, q, q, size)),
     )
-    index = jnp.arange(n_chunks) + first_chunk
-    acc, (phi, coef) = _loop(one_chunk, acc, (index, *per_draw), n_chunks)
-    phi = phi.reshape(n_chunks, n_sub * tile, q)[:, :chunk].reshape(-1, q)[:n_draws]
-    coef = coef.reshape(n_chunks, n_sub * tile, n_groups, q)[:, :chunk]
-    coef = coef.reshape(-1, n_groups, q)[:n_draws] * onq
-    s_mean, s_dmd, s_outer = (_from_blocks(a, n_groups) / n_valid for a in acc)
-    mean = s_mean.T
-    cov = _apply_a(s_dmd, onq[:, 1:].T * a_row[:, None]) + s_outer
-    cov = jnp.moveaxis(cov, -1, 0) - mean[:, :, None] * mean[:, None, :]
-    out = {"group_coef_internal": coef}
-    if pooling != "none":
-        out["intercept_at_means"] = phi[:, 0]
-        out["coef_mean"] = phi[:, 1:]
-    return out, mean * onq, cov * onq[:, :, None] * onq[:, None, :]
+    index = jnp.arange(plan.n_chunks) + first_chunk
+    per_draw = _per_draw(plan, draws, hyper, n_valid)
+    acc, (phi, coef) = _loop(one_chunk, acc, (index, *per_draw), plan.n_chunks)
+    return _draw_results(plan, c, phi, coef, acc, n_valid)

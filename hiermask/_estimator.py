@@ -156,7 +156,9 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
     whose NaN fraction there is at least ``mask_threshold``) has no
     coefficient for that group. Other NaN are imputed as latent variables.
     The model is fitted with hiermask's own JAX-compiled NUTS (NumPyro's
-    algorithm) and partially pools the groups' intercepts and slopes.
+    algorithm) on a density it writes itself, and partially pools the
+    groups' intercepts and slopes; NumPyro supplies the direct engine's
+    model and its distributions.
 
     Parameters
     ----------

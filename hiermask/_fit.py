@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import threading
 from dataclasses import dataclass
 
@@ -17,35 +16,25 @@ import jax
 import numpy as np
 
 from . import _limits
-from ._collapsed import (
-    CollapsedData,
-    collapsed_model,
-    conditional_chunk,
-    conditional_draws,
-    residual_sd_guess,
-)
-from ._model import DirectData, Hyper, direct_model
-from ._sampler import (
-    COMPILER_OPTIONS,
-    exclusive,
-    map_parts,
-    parameter_diagnostics,
-    run_nuts,
-)
+from ._collapsed import CollapsedData, CollapsedEngine, conditional_chunk
+from ._diagnostics import parameter_diagnostics
+from ._model import DirectEngine, Hyper
+from ._runner import map_parts, run_nuts
 from ._stats import (
     GroupStats,
     Moments,
     Scaling,
     cell_moments,
-    centred_design,
     group_statistics,
     pool_moments,
     scaling_from_moments,
     vector_moments,
 )
+from ._xla import compiler_options, exclusive
 
 __all__ = [
     "FitConfig",
+    "FitRows",
     "FitStatistics",
     "LatentRows",
     "Posterior",
@@ -53,13 +42,8 @@ __all__ = [
     "posterior_from_statistics",
 ]
 
-#: One model object per (engine, pooling), so that the jit cache sees the same
-#: static argument from fit to fit.
-MODELS = {
-    (engine, pooling): functools.partial(fn, pooling=pooling)
-    for engine, fn in (("direct", direct_model), ("collapsed", collapsed_model))
-    for pooling in ("partial", "none", "complete")
-}
+#: The engines by name.
+ENGINES = {"collapsed": CollapsedEngine, "direct": DirectEngine}
 
 
 @dataclass(frozen=True)
@@ -129,6 +113,25 @@ class FitStatistics:
     cells: Moments
 
 
+@dataclass(frozen=True)
+class FitRows:
+    """What the direct engine needs: every row.
+
+    Attributes
+    ----------
+    mask : ndarray of shape (n_groups, n_features), bool
+        Which features apply to which group (all features).
+    scaling : Scaling
+        Internal location and scale of the active features and the target.
+    rows : LatentRows
+        Every row, over the active features.
+    """
+
+    mask: np.ndarray
+    scaling: Scaling
+    rows: LatentRows
+
+
 @dataclass
 class Posterior:
     """A fitted posterior in original units over all input features.
@@ -151,6 +154,7 @@ class Posterior:
     diagnostics: dict  # name -> (r_hat, ess_bulk, ess_tail) arrays
     diverging: np.ndarray  # (n_chains, n_draws)
     tree_steps: np.ndarray  # (n_chains, n_draws)
+    timings: dict  # the sampler's seconds (RunResult.timings)
 
 
 def _prior_units(scaling: Scaling, standardize: bool):
@@ -173,80 +177,13 @@ def _hyper(config: FitConfig, scaling: Scaling) -> Hyper:
     )
 
 
-def _latent_layout(latent):
-    """Positions of the latent cells and the features that hold any."""
-    cols = np.flatnonzero(latent.any(axis=0))
-    slot_of = np.full(latent.shape[1], -1)
-    slot_of[cols] = np.arange(cols.shape[0])
-    miss_row, miss_col = np.nonzero(latent)
-    return cols, miss_row, miss_col, slot_of[miss_col]
-
-
 def _collapsed_data(X, y, w, group_idx, mask, scaling, ref) -> CollapsedData:
+    # The collapsed engine's data of rows X (active features) and mask (active).
     stats = group_statistics(X, y, w, group_idx, mask, scaling)
     rows = stats.incomplete_rows
     latent = LatentRows(X[rows], y[rows], w[rows], group_idx[rows])
-    return _collapsed_from_statistics(stats, latent, mask, scaling, ref)
-
-
-def _collapsed_from_statistics(
-    stats, rows: LatentRows, mask, scaling, ref
-) -> CollapsedData:
-    design, latent = centred_design(rows.X, mask[rows.group_idx], scaling)
-    cols, miss_row, miss_col, miss_slot = _latent_layout(latent)
-    return CollapsedData(
-        on=mask.astype(np.float64),
-        k=scaling.x_mean / scaling.x_scale,
-        K=ref[2] / scaling.x_scale,
-        e_y=np.asarray((scaling.y_mean - ref[0]) / scaling.y_scale),
-        n=stats.n,
-        gram=stats.gram,
-        xty=stats.xty,
-        yty=stats.yty,
-        inc_group=rows.group_idx,
-        inc_design=design,
-        inc_y=(rows.y - scaling.y_mean) / scaling.y_scale,
-        inc_w=rows.w,
-        miss_row=miss_row,
-        miss_col=miss_col,
-        miss_slot=miss_slot,
-        impute_cols=cols,
-        x_count=stats.x_count[:, cols],
-        x_sum=stats.x_sum[:, cols],
-        x_sumsq=stats.x_sumsq[:, cols],
-        noise_guess=np.stack(
-            [
-                residual_sd_guess(stats.n, stats.gram, stats.xty, stats.yty),
-                residual_sd_guess(
-                    *(
-                        np.sum(a, axis=0, keepdims=True)
-                        for a in (stats.n, stats.gram, stats.xty, stats.yty)
-                    )
-                ),
-            ]
-        ),
-    )
-
-
-def _direct_data(X, y, w, group_idx, mask, scaling, ref) -> DirectData:
-    on_rows = mask[group_idx]
-    design, latent = centred_design(X, on_rows, scaling)
-    cols, miss_row, miss_col, miss_slot = _latent_layout(latent)
-    return DirectData(
-        on=mask.astype(np.float64),
-        k=scaling.x_mean / scaling.x_scale,
-        K=ref[2] / scaling.x_scale,
-        e_y=np.asarray((scaling.y_mean - ref[0]) / scaling.y_scale),
-        group_idx=group_idx,
-        design=design,
-        y=(y - scaling.y_mean) / scaling.y_scale,
-        w=w,
-        miss_row=miss_row,
-        miss_col=miss_col,
-        miss_slot=miss_slot,
-        impute_cols=cols,
-        impute_observed=(on_rows & ~latent)[:, cols] * w[:, None],
-    )
+    fit_stats = FitStatistics(mask, scaling, stats, latent, None)
+    return CollapsedEngine().prepare(fit_stats, ref)
 
 
 def _to_original(coef_internal, on, scaling):
@@ -336,9 +273,8 @@ def fit_posterior(X, y, w, group_idx, mask, config: FitConfig) -> Posterior:
         return posterior_from_statistics(
             FitStatistics(mask, scaling, stats, latent, cells), config
         )
-    ref = _prior_units(scaling, config.standardize)
-    data = _direct_data(Xa, y, w, group_idx, ma, scaling, ref)
-    return _sample(data, mask, scaling, cells, config)
+    fit_rows = FitRows(mask, scaling, LatentRows(Xa, y, w, group_idx))
+    return _sample(fit_rows, cells, config)
 
 
 def posterior_from_statistics(fit_stats: FitStatistics, config: FitConfig):
@@ -364,32 +300,65 @@ def posterior_from_statistics(fit_stats: FitStatistics, config: FitConfig):
             f"Statistics can only be fitted by the collapsed engine, not "
             f"{config.engine!r}."
         )
-    mask, scaling = fit_stats.mask, fit_stats.scaling
-    ref = _prior_units(scaling, config.standardize)
-    ma = mask[:, mask.any(axis=0)]
-    data = _collapsed_from_statistics(
-        fit_stats.stats, fit_stats.latent, ma, scaling, ref
-    )
-    return _sample(data, mask, scaling, fit_stats.cells, config)
+    return _sample(fit_stats, fit_stats.cells, config)
 
 
-def _sample(data, mask, scaling, cells, config: FitConfig) -> Posterior:
-    """Run NUTS on an engine's data and convert the posterior to data units."""
+def _sample(statistics, cells, config: FitConfig) -> Posterior:
+    """Run the engine on the statistics; the posterior in data units."""
+    mask, scaling = statistics.mask, statistics.scaling
     active = mask.any(axis=0)
-    ma = mask[:, active]
     ref = _prior_units(scaling, config.standardize)
+    engine = ENGINES[config.engine](config.pooling)
+    data = engine.prepare(statistics, ref)
     hyper = _hyper(config, scaling)
-    model = MODELS[(config.engine, config.pooling)]
+    run, flat, moments = _run_engine(engine, data, hyper, config)
+    on = mask[:, active].astype(np.float64)
+    intercept, slopes = _to_original(flat["group_coef_internal"], on, scaling)
+    if moments is None:
+        mean, cov = _draw_moments(intercept, slopes)
+    else:
+        mean, cov = _original_moments(*moments, on, scaling)
+    draws = {"intercept": intercept, "coef": _expand(slopes, active)}
+    draws["noise"] = flat["noise"] * scaling.y_scale
+    unseen = _population(draws, flat, config.pooling, scaling, ref, active)
+    cols = np.asarray(data.impute_cols)
+    fill = _impute_moments(flat, cols, cells, mask[:, active], scaling)
+    return Posterior(
+        draws=draws,
+        n_chains=config.num_chains,
+        **_expand_moments(mean, cov, *unseen, active),
+        noise_var=float(np.mean(draws["noise"] ** 2)),
+        **dict(zip(_FILL_FIELDS, (_expand(m, active) for m in fill), strict=True)),
+        prior_reference=_prior_reference(ref, config, active),
+        diagnostics=_diagnose(draws, config.num_chains, mask),
+        diverging=run.stats["diverging"],
+        tree_steps=run.stats["n_steps"],
+        timings=run.timings,
+    )
+
+
+#: Posterior's fields of the imputation moments, in _impute_moments' order.
+_FILL_FIELDS = ("x_fill", "x_var", "x_fill_population", "x_var_population")
+
+
+def _run_engine(engine, data, hyper, config):
+    """NUTS on the engine's density, then its conditional draws.
+
+    Returns the run (:class:`hiermask._runner.RunResult`), the draws of
+    every site with chains flattened (the conditional draws included) and
+    the Rao-Blackwellized internal moments ``(mean, cov)`` of the group
+    coefficients (None when nothing was integrated out).
+    """
     conditional_program = []
 
     def compile_conditional():
         # The conditional draws compile while the sampler compiles and runs
         # (started after the sampler's tracing, which holds the GIL).
-        if config.engine == "collapsed":
+        if engine.conditional_sites:
             conditional_program.append(_conditional_program(config, data, hyper))
 
-    values, stats = run_nuts(
-        model,
+    run = run_nuts(
+        engine,
         data,
         hyper,
         seed_value=config.seed,
@@ -400,75 +369,93 @@ def _sample(data, mask, scaling, cells, config: FitConfig) -> Posterior:
         progress_bar=config.progress_bar,
         before_compile=compile_conditional,
     )
-    n_chains = config.num_chains
     flat = {
-        k: v.reshape(v.shape[0] * v.shape[1], *v.shape[2:]) for k, v in values.items()
+        k: v.reshape(v.shape[0] * v.shape[1], *v.shape[2:])
+        for k, v in run.values.items()
     }
-    on = ma.astype(np.float64)
-    if config.engine == "collapsed":
-        sites = {k: flat[k] for k in _CONDITIONAL_SITES if k in flat}
-        program = conditional_program[0].result()
-        with jax.enable_x64(True):
-            extra, rb_mean, rb_cov = _conditional(
-                program,
-                _conditional_key(config.seed),
-                sites,
-                jax.tree_util.tree_map(np.asarray, data),
-                jax.tree_util.tree_map(np.asarray, hyper),
-                pooling=config.pooling,
-            )
-            extra = {k: np.asarray(v) for k, v in extra.items()}
-            rb_mean, rb_cov = np.asarray(rb_mean), np.asarray(rb_cov)
-        flat.update(extra)
+    if not conditional_program:
+        return run, flat, None
+    sites = {k: flat[k] for k in engine.conditional_sites if k in flat}
+    program = conditional_program[0].result()
+    with jax.enable_x64(True):
+        extra, rb_mean, rb_cov = _conditional(
+            program,
+            _conditional_key(config.seed),
+            sites,
+            jax.tree_util.tree_map(np.asarray, data),
+            jax.tree_util.tree_map(np.asarray, hyper),
+        )
+        flat.update({k: np.asarray(v) for k, v in extra.items()})
+        return run, flat, (np.asarray(rb_mean), np.asarray(rb_cov))
+
+
+def _draw_moments(intercept, slopes):
+    # Mean and covariance of each group's (intercept, slopes) over the draws.
+    both = np.concatenate([intercept[..., None], slopes], axis=-1)
+    mean = both.mean(axis=0)
+    centred = both - mean
+    return mean, np.einsum("dgi,dgj->gij", centred, centred) / both.shape[0]
+
+
+def _original_moments(mean, cov, on, scaling):
+    # Internal moments of each group's coefficients in data units.
     T = _linear_maps(on, scaling)
     offset = np.zeros(on.shape[1] + 1)
     offset[0] = scaling.y_mean
-    intercept, slopes = _to_original(flat["group_coef_internal"], on, scaling)
-    if config.engine == "collapsed":
-        mean = offset + np.einsum("gij,gj->gi", T, rb_mean)
-        cov = np.einsum("gij,gjk,glk->gil", T, rb_cov, T)
-    else:
-        both = np.concatenate([intercept[..., None], slopes], axis=-1)
-        mean = both.mean(axis=0)
-        centred = both - mean
-        cov = np.einsum("dgi,dgj->gij", centred, centred) / both.shape[0]
+    return (
+        offset + np.einsum("gij,gj->gi", T, mean),
+        np.einsum("gij,gjk,glk->gil", T, cov, T),
+    )
 
+
+def _population(draws, flat, pooling, scaling, ref, active):
+    """Add the population parameters' draws to ``draws``; return the mean
+    and covariance of an unseen group's coefficients (None, None under no
+    pooling)."""
+    if pooling == "none":
+        return None, None
     s_y = scaling.y_scale
-    draws = {"intercept": intercept, "coef": _expand(slopes, active)}
-    draws["noise"] = flat["noise"] * s_y
-    unseen_mean = unseen_cov = None
-    if config.pooling != "none":
-        pop_coef = flat["coef_mean"] * (s_y / scaling.x_scale)
-        pop_int = ref[0] + s_y * flat["intercept_at_means"] - pop_coef @ ref[2]
-        draws["population_intercept"] = pop_int
-        draws["population_coef"] = _expand(pop_coef, active)
-        both = np.concatenate([pop_int[:, None], pop_coef], axis=1)
-        unseen_mean = both.mean(axis=0)
-        unseen_cov = np.cov(both, rowvar=False, bias=True).reshape(
-            both.shape[1], both.shape[1]
+    pop_coef = flat["coef_mean"] * (s_y / scaling.x_scale)
+    pop_int = ref[0] + s_y * flat["intercept_at_means"] - pop_coef @ ref[2]
+    draws["population_intercept"] = pop_int
+    draws["population_coef"] = _expand(pop_coef, active)
+    both = np.concatenate([pop_int[:, None], pop_coef], axis=1)
+    unseen_mean = both.mean(axis=0)
+    unseen_cov = np.cov(both, rowvar=False, bias=True).reshape(
+        both.shape[1], both.shape[1]
+    )
+    if pooling == "partial":
+        tau_a = flat["intercept_scale"] * s_y
+        tau = flat["coef_scale"] * (s_y / scaling.x_scale)
+        draws["group_intercept_scale"] = tau_a
+        draws["group_coef_scale"] = _expand(tau, active)
+        unseen_cov = unseen_cov + np.diag(
+            np.concatenate([[np.mean(tau_a**2)], np.mean(tau**2, axis=0)])
         )
-        if config.pooling == "partial":
-            tau_a = flat["intercept_scale"] * s_y
-            tau = flat["coef_scale"] * (s_y / scaling.x_scale)
-            draws["group_intercept_scale"] = tau_a
-            draws["group_coef_scale"] = _expand(tau, active)
-            unseen_cov = unseen_cov + np.diag(
-                np.concatenate([[np.mean(tau_a**2)], np.mean(tau**2, axis=0)])
-            )
+    return unseen_mean, unseen_cov
+
+
+def _expand_moments(mean, cov, unseen_mean, unseen_cov, active):
+    # The Posterior's moment fields over all features (0 where inactive).
     with_intercept = np.concatenate([[True], active])
 
     def expand_square(m):
         return _expand(_expand(m, with_intercept, axis=-1), with_intercept, axis=-2)
 
-    full_mean = _expand(mean, with_intercept)
-    full_cov = expand_square(cov)
     if unseen_mean is not None:
         unseen_mean = _expand(unseen_mean, with_intercept)
         unseen_cov = expand_square(unseen_cov)
+    return {
+        "coef_mean": _expand(mean, with_intercept),
+        "coef_cov": expand_square(cov),
+        "unseen_mean": unseen_mean,
+        "unseen_cov": unseen_cov,
+    }
 
-    cols = np.asarray(data.impute_cols)
-    fill, var, fill_pop, var_pop = _impute_moments(flat, cols, cells, ma, scaling)
-    prior_reference = {
+
+def _prior_reference(ref, config, active):
+    # Prior location and scale in data units (for "none"'s unseen groups).
+    return {
         "y_ref": ref[0],
         "y_unit": ref[1],
         "x_ref": _expand(ref[2], active),
@@ -476,39 +463,17 @@ def _sample(data, mask, scaling, cells, config: FitConfig) -> Posterior:
         "coef_prior_scale": config.coef_prior_scale,
         "intercept_prior_scale": config.intercept_prior_scale,
     }
-    diagnostics = _diagnose(draws, n_chains, mask)
-    return Posterior(
-        draws=draws,
-        n_chains=n_chains,
-        coef_mean=full_mean,
-        coef_cov=full_cov,
-        unseen_mean=unseen_mean,
-        unseen_cov=unseen_cov,
-        noise_var=float(np.mean(draws["noise"] ** 2)),
-        x_fill=_expand(fill, active),
-        x_var=_expand(var, active),
-        x_fill_population=_expand(fill_pop, active),
-        x_var_population=_expand(var_pop, active),
-        prior_reference=prior_reference,
-        diagnostics=diagnostics,
-        diverging=stats["diverging"],
-        tree_steps=stats["n_steps"],
-    )
 
 
-#: Sampled sites that the collapsed engine's conditional draws take.
-_CONDITIONAL_SITES = ("noise", "intercept_scale", "coef_scale", "x_missing")
-
-
-def _conditional_with_limits(*args, limits, **kwargs):
-    # conditional_draws with the size thresholds (:mod:`hiermask._limits`)
+def _conditional_with_limits(*args, engine, limits, **kwargs):
+    # engine.conditional with the size thresholds (:mod:`hiermask._limits`)
     # as a static argument, so that the jit cache keys on them too
     del limits
-    return conditional_draws(*args, **kwargs)
+    return engine.conditional(*args, **kwargs)
 
 
 _conditional_jit = jax.jit(
-    _conditional_with_limits, static_argnames=("pooling", "chunk", "limits")
+    _conditional_with_limits, static_argnames=("engine", "chunk", "limits")
 )
 
 #: Compiled conditional-draw programs (futures), most recently used last.
@@ -601,19 +566,20 @@ def _conditional_program(config, data, hyper):
     spec = _conditional_spec(config, data, hyper, length)
     leaves, treedef = jax.tree_util.tree_flatten(spec)
     shapes = tuple((x.shape, x.dtype) for x in leaves)
-    key = (config.pooling, chunk, treedef, shapes, _limits.current())
+    engine = ENGINES[config.engine](config.pooling)
+    key = (engine, chunk, treedef, shapes, _limits.current())
 
     def compile_now():
         with jax.enable_x64(True):
             lowered = _conditional_jit.lower(
                 *spec[:4],
-                pooling=config.pooling,
+                engine=engine,
                 chunk=chunk,
                 first_chunk=spec[4],
                 n_valid=spec[5],
                 limits=_limits.current(),
             )
-            return exclusive(lowered.compile(COMPILER_OPTIONS))
+            return exclusive(lowered.compile(compiler_options()))
 
     with _CONDITIONAL_LOCK:
         future = _CONDITIONAL_COMPILED.pop(key, None)
@@ -625,15 +591,14 @@ def _conditional_program(config, data, hyper):
     return future
 
 
-def _conditional(program, rng_key, sites, data, hyper, pooling):
+def _conditional(program, rng_key, sites, data, hyper):
     """Run the compiled conditional draws, its parts in parallel threads.
 
     The parts (:func:`_conditional_parts`) run in threads (one after the
     other for a program that calls LAPACK, see
-    :func:`hiermask._sampler.exclusive`); their draws are concatenated and
+    :func:`hiermask._xla.exclusive`); their draws are concatenated and
     their moments pooled. The profiler in benchmarks times this function.
     """
-    del pooling  # compiled in
     n_draws = sites["noise"].shape[0]
     n_groups, n_features = np.shape(data.on)
     _, length, parts = _conditional_parts(n_draws, n_groups, n_features + 1)

@@ -47,12 +47,12 @@ CONDITIONAL_TILE_FACTOR = 4
 
 #: Models whose data take more than this many numbers run one chain per
 #: compiled program, smaller ones pairs of chains in lockstep
-#: (``_sampler._chain_parts``).
+#: (``_runner._chain_parts``).
 LOCKSTEP_MAX_DATA = 20_000
 
 #: Uniform numbers for multinomial sampling are drawn per block of this many
 #: leaves of a NUTS trajectory; longer trajectories draw further blocks
-#: (``_sampler``).
+#: (``_nuts``).
 LEAF_BLOCK = 64
 
 #: Rows per chunk of the prediction loops (``_predict``).

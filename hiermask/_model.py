@@ -19,16 +19,23 @@ Every prior scale arrives already converted to these internal units
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
+
+from ._density import numpyro_density
+from ._stats import centred_design, latent_layout
 
 __all__ = [
     "IMPUTE_LOC_SCALE",
     "IMPUTE_SCALE_SCALE",
     "DirectData",
+    "DirectEngine",
     "Hyper",
     "direct_model",
     "sample_imputation",
@@ -202,3 +209,74 @@ def direct_model(data: DirectData, hyper: Hyper, pooling: str = "partial"):
         numpyro.handlers.scale(scale=data.w),
     ):
         numpyro.sample("y", dist.Normal(mean, sigma), obs=data.y)
+
+
+@dataclass(frozen=True)
+class DirectEngine:
+    """The direct engine: :func:`direct_model`, one likelihood term per row.
+
+    The same contract as :class:`hiermask._collapsed.CollapsedEngine`: it
+    prepares its data (:meth:`prepare`) and gives the sampler NumPyro's
+    density of the model over a flat vector (:meth:`density`); nothing is
+    integrated out, so :meth:`conditional` returns no draws.
+
+    Parameters
+    ----------
+    pooling : {"partial", "none", "complete"}
+    """
+
+    pooling: str = "partial"
+
+    #: Sampled sites that :meth:`conditional` takes: none.
+    conditional_sites: ClassVar[tuple] = ()
+
+    def prepare(self, statistics, ref):
+        """The engine's data from the rows.
+
+        Parameters
+        ----------
+        statistics : FitRows
+            ``mask`` (all features), ``scaling`` and ``rows`` (every row,
+            over the active features), as :mod:`hiermask._fit` gathers them.
+        ref : tuple
+            Prior reference points ``(M_y, s_y, M, s)`` in data units.
+
+        Returns
+        -------
+        DirectData
+        """
+        mask, scaling, rows = statistics.mask, statistics.scaling, statistics.rows
+        on = mask[:, mask.any(axis=0)]
+        on_rows = on[rows.group_idx]
+        design, latent = centred_design(rows.X, on_rows, scaling)
+        cols, miss_row, miss_col, miss_slot = latent_layout(latent)
+        return DirectData(
+            on=on.astype(np.float64),
+            k=scaling.x_mean / scaling.x_scale,
+            K=ref[2] / scaling.x_scale,
+            e_y=np.asarray((scaling.y_mean - ref[0]) / scaling.y_scale),
+            group_idx=rows.group_idx,
+            design=design,
+            y=(rows.y - scaling.y_mean) / scaling.y_scale,
+            w=rows.w,
+            miss_row=miss_row,
+            miss_col=miss_col,
+            miss_slot=miss_slot,
+            impute_cols=cols,
+            impute_observed=(on_rows & ~latent)[:, cols] * rows.w[:, None],
+        )
+
+    def density(self, data, hyper):
+        """NumPyro's density of :func:`direct_model` over a flat vector.
+
+        Returns
+        -------
+        FlatDensity
+        """
+        model = functools.partial(direct_model, pooling=self.pooling)
+        return numpyro_density(model, (data, hyper))
+
+    def conditional(self, rng_key, draws, data, hyper, **chunking):
+        """Nothing is integrated out: no draws, and no moments."""
+        del rng_key, draws, data, hyper, chunking
+        return {}, None, None

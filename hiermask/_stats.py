@@ -26,6 +26,7 @@ __all__ = [
     "centred_design",
     "compute_scaling",
     "group_statistics",
+    "latent_layout",
     "merge_moments",
     "pool_moments",
     "scaling_from_moments",
@@ -111,6 +112,28 @@ def centred_design(X, on_rows, scaling: Scaling):
     design = (X - scaling.x_mean) / scaling.x_scale
     design = np.where(on_rows & ~latent, design, 0.0)
     return design, latent
+
+
+def latent_layout(latent):
+    """Positions of the latent cells and the features that hold any.
+
+    Parameters
+    ----------
+    latent : ndarray of shape (n_rows, n_features), bool
+        The latent cells (what :func:`centred_design` returns).
+
+    Returns
+    -------
+    cols : ndarray
+        The features that hold latent cells.
+    miss_row, miss_col, miss_slot : ndarray of shape (n_cells,)
+        Row, feature and position in ``cols`` of each latent cell.
+    """
+    cols = np.flatnonzero(latent.any(axis=0))
+    slot_of = np.full(latent.shape[1], -1)
+    slot_of[cols] = np.arange(cols.shape[0])
+    miss_row, miss_col = np.nonzero(latent)
+    return cols, miss_row, miss_col, slot_of[miss_col]
 
 
 @dataclass(frozen=True)

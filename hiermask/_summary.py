@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from ._sampler import parameter_diagnostics
+from ._diagnostics import parameter_diagnostics
 
 __all__ = [
     "interval_labels",
@@ -390,8 +390,12 @@ def to_inference_data(est, log_likelihood=None):
     variables["noise"] = (("chain", "draw"), per_chain(draws["noise"]))
 
     attrs = {
-        "inference_library": "numpyro",
-        "inference_library_version": _library_version("numpyro"),
+        # hiermask's own NUTS (NumPyro's algorithm) on its own density;
+        # NumPyro supplies the direct engine's model and distributions
+        "inference_library": "hiermask (NUTS: NumPyro's algorithm)",
+        "inference_library_version": _version(),
+        "model_library": "numpyro",
+        "model_library_version": _library_version("numpyro"),
         "creation_library": "hiermask",
         "creation_library_version": _version(),
         "pooling": str(est.pooling),

@@ -300,7 +300,7 @@ def test_conditional_draws_in_parts_match_one_run(pooling, monkeypatch):
         # the fit's program: compiled for one part's length
         config = dataclasses.replace(_config(pooling), num_chains=7)
         program = _fit._conditional_program(config, data, hyper).result()
-        parts = _fit._conditional(program, key, draws, data, hyper, pooling)
+        parts = _fit._conditional(program, key, draws, data, hyper)
     whole = jax.tree_util.tree_map(np.asarray, whole)
     assert whole[0].keys() == parts[0].keys()
     for name in whole[0]:

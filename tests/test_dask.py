@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - CI installs the extra
 import hiermask._estimator as estimator_module
 import hiermask._fit as fit_module
 from hiermask import MaskedHierarchicalRegressor, UnseenGroupWarning
-from hiermask._sampler import parameter_diagnostics
+from hiermask._diagnostics import parameter_diagnostics
 
 from .conftest import FAST
 from .test_reliability import ALLOWED_PICKLE_MODULES, _leaf_types, pickled_globals

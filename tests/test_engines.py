@@ -12,7 +12,8 @@ from numpyro.diagnostics import effective_sample_size
 from sklearn.model_selection import GridSearchCV, GroupKFold
 
 from hiermask import MaskedHierarchicalRegressor
-from hiermask._sampler import TRACE_COUNTS, parameter_diagnostics
+from hiermask._diagnostics import parameter_diagnostics
+from hiermask._runner import cache_info
 
 from .conftest import FAST
 
@@ -99,27 +100,27 @@ def test_collapsed_matches_direct(pooling, missing):
 def test_refit_reuses_compiled_program():
     X, y, _ = _grouped(1)
     est = MaskedHierarchicalRegressor(group_col="g", **FAST).fit(X, y)
-    before = sum(TRACE_COUNTS.values())
+    before = cache_info().misses
     est.set_params(coef_prior_scale=3.0, group_scale_prior=0.5).fit(X, y)
     X2, y2, _ = _grouped(2)  # other rows, same shape (6 groups, 2 features)
     est.fit(X2, y2)
     X3, y3, _ = _grouped(3, n_per=55)  # more rows: statistics keep their shape
     est.fit(X3, y3)
-    assert sum(TRACE_COUNTS.values()) == before
+    assert cache_info().misses == before
 
 
 def test_gridsearch_compiles_once_per_fold_shape():
     X, y, _ = _grouped(4, n_groups=9)
     est = MaskedHierarchicalRegressor(group_col="g", **FAST)
     est.fit(X[X["g"].isin([f"G{i}" for i in range(6)])], y[:240])  # warm 6 groups
-    before = sum(TRACE_COUNTS.values())
+    before = cache_info().misses
     search = GridSearchCV(
         est, {"coef_prior_scale": [0.3, 1.0, 3.0, 10.0]}, cv=GroupKFold(n_splits=3)
     )
     search.fit(X, y, groups=X["g"])
     # every training fold has 6 groups (compiled above); the final refit on
     # all 9 groups is the one new shape
-    assert sum(TRACE_COUNTS.values()) - before == 1
+    assert cache_info().misses - before == 1
 
 
 #: Two threads each running a loop of batched Cholesky factorizations (100
@@ -129,7 +130,7 @@ def test_gridsearch_compiles_once_per_fold_shape():
 _LAPACK_THREADS = """
 import sys, threading
 import jax, jax.numpy as jnp, numpy as np
-from hiermask._sampler import exclusive, _Exclusive
+from hiermask._xla import exclusive, runs_alone
 m = np.eye(21) * 3.0 + 0.1
 batch = np.broadcast_to(m, (100, 21, 21)).copy()
 with jax.enable_x64(True):
@@ -143,8 +144,8 @@ with jax.enable_x64(True):
     program = exclusive(jax.jit(loop).lower(batch, s=0.0).compile())
     plain = exclusive(jax.jit(lambda m: m * 2.0).lower(batch).compile())
     single = exclusive(jax.jit(jnp.linalg.cholesky).lower(m).compile())
-    assert isinstance(program, _Exclusive)
-    assert not isinstance(plain, _Exclusive) and not isinstance(single, _Exclusive)
+    assert runs_alone(program)
+    assert not runs_alone(plain) and not runs_alone(single)
     done = []
     def run():
         with jax.enable_x64(True):
@@ -171,6 +172,30 @@ def test_programs_calling_lapack_run_one_at_a_time():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
+
+
+#: Imports the package and reports whether JAX started a backend (which any
+#: compilation, such as probing XLA options, does).
+_IMPORT_ONLY = """
+import hiermask, hiermask.cli, hiermask.plotting
+from jax._src import xla_bridge
+print(xla_bridge.backends_are_initialized())
+"""
+
+
+def test_import_compiles_nothing_and_starts_no_backend():
+    # In a subprocess: this test process has long started JAX's backend.
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORT_ONLY],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ from hiermask import (
     ConvergenceError,
     MaskedHierarchicalRegressor,
     UnseenGroupWarning,
-    _sampler,
+    _runner,
 )
 from hiermask.datasets import (
     MANUFACTURING_TRUE_COEF,
@@ -618,13 +618,13 @@ def test_progress_bar_reports_every_iteration_and_keeps_the_draws(monkeypatch, c
     X, y = make_manufacturing(200, random_state=3)
     plain = MaskedHierarchicalRegressor(group_col="Product_Group", **FAST).fit(X, y)
     calls = []
-    original = _sampler._ProgressBar.update
+    original = _runner._ProgressBar.update
 
     def record(self, part, iteration):
         calls.append((part, iteration))
         original(self, part, iteration)
 
-    monkeypatch.setattr(_sampler._ProgressBar, "update", record)
+    monkeypatch.setattr(_runner._ProgressBar, "update", record)
     shown = MaskedHierarchicalRegressor(
         group_col="Product_Group", progress_bar=True, **FAST
     ).fit(X, y)

@@ -25,36 +25,37 @@ The only use of hiermask is :func:`sample` (the diagnostics are NumPyro's),
 so that only it changes when the sampler's interface does.
 """
 
-import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 
-from hiermask._sampler import FlatDensity, run_nuts
+from hiermask._density import FlatDensity
+from hiermask._runner import run_nuts
 
 
 # --------------------------------------------------------------- the adapter
-@functools.cache
-def _model(log_density, dim):
-    # run_nuts takes a model whose flat_density attribute builds the density;
-    # the model is a static argument of the compiled program (one per target).
-    def model(data, hyper):
-        raise NotImplementedError("only the flat density is used")
+class _Target(NamedTuple):
+    # run_nuts takes an engine whose density(data, hyper) builds the flat
+    # density; the engine is a static argument of the compiled program (one
+    # per target).
+    log_density: Callable
+    dim: int
 
-    model.__name__ = f"target_{log_density.__name__}"
-    model.flat_density = lambda data, hyper: FlatDensity(
-        dim, lambda z: -log_density(z, data), lambda z: {"z": z}
-    )
-    return model
+    def density(self, data, hyper):
+        return FlatDensity(
+            self.dim, lambda z: -self.log_density(z, data), lambda z: {"z": z}
+        )
 
 
 def sample(log_density, dim, data, *, seed, num_samples, num_chains=4):
     """Draws ``(num_chains, num_samples, dim)`` of ``exp(log_density(z, data))``
     by hiermask's NUTS (500 warmup iterations, target acceptance 0.8)."""
-    values, stats = run_nuts(
-        _model(log_density, dim),
+    run = run_nuts(
+        _Target(log_density, dim),
         data,
         {},
         seed_value=seed,
@@ -63,7 +64,7 @@ def sample(log_density, dim, data, *, seed, num_samples, num_chains=4):
         num_chains=num_chains,
         target_accept_prob=0.8,
     )
-    return values["z"], stats["diverging"]
+    return run.values["z"], run.stats["diverging"]
 
 
 # --------------------------------------------------------------- the targets
