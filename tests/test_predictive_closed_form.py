@@ -69,8 +69,8 @@ def _data(latent=False, seed=0):
 
 def _rows():
     # seen full; a masked value (ignored); a NaN in an applicable feature of a
-    # seen group; unseen full; unseen NaN in a feature on for its group
-    # (another row has it); an unseen group where b is off (all NaN)
+    # seen group; unseen full; unseen NaN (off for that row, though another
+    # row of the group has the feature); an unseen group where b is NaN
     return pd.DataFrame(
         {
             "g": ["B", "A", "C", "new", "new", "new2"],
@@ -166,8 +166,10 @@ def _oracle(est, X, w, rows):
             i = list(est.groups_).index(row["g"])
             on, fill, var = mask.iloc[i].to_numpy(), fill_g[i], var_g[i]
         else:
-            own = rows.loc[rows["g"] == row["g"], FEATURES]
-            on = own.notna().any().to_numpy() & mask.any().to_numpy()
+            # an unseen group's NaN feature is off for that row (the row
+            # alone decides, never the rest of the batch)
+            own = row[FEATURES].to_numpy(dtype=float)
+            on = ~np.isnan(own) & mask.any().to_numpy()
             fill, var = fill_pop, var_pop
         terms.append(_row_draws(est, row, on, fill, var))
     mean, var = np.array([_moments(t) for t in terms]).T
