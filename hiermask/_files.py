@@ -168,6 +168,12 @@ PRIOR_REFERENCE = {
     "coef_prior_scale": Spec("float"),
     "intercept_prior_scale": Spec("float"),
 }
+#: ``Posterior.timings``: the sampler's seconds.
+TIMINGS = {
+    "trace": Spec("float"),
+    "compile": Spec("float"),
+    "run": Spec("float"),
+}
 #: The fields of :class:`hiermask._fit.Posterior`.
 POSTERIOR = {
     "draws": Spec("alias", table="posterior_"),
@@ -185,6 +191,7 @@ POSTERIOR = {
     "diagnostics": Spec("diagnostics", "K 3"),
     "diverging": Spec("array", "C S", "b"),
     "tree_steps": Spec("array", "C S", "i"),
+    "timings": Spec("table", table=TIMINGS),
 }
 #: Every attribute that fit sets, in the order they are restored.
 FITTED = {
