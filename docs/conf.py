@@ -57,7 +57,6 @@ numpydoc_validation_exclude = {r"\._[a-z]", r"\.__", r"\.MANUFACTURING_"}
 
 html_theme = "pydata_sphinx_theme"
 html_title = f"hiermask {release}"
-html_static_path = ["_static"]
 html_theme_options = {
     "navigation_with_keys": False,
     "show_toc_level": 2,

@@ -1077,6 +1077,21 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             ``intercept`` and the feature names: ``intercept_`` and
             ``coef_``, with NaN where a feature does not apply to a group
             (``coef_`` holds 0.0 there).
+
+        Examples
+        --------
+        >>> from hiermask import MaskedHierarchicalRegressor
+        >>> from hiermask.datasets import make_manufacturing
+        >>> X, y = make_manufacturing(60, random_state=0)
+        >>> est = MaskedHierarchicalRegressor(
+        ...     group_col="Product_Group", num_warmup=100, num_samples=100,
+        ...     num_chains=2, on_bad_convergence="ignore", random_state=0,
+        ... ).fit(X, y)
+        >>> table = est.coefficients()
+        >>> list(table.columns)
+        ['intercept', 'Feed_Speed', 'Pull_Acceleration', 'Cutting_Wait_Time']
+        >>> bool(table.isna().loc["Product_Group_1", "Cutting_Wait_Time"])
+        True
         """
         check_is_fitted(self)
         table = pd.DataFrame(
