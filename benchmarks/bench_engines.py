@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import itertools
 import json
 import os
 import platform
@@ -70,6 +71,7 @@ BENCHMARKS = (
     "groups",
     "gridsearch",
     "scaling",
+    "datapass",
 )
 PHASES = (
     "validate_s",
@@ -454,6 +456,95 @@ def plot_scaling(rows, path):
     plt.close(fig)
 
 
+def _memory_kb():
+    # (peak, current) resident memory of this process, kB (Linux).
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["VmHWM"].split()[0]), int(status["VmRSS"].split()[0])
+
+
+def _reset_peak_memory():
+    # Linux: writing 5 to clear_refs resets the peak resident size.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _numpy_pass(X, y, g, n_groups):
+    # The reference: sort the rows by group, then every group's Gram matrix
+    # and X'y with BLAS.
+    order = np.argsort(g, kind="stable")
+    xt = np.column_stack([np.ones(len(y)), X])[order]
+    ys = y[order]
+    bounds = np.searchsorted(g[order], np.arange(n_groups + 1))
+    return [
+        (xt[a:b].T @ xt[a:b], xt[a:b].T @ ys[a:b])
+        for a, b in itertools.pairwise(bounds)
+    ]
+
+
+def bench_datapass(quick):
+    """1e7 rows x 10 groups x 3 features: fit and predict against NumPy passes.
+
+    The sampler is compiled first (a fit of 10,000 rows with the same groups
+    and features), so the fit's time is its pass over the data plus a short
+    run. Peak memory is the resident high-water mark during the fit, above
+    what the process held before it, against the input's size.
+    """
+    from hiermask import MaskedHierarchicalRegressor
+
+    n_rows, n_groups, n_features = (1_000_000 if quick else 10_000_000), 10, 3
+    rng = np.random.default_rng(0)
+    g = rng.integers(0, n_groups, n_rows)
+    X = rng.normal(size=(n_rows, n_features))
+    y = X @ np.array([1.0, -0.5, 0.2]) + 0.1 * g + rng.normal(size=n_rows)
+    Xg = np.column_stack([g, X])
+    del X
+    params = dict(
+        group_col=0,
+        num_warmup=50,
+        num_samples=50,
+        num_chains=1,
+        on_bad_convergence="ignore",
+        random_state=0,
+    )
+    MaskedHierarchicalRegressor(**params).fit(Xg[:10_000], y[:10_000])
+    start = time.perf_counter()
+    _numpy_pass(Xg[:, 1:], y, g, n_groups)
+    numpy_s = time.perf_counter() - start
+    _reset_peak_memory()
+    before = _memory_kb()[1]
+    est = MaskedHierarchicalRegressor(**params)
+    prof = Profiler()
+    with prof.fit():
+        est.fit(Xg, y)
+    peak = _memory_kb()[0] - before
+    timing = prof.row()
+    start = time.perf_counter()
+    est.predict(Xg)
+    predict_s = time.perf_counter() - start
+    ic, cf, Xf = est.intercept_, est.coef_, Xg[:, 1:]
+    start = time.perf_counter()
+    _ = ic[g] + (Xf * cf[g]).sum(1)
+    numpy_predict_s = time.perf_counter() - start
+    input_mb = (Xg.nbytes + y.nbytes) / 1e6
+    return [
+        {
+            "rows": n_rows,
+            "numpy_pass_s": numpy_s,
+            "fit_s": timing["fit_s"],
+            "fit_vs_numpy": timing["fit_s"] / numpy_s,
+            "validate_s": timing["validate_s"],
+            "stats_s": timing["stats_s"],
+            "sampler_s": timing["sample_s"] + timing["trace_s"] + timing["compile_s"],
+            "predict_s": predict_s,
+            "numpy_predict_s": numpy_predict_s,
+            "predict_vs_numpy": predict_s / numpy_predict_s,
+            "input_mb": input_mb,
+            "fit_peak_extra_mb": peak / 1e3,
+            "peak_vs_input": peak / 1e3 / input_mb,
+        }
+    ]
+
+
 RUNNERS = {
     "manufacturing": bench_manufacturing,
     "coldstart": bench_coldstart,
@@ -462,6 +553,7 @@ RUNNERS = {
     "groups": bench_groups,
     "gridsearch": bench_gridsearch,
     "scaling": bench_scaling,
+    "datapass": bench_datapass,
 }
 
 

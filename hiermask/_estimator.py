@@ -792,11 +792,17 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
                 seed,
                 number,
             )
-        mean, sd = predictive_moments(features, group_idx, self._mask, self._posterior)
+        mean, sd = predictive_moments(
+            features,
+            group_idx,
+            self._mask,
+            self._posterior,
+            return_sd=what != ("mean",),
+        )
         if what == ("lower", "upper"):
             (z,) = extra
             return np.column_stack([mean - z * sd, mean + z * sd])
-        return np.column_stack([mean, sd])[:, : len(what)]
+        return mean[:, None] if sd is None else np.column_stack([mean, sd])
 
     @staticmethod
     def _is_dask(X, groups):
@@ -854,7 +860,9 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             frame = self._lazy(X, groups, ("mean", "sd") if return_std else ("mean",))
             return (frame["mean"], frame["sd"]) if return_std else frame["mean"]
         features, group_idx, _ = self._prepare(X, groups)
-        mean, sd = predictive_moments(features, group_idx, self._mask, self._posterior)
+        mean, sd = predictive_moments(
+            features, group_idx, self._mask, self._posterior, return_sd=return_std
+        )
         return (mean, sd) if return_std else mean
 
     def predict_interval(

@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from . import _limits
+
 __all__ = [
     "MIN_EVIDENCE",
     "group_sum",
     "infer_mask",
     "mask_from_counts",
     "nan_counts",
+    "row_chunks",
     "thin_evidence",
 ]
 
@@ -40,8 +43,35 @@ def group_sum(values, group_idx, n_groups, weights=None):
     """
     n = group_idx.shape[0]
     w = np.ones(n) if weights is None else weights
-    onehot = sp.csr_matrix((w, (group_idx, np.arange(n))), shape=(n_groups, n))
-    return np.asarray(onehot @ np.asarray(values, dtype=np.float64))
+    # One entry per column (row of values): built as CSC directly, so no
+    # sort or format conversion; the product is one scatter-add pass.
+    onehot = sp.csc_matrix((w, group_idx, np.arange(n + 1)), shape=(n_groups, n))
+    return np.asarray(onehot @ np.ascontiguousarray(values, dtype=np.float64))
+
+
+def row_chunks(n_samples: int, width: int, cells: int | None = None):
+    """Slices of at most about ``cells`` floats of a ``width``-wide array.
+
+    The passes over the rows work chunk by chunk, so that their temporaries
+    stay small (:data:`hiermask._limits.STATS_CHUNK_CELLS`).
+
+    Parameters
+    ----------
+    n_samples : int
+        Number of rows.
+    width : int
+        Floats per row of the widest temporary.
+    cells : int, default=None
+        Floats per chunk; ``STATS_CHUNK_CELLS`` when None.
+
+    Returns
+    -------
+    list of slice
+    """
+    if cells is None:
+        cells = _limits.STATS_CHUNK_CELLS
+    step = max(256, cells // max(width, 1))
+    return [slice(i, min(i + step, n_samples)) for i in range(0, n_samples, step)]
 
 
 def nan_counts(X: np.ndarray, group_idx: np.ndarray, n_groups: int) -> np.ndarray:
@@ -52,7 +82,7 @@ def nan_counts(X: np.ndarray, group_idx: np.ndarray, n_groups: int) -> np.ndarra
     X : ndarray of shape (n_samples, n_features)
         Features with NaN for missing cells.
     group_idx : ndarray of shape (n_samples,)
-        Group code of each row, in ``range(n_groups)``.
+        Group code of each row.
     n_groups : int
         Number of groups.
 
@@ -60,7 +90,13 @@ def nan_counts(X: np.ndarray, group_idx: np.ndarray, n_groups: int) -> np.ndarra
     -------
     ndarray of shape (n_groups, n_features), int64
     """
-    return np.rint(group_sum(np.isnan(X), group_idx, n_groups)).astype(np.int64)
+    counts = np.zeros((n_groups, X.shape[1]))
+    for sl in row_chunks(X.shape[0], X.shape[1]):
+        nan = np.isnan(X[sl])
+        rows = np.flatnonzero(nan.any(axis=1))  # only rows with a NaN count
+        if rows.size:
+            counts += group_sum(nan[rows], group_idx[sl][rows], n_groups)
+    return np.rint(counts).astype(np.int64)
 
 
 def mask_from_counts(

@@ -147,7 +147,7 @@ def _row_fields(X, rows, group_idx, mask, posterior):
     return seen, gs, on, fill, xvar
 
 
-def predictive_moments(X, group_idx, mask, posterior):
+def predictive_moments(X, group_idx, mask, posterior, *, return_sd=True):
     """Mean and sd of the posterior predictive of every row.
 
     Each row's moments depend only on the row and the fitted model.
@@ -160,27 +160,51 @@ def predictive_moments(X, group_idx, mask, posterior):
     mask : ndarray of shape (n_groups, n_features), bool
         Fitted mask.
     posterior : Posterior
+    return_sd : bool, default=True
+        Whether to compute the sd; without it, the second output is None
+        and the coefficient covariances are never read.
 
     Returns
     -------
-    mean, sd : ndarray of shape (n_samples,)
+    mean : ndarray of shape (n_samples,)
+    sd : ndarray of shape (n_samples,) or None
     """
     n = X.shape[0]
     mean = np.empty(n)
-    var = np.empty(n)
+    var = np.empty(n) if return_sd else None
+    # The fitted groups' coefficient means with off features exactly 0, so
+    # that a complete row of a fitted group needs no mask (its fast path).
+    onq = np.concatenate([np.ones((mask.shape[0], 1), bool), mask], axis=1)
+    coef_on = np.where(onq, posterior.coef_mean, 0.0)
     for start in range(0, n, _limits.PREDICT_CHUNK_ROWS):
         sl = slice(start, min(start + _limits.PREDICT_CHUNK_ROWS, n))
+        if not return_sd and _complete_seen(X[sl], group_idx[sl]):
+            # the same products and sum as below, so the same bits: an off
+            # cell's value meets a 0 coefficient instead of a 0 design entry
+            xt = np.concatenate([np.ones((sl.stop - sl.start, 1)), X[sl]], axis=1)
+            mean[sl] = np.einsum("ni,ni->n", xt, coef_on[group_idx[sl]])
+            continue
         seen, gs, on, fill, xvar = _row_fields(X, sl, group_idx, mask, posterior)
         m = posterior.coef_mean[gs]
-        c = posterior.coef_cov[gs]
+        c = posterior.coef_cov[gs] if return_sd else None
         if not seen.all():
-            m[~seen], c[~seen] = unseen_moments(posterior, on[~seen])
+            m_new, c_new = unseen_moments(posterior, on[~seen])
+            m[~seen] = m_new
+            if return_sd:
+                c[~seen] = c_new
         xt, latent = _design(X[sl], on, fill)
         mean[sl] = np.einsum("ni,ni->n", xt, m)
-        v = np.einsum("ni,nij,nj->n", xt, c, xt) + posterior.noise_var
-        beta2 = m[:, 1:] ** 2 + np.diagonal(c, axis1=1, axis2=2)[:, 1:]
-        var[sl] = v + np.sum(np.where(latent, beta2 * xvar, 0.0), axis=1)
-    return mean, np.sqrt(np.maximum(var, 0.0))
+        if return_sd:
+            v = np.einsum("ni,nij,nj->n", xt, c, xt) + posterior.noise_var
+            beta2 = m[:, 1:] ** 2 + np.diagonal(c, axis1=1, axis2=2)[:, 1:]
+            var[sl] = v + np.sum(np.where(latent, beta2 * xvar, 0.0), axis=1)
+    return mean, (np.sqrt(np.maximum(var, 0.0)) if return_sd else None)
+
+
+def _complete_seen(X, group_idx):
+    # Rows of fitted groups with every cell given (finite): their mean is
+    # the group's masked coefficient means applied to the row as it is.
+    return bool((group_idx >= 0).all()) and bool(np.isfinite(X).all())
 
 
 def label_seed(seed, label):

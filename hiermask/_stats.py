@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _limits
-from ._masks import group_sum
+from ._masks import group_sum, row_chunks
 
 __all__ = [
     "GroupStats",
@@ -210,29 +209,33 @@ def group_statistics(
     x_sum = np.zeros((n_groups, n_features))
     x_sumsq = np.zeros((n_groups, n_features))
     incomplete = []
-    if chunk_cells is None:
-        chunk_cells = _limits.STATS_CHUNK_CELLS
-    step = max(256, chunk_cells // (q * q))
-    for start in range(0, n_samples, step):
-        sl = slice(start, min(start + step, n_samples))
+    p = n_features
+    for sl in row_chunks(n_samples, q * q, chunk_cells):
         g = group_idx[sl]
         wc = w[sl]
         on = mask[g]
-        design, latent = centred_design(X[sl], on, scaling)
+        # C order: the group sums need row-major arrays; a chunk copies cheaply
+        design, latent = centred_design(np.ascontiguousarray(X[sl]), on, scaling)
         observed = on & ~latent
         od = np.where(observed, design, 0.0)
-        x_count += group_sum(observed, g, n_groups, wc)
-        x_sum += group_sum(od, g, n_groups, wc)
-        x_sumsq += group_sum(od * od, g, n_groups, wc)
+        cells = group_sum(
+            np.concatenate([observed, od, od * od], axis=1), g, n_groups, wc
+        )
+        x_count += cells[:, :p]
+        x_sum += cells[:, p : 2 * p]
+        x_sumsq += cells[:, 2 * p :]
         has_latent = latent.any(axis=1)
         if has_latent.any():
-            incomplete.append(start + np.flatnonzero(has_latent))
+            incomplete.append(sl.start + np.flatnonzero(has_latent))
         wk = np.where(has_latent, 0.0, wc)
         u = (y[sl] - scaling.y_mean) / scaling.y_scale
         xt = np.concatenate([np.ones((design.shape[0], 1)), design], axis=1)
         outer = (xt[:, :, None] * xt[:, None, :]).reshape(-1, q * q)
-        gram += group_sum(outer, g, n_groups, wk)
-        xty += group_sum(xt * u[:, None], g, n_groups, wk)
+        sums = group_sum(
+            np.concatenate([outer, xt * u[:, None]], axis=1), g, n_groups, wk
+        )
+        gram += sums[:, : q * q]
+        xty += sums[:, q * q :]
         yty += np.bincount(g, weights=wk * u * u, minlength=n_groups)
         total += np.bincount(g, weights=wk, minlength=n_groups)
     rows = np.concatenate(incomplete) if incomplete else np.zeros(0, dtype=np.int64)
@@ -333,14 +336,22 @@ def cell_moments(X, w, group_idx, n_groups) -> Moments:
     Moments
         Arrays of shape (n_groups, n_features).
     """
-    observed = ~np.isnan(X)
-    wo = np.where(observed, w[:, None], 0.0)
-    count = group_sum(wo, group_idx, n_groups)
-    total = group_sum(np.where(observed, X, 0.0), group_idx, n_groups, w)
+    n_features = X.shape[1]
+    chunks = row_chunks(X.shape[0], 2 * n_features)
+    sums = np.zeros((n_groups, 2 * n_features))
+    for sl in chunks:  # weighted counts and sums of the observed cells
+        x = np.ascontiguousarray(X[sl])  # row-major, as the group sums need
+        observed = ~np.isnan(x)
+        both = np.concatenate([observed, np.where(observed, x, 0.0)], axis=1)
+        sums += group_sum(both, group_idx[sl], n_groups, w[sl])
+    count, total = sums[:, :n_features], sums[:, n_features:]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / count, 0.0)
-    resid = np.where(observed, X - mean[group_idx], 0.0)
-    m2 = group_sum(resid * resid, group_idx, n_groups, w)
+    m2 = np.zeros((n_groups, n_features))
+    for sl in chunks:  # squared deviations from the group means: two passes
+        x, g = np.ascontiguousarray(X[sl]), group_idx[sl]
+        resid = np.where(np.isnan(x), 0.0, x - mean[g])
+        m2 += group_sum(resid * resid, g, n_groups, w[sl])
     return Moments(count, mean, m2)
 
 

@@ -17,6 +17,8 @@ import pandas as pd
 from sklearn.utils import check_array, column_or_1d
 from sklearn.utils.validation import _check_sample_weight
 
+from ._masks import row_chunks
+
 #: scikit-learn >= 1.7 refuses all-zero weights unless told otherwise.
 _ALL_ZERO_OPTION = (
     "allow_all_zero_weights" in inspect.signature(_check_sample_weight).parameters
@@ -234,17 +236,20 @@ def split_groups(X, group_col=None, groups=None, *, ensure_min_samples=1) -> Par
                     f"{arr.shape[1]} columns."
                 )
             pos = int(group_col) % arr.shape[1]
-            labels = np.asarray(arr[:, pos], dtype=object)
+            # numeric labels keep their dtype: factorizing and looking up
+            # typed labels is fast; others become objects
+            labels = arr[:, pos].copy() if arr.dtype.kind in "iuf" else None
+            if labels is None:
+                labels = np.asarray(arr[:, pos], dtype=object)
             keep.remove(pos)
         names = [f"x{j}" for j in keep]
         try:
             features = check_array(
-                arr[:, keep],
+                np.take(arr, keep, axis=1),  # a row-major copy: never X itself
                 dtype=np.float64,
                 ensure_all_finite=False,
                 ensure_min_features=0,
                 ensure_min_samples=0,
-                copy=True,
                 input_name="X",
             )
         except (TypeError, ValueError) as exc:  # same type, with the column
@@ -258,6 +263,22 @@ def split_groups(X, group_col=None, groups=None, *, ensure_min_samples=1) -> Par
                 f"groups has {labels.shape[0]} labels but X has "
                 f"{features.shape[0]} rows."
             )
+    if _has_large_values(features):
+        _raise_large_values(features, names)
+    return ParsedX(features=features, labels=labels, feature_names=names)
+
+
+def _has_large_values(features: np.ndarray) -> bool:
+    """Whether any cell is infinite or above MAX_ABS_VALUE: one chunked pass."""
+    for sl in row_chunks(*features.shape):
+        with np.errstate(invalid="ignore"):
+            if (np.abs(features[sl]) > MAX_ABS_VALUE).any():
+                return True
+    return False
+
+
+def _raise_large_values(features: np.ndarray, names: list) -> None:
+    """The error for infinite or too large cells, with columns and counts."""
     inf = np.isinf(features)
     if inf.any():
         bad = [
@@ -270,7 +291,6 @@ def split_groups(X, group_col=None, groups=None, *, ensure_min_samples=1) -> Par
             + ". Replace it with a finite value or NaN."
         )
     _check_magnitude(features, names)
-    return ParsedX(features=features, labels=labels, feature_names=names)
 
 
 def _check_magnitude(features: np.ndarray, names: list) -> None:
@@ -329,6 +349,14 @@ def encode_groups(labels: np.ndarray | None, n_samples: int):
     return np.asarray(uniques, dtype=object), codes.astype(np.int64)
 
 
+def _is_number(value) -> bool:
+    # an int or float that float64 holds exactly; not bool (True == 1 in
+    # Python, not in a typed index)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return False
+    return not isinstance(value, numbers.Integral) or abs(int(value)) < 2**53
+
+
 def lookup_groups(groups: np.ndarray, labels: np.ndarray | None, n_samples: int):
     """Map predict-time labels to fitted group codes; -1 marks unseen groups.
 
@@ -357,9 +385,13 @@ def lookup_groups(groups: np.ndarray, labels: np.ndarray | None, n_samples: int)
     if missing.any():
         rows = np.flatnonzero(missing)
         raise ValueError(f"Group labels contain NaN/None at {_describe_rows(rows)}.")
+    if labels.dtype.kind in "iuf" and all(_is_number(g) for g in groups):
+        # typed lookup, which compares numbers as Python does
+        index = pd.Index(np.asarray(groups.tolist(), dtype=np.float64))
+        return index.get_indexer(labels.astype(np.float64)).astype(np.int64)
     index = pd.Index(groups)
     try:
-        return index.get_indexer(pd.Index(labels)).astype(np.int64)
+        return index.get_indexer(pd.Index(labels, dtype=object)).astype(np.int64)
     except (TypeError, pd.errors.InvalidIndexError):
         lookup = {label: i for i, label in enumerate(groups)}
         return np.array([lookup.get(lab, -1) for lab in labels], dtype=np.int64)

@@ -21,7 +21,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hiermask import MaskedHierarchicalRegressor, _collapsed, _fit, _limits, _stats
+from hiermask import (
+    MaskedHierarchicalRegressor,
+    _collapsed,
+    _fit,
+    _limits,
+    _masks,
+    _stats,
+)
 
 #: Small runs: the posterior here is narrow, so 2 x 100 draws suffice.
 TINY = {"num_warmup": 100, "num_samples": 100, "num_chains": 2, "random_state": 0}
@@ -69,7 +76,12 @@ def _fit_and_check(X, y, groups, **params):
     assert np.all(sd > 0.05) and np.all(sd < 0.2)  # noise sd 0.1
     assert len(est.summary()) > 0
     again = pickle.loads(pickle.dumps(est))
-    np.testing.assert_array_equal(again.predict(X, groups=groups), mean)
+    np.testing.assert_array_equal(
+        again.predict(X, groups=groups, return_std=True)[0], mean
+    )
+    np.testing.assert_array_equal(
+        again.predict(X, groups=groups), est.predict(X, groups=groups)
+    )
     return est
 
 
@@ -196,6 +208,24 @@ def test_predict_chunk_rows(fitted, monkeypatch):
     assert np.all(np.isfinite(chunked["draws"]))
 
 
+def test_predict_mean_paths(fitted):
+    # predict() without sd takes a path for chunks whose rows are all
+    # complete and of fitted groups; any other chunk the general one. Both
+    # give the means of predict(return_std=True) bit for bit: the same
+    # rows alone (fast path), with an unseen group's row, with a NaN cell.
+    est, X, groups = fitted
+    mean, _ = est.predict(X, groups=groups, return_std=True)
+    np.testing.assert_array_equal(est.predict(X, groups=groups), mean)
+    X_unseen = np.vstack([X, X[:1]])
+    g_unseen = np.concatenate([groups, [99]])
+    np.testing.assert_array_equal(est.predict(X_unseen, groups=g_unseen)[:-1], mean)
+    X_nan = X.copy()
+    X_nan[0, 0] = np.nan
+    both, _ = est.predict(X_nan, groups=groups, return_std=True)
+    np.testing.assert_array_equal(est.predict(X_nan, groups=groups), both)
+    np.testing.assert_array_equal(both[1:], mean[1:])
+
+
 def _statistics(X, y, w, groups):
     on_rows = np.ones(X.shape, bool)
     scaling = _stats.compute_scaling(X, y, w, on_rows)
@@ -219,6 +249,56 @@ def test_statistics_chunks(chunk_cells, monkeypatch):
             getattr(chunked, name), getattr(whole, name), rtol=1e-12, atol=1e-9
         )
     _fit_and_check(X, y, groups, num_chains=1)
+
+
+@pytest.mark.parametrize("chunk_cells", [None, 1])
+def test_cell_passes_chunks(chunk_cells, monkeypatch):
+    # The NaN counts and the cells' moments (the scaling's pass) chunk rows
+    # by the same limit: 600 rows x 2 features are 3 chunks of 256 rows at 1
+    # cell, one by default. Oracle: the same sums on all rows at once with
+    # np.bincount (exact counts; moments to rtol 1e-12).
+    X, _, groups = _data(3, 2, rows_per_group=200)
+    X[::7, 0] = np.nan
+    X[500:, 1] = np.nan  # the third chunk only
+    w = np.random.default_rng(2).uniform(0.5, 2.0, len(X))
+    if chunk_cells is not None:
+        monkeypatch.setattr(_limits, "STATS_CHUNK_CELLS", chunk_cells)
+        assert len(_masks.row_chunks(*X.shape)) == 3
+    nan = np.isnan(X)
+    expected = np.stack(
+        [np.bincount(groups, weights=nan[:, j], minlength=3) for j in range(2)], 1
+    )
+    np.testing.assert_array_equal(_masks.nan_counts(X, groups, 3), expected)
+    moments = _stats.cell_moments(X, w, groups, 3)
+    for g in range(3):
+        for j in range(2):
+            keep = (groups == g) & ~nan[:, j]
+            x, wk = X[keep, j], w[keep]
+            mean = np.average(x, weights=wk)
+            np.testing.assert_allclose(moments.count[g, j], wk.sum(), rtol=1e-12)
+            np.testing.assert_allclose(moments.mean[g, j], mean, rtol=1e-12)
+            m2 = np.sum(wk * (x - mean) ** 2)
+            np.testing.assert_allclose(moments.m2[g, j], m2, rtol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_cells", [None, 1])
+def test_value_check_chunks(chunk_cells, monkeypatch):
+    # The check for infinite and too large cells reads the rows chunk by
+    # chunk; a bad cell in the last chunk is found either way, and the error
+    # names the column and the count.
+    X, y, groups = _data(3, 2, rows_per_group=200)
+    X[599, 1] = np.inf
+    if chunk_cells is not None:
+        monkeypatch.setattr(_limits, "STATS_CHUNK_CELLS", chunk_cells)
+        assert len(_masks.row_chunks(*X.shape)) == 3
+    est = MaskedHierarchicalRegressor(num_warmup=5, num_samples=5, num_chains=1)
+    with pytest.raises(
+        ValueError, match=r"infinity in feature column\(s\) 'x1' \(1 cell"
+    ):
+        est.fit(X, y, groups=groups)
+    X[599, 1] = 1e200
+    with pytest.raises(ValueError, match=r"above 1e\+150 .* 'x1' \(1 cell"):
+        est.fit(X, y, groups=groups)
 
 
 @pytest.mark.parametrize("max_params", [0, _limits.MAX_GROUP_PARAMS_DIAGNOSED])

