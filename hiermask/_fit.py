@@ -260,7 +260,7 @@ def fit_posterior(X, y, w, group_idx, mask, config: FitConfig) -> Posterior:
     Posterior
     """
     active = mask.any(axis=0)
-    Xa = X[:, active]
+    Xa = X if active.all() else X[:, active]  # no copy of all the rows
     ma = mask[:, active]
     # The scaling as the distributed path computes it (from per-group
     # moments): it equals compute_scaling's to rounding.

@@ -238,7 +238,7 @@ def split_groups(X, group_col=None, groups=None, *, ensure_min_samples=1) -> Par
             pos = int(group_col) % arr.shape[1]
             # numeric labels keep their dtype: factorizing and looking up
             # typed labels is fast; others become objects
-            labels = arr[:, pos].copy() if arr.dtype.kind in "iuf" else None
+            labels = arr[:, pos] if arr.dtype.kind in "iuf" else None  # a view
             if labels is None:
                 labels = np.asarray(arr[:, pos], dtype=object)
             keep.remove(pos)
@@ -346,7 +346,7 @@ def encode_groups(labels: np.ndarray | None, n_samples: int):
         codes, uniques = pd.factorize(labels, sort=True)
     except TypeError:
         codes, uniques = pd.factorize(labels, sort=False)
-    return np.asarray(uniques, dtype=object), codes.astype(np.int64)
+    return np.asarray(uniques, dtype=object), codes.astype(np.int64, copy=False)
 
 
 def _is_number(value) -> bool:
