@@ -191,85 +191,19 @@ def split_groups(X, group_col=None, groups=None, *, ensure_min_samples=1) -> Par
             "labels either as a column of X (group_col) or as groups=, not both."
         )
     if isinstance(X, pd.DataFrame):
-        if X.columns.has_duplicates:
-            dup = sorted({str(c) for c in X.columns[X.columns.duplicated()]})
-            raise ValueError(f"X has duplicate column names: {dup}.")
-        if X.shape[0] < ensure_min_samples:
-            raise ValueError(
-                f"Found array with {X.shape[0]} sample(s) (shape={X.shape}) while "
-                f"a minimum of {ensure_min_samples} is required."
-            )
-        keep = list(range(X.shape[1]))
-        labels = None
-        if group_col is not None:
-            pos = _resolve_frame_column(X, group_col)
-            labels = X.iloc[:, pos].to_numpy(dtype=object, na_value=np.nan)
-            if isinstance(X.iloc[:, pos].dtype, pd.CategoricalDtype):
-                labels = np.asarray(X.iloc[:, pos].astype(object), dtype=object)
-            keep.remove(pos)
-        elif X.shape[1] == 0:
-            raise ValueError("X has 0 feature(s); a minimum of 1 is required.")
-        features, names = _frame_features(X, keep)
-        names = [str(n) for n in names]
+        features, labels, names = _split_frame(X, group_col, ensure_min_samples)
     else:
-        arr = check_array(
-            X,
-            dtype=None,
-            ensure_all_finite=False,
-            ensure_min_samples=ensure_min_samples,
-            ensure_min_features=1,
-            input_name="X",
-        )
-        keep = list(range(arr.shape[1]))
-        labels = None
-        if group_col is not None:
-            if not isinstance(group_col, numbers.Integral) or isinstance(
-                group_col, bool
-            ):
-                raise ValueError(
-                    f"group_col={group_col!r} must be an int position when X is "
-                    "not a DataFrame."
-                )
-            if not -arr.shape[1] <= group_col < arr.shape[1]:
-                raise ValueError(
-                    f"group_col={group_col} is out of range for X with "
-                    f"{arr.shape[1]} columns."
-                )
-            pos = int(group_col) % arr.shape[1]
-            # numeric labels keep their dtype: factorizing and looking up
-            # typed labels is fast; others become objects
-            labels = arr[:, pos] if arr.dtype.kind in "iuf" else None  # a view
-            if labels is None:
-                labels = np.asarray(arr[:, pos], dtype=object)
-            keep.remove(pos)
-        names = [f"x{j}" for j in keep]
-        try:
-            features = check_array(
-                np.take(arr, keep, axis=1),  # a row-major copy: never X itself
-                dtype=np.float64,
-                ensure_all_finite=False,
-                ensure_min_features=0,
-                ensure_min_samples=0,
-                input_name="X",
-            )
-        except (TypeError, ValueError) as exc:  # same type, with the column
-            raise type(exc)(
-                f"{exc}; non-numeric feature column(s): {_non_numeric(arr, keep)}."
-            ) from exc
+        features, labels, names = _split_array(X, group_col, ensure_min_samples)
     if groups is not None:
-        labels = np.asarray(column_or_1d(np.asarray(groups, dtype=object)))
-        if labels.shape[0] != features.shape[0]:
-            raise ValueError(
-                f"groups has {labels.shape[0]} labels but X has "
-                f"{features.shape[0]} rows."
-            )
-    if _has_large_values(features):
-        _raise_large_values(features, names)
+        labels = _separate_labels(groups, features.shape[0])
+    if _has_large_values(features):  # one chunked pass; the details if needed
+        _check_finite(features, names)
+        _check_magnitude(features, names)
     return ParsedX(features=features, labels=labels, feature_names=names)
 
 
 def _has_large_values(features: np.ndarray) -> bool:
-    """Whether any cell is infinite or above MAX_ABS_VALUE: one chunked pass."""
+    """Whether any cell is infinite or above MAX_ABS_VALUE, chunk by chunk."""
     for sl in row_chunks(*features.shape):
         with np.errstate(invalid="ignore"):
             if (np.abs(features[sl]) > MAX_ABS_VALUE).any():
@@ -277,8 +211,90 @@ def _has_large_values(features: np.ndarray) -> bool:
     return False
 
 
-def _raise_large_values(features: np.ndarray, names: list) -> None:
-    """The error for infinite or too large cells, with columns and counts."""
+def _split_frame(X, group_col, ensure_min_samples):
+    """:func:`split_groups` for a DataFrame: (features, labels, names)."""
+    if X.columns.has_duplicates:
+        dup = sorted({str(c) for c in X.columns[X.columns.duplicated()]})
+        raise ValueError(f"X has duplicate column names: {dup}.")
+    if X.shape[0] < ensure_min_samples:
+        raise ValueError(
+            f"Found array with {X.shape[0]} sample(s) (shape={X.shape}) while "
+            f"a minimum of {ensure_min_samples} is required."
+        )
+    keep = list(range(X.shape[1]))
+    labels = None
+    if group_col is not None:
+        pos = _resolve_frame_column(X, group_col)
+        labels = X.iloc[:, pos].to_numpy(dtype=object, na_value=np.nan)
+        if isinstance(X.iloc[:, pos].dtype, pd.CategoricalDtype):
+            labels = np.asarray(X.iloc[:, pos].astype(object), dtype=object)
+        keep.remove(pos)
+    elif X.shape[1] == 0:
+        raise ValueError("X has 0 feature(s); a minimum of 1 is required.")
+    features, names = _frame_features(X, keep)
+    names = [str(n) for n in names]
+    return features, labels, names
+
+
+def _split_array(X, group_col, ensure_min_samples):
+    """:func:`split_groups` for any other array: (features, labels, names)."""
+    arr = check_array(
+        X,
+        dtype=None,
+        ensure_all_finite=False,
+        ensure_min_samples=ensure_min_samples,
+        ensure_min_features=1,
+        input_name="X",
+    )
+    keep = list(range(arr.shape[1]))
+    labels = None
+    if group_col is not None:
+        if not isinstance(group_col, numbers.Integral) or isinstance(group_col, bool):
+            raise ValueError(
+                f"group_col={group_col!r} must be an int position when X is "
+                "not a DataFrame."
+            )
+        if not -arr.shape[1] <= group_col < arr.shape[1]:
+            raise ValueError(
+                f"group_col={group_col} is out of range for X with "
+                f"{arr.shape[1]} columns."
+            )
+        pos = int(group_col) % arr.shape[1]
+        # numeric labels keep their dtype (a view): factorizing and looking up
+        # typed labels is fast; others become objects
+        labels = arr[:, pos] if arr.dtype.kind in "iuf" else None
+        if labels is None:
+            labels = np.asarray(arr[:, pos], dtype=object)
+        keep.remove(pos)
+    names = [f"x{j}" for j in keep]
+    try:
+        features = check_array(
+            np.take(arr, keep, axis=1),  # a row-major copy: never X itself
+            dtype=np.float64,
+            ensure_all_finite=False,
+            ensure_min_features=0,
+            ensure_min_samples=0,
+            input_name="X",
+        )
+    except (TypeError, ValueError) as exc:  # same type, with the column
+        raise type(exc)(
+            f"{exc}; non-numeric feature column(s): {_non_numeric(arr, keep)}."
+        ) from exc
+    return features, labels, names
+
+
+def _separate_labels(groups, n_rows):
+    """The labels given as ``groups=``, one per row."""
+    labels = np.asarray(column_or_1d(np.asarray(groups, dtype=object)))
+    if labels.shape[0] != n_rows:
+        raise ValueError(
+            f"groups has {labels.shape[0]} labels but X has {n_rows} rows."
+        )
+    return labels
+
+
+def _check_finite(features, names):
+    """Refuse infinite feature values, naming their columns."""
     inf = np.isinf(features)
     if inf.any():
         bad = [
@@ -290,7 +306,6 @@ def _raise_large_values(features: np.ndarray, names: list) -> None:
             + ", ".join(bad)
             + ". Replace it with a finite value or NaN."
         )
-    _check_magnitude(features, names)
 
 
 def _check_magnitude(features: np.ndarray, names: list) -> None:

@@ -12,6 +12,7 @@ stderr: exit status 2 for bad command lines, 1 for everything else.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
@@ -57,60 +58,54 @@ def _one_line(exc):
 
 
 # ----------------------------------------------------------------- parsing
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive integer, got {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number(parse, accept, expected):
+    """An argparse type: ``parse(text)`` where ``accept`` holds, else an error.
+
+    The one rule of the numeric options: the error names what was
+    ``expected`` and quotes the text given (text that does not parse, NaN and
+    values out of range alike).
+    """
+
+    def convert(text):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return convert
 
 
-def _fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number in (0, 1), got {text!r}"
-        ) from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_fraction = _number(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
+_positive_float = _number(float, lambda v: 0.0 < v < math.inf, "a positive number")
+_threshold = _number(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+
+
+#: Sampler options: flag, type, metavar, help; their defaults are the
+#: command's own.
+SAMPLER_OPTIONS = (
+    ("--num-warmup", _positive_int, "N", "NUTS warmup iterations per chain"),
+    ("--num-samples", _positive_int, "N", "draws kept per chain"),
+    ("--num-chains", _positive_int, "N", "number of chains"),
+    ("--target-accept", _fraction, "P", "NUTS step-size adaptation target"),
+)
 
 
 def _add_sampler_options(parser, *, defaults):
     group = parser.add_argument_group("sampler")
-    group.add_argument(
-        "--num-warmup",
-        type=_positive_int,
-        default=defaults[0],
-        metavar="N",
-        help="NUTS warmup iterations per chain (default: %(default)s)",
-    )
-    group.add_argument(
-        "--num-samples",
-        type=_positive_int,
-        default=defaults[1],
-        metavar="N",
-        help="draws kept per chain (default: %(default)s)",
-    )
-    group.add_argument(
-        "--num-chains",
-        type=_positive_int,
-        default=defaults[2],
-        metavar="N",
-        help="number of chains (default: %(default)s)",
-    )
-    group.add_argument(
-        "--target-accept",
-        type=_fraction,
-        default=defaults[3],
-        metavar="P",
-        help="NUTS step-size adaptation target (default: %(default)s)",
-    )
+    for (flag, kind, metavar, text), default in zip(
+        SAMPLER_OPTIONS, defaults, strict=True
+    ):
+        group.add_argument(
+            flag,
+            type=kind,
+            default=default,
+            metavar=metavar,
+            help=f"{text} (default: %(default)s)",
+        )
     group.add_argument(
         "--seed", type=int, default=0, help="random seed (default: %(default)s)"
     )
@@ -152,26 +147,6 @@ def _columns(text):
     if not names:
         raise argparse.ArgumentTypeError(f"expected column names, got {text!r}")
     return names
-
-
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _threshold(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
 
 
 def _add_column_options(parser):
@@ -248,6 +223,13 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
+    _add_demo_command(sub)
+    _add_fit_command(sub)
+    _add_predict_command(sub)
+    return parser
+
+
+def _add_demo_command(sub):
     demo = sub.add_parser(
         "demo",
         help="simulate the manufacturing example, fit it and show the results",
@@ -274,6 +256,8 @@ def build_parser():
     # target avoids the divergences their long-tailed posterior causes.
     _add_sampler_options(demo, defaults=(500, 1000, 4, 0.95))
 
+
+def _add_fit_command(sub):
     fit = sub.add_parser(
         "fit",
         help="fit a CSV or Parquet file and print the posterior summary",
@@ -295,6 +279,13 @@ def build_parser():
         "id and dropped columns)",
     )
     _add_column_options(fit)
+    _add_fit_choices(fit)
+    _add_model_options(fit)
+    _add_fit_outputs(fit)
+    _add_sampler_options(fit, defaults=(500, 1000, 4, 0.8))
+
+
+def _add_fit_choices(fit):
     fit.add_argument(
         "--pooling",
         choices=("partial", "none", "complete"),
@@ -313,7 +304,9 @@ def build_parser():
         default="impute",
         help="NaN in a feature that applies to the row's group (default: %(default)s)",
     )
-    _add_model_options(fit)
+
+
+def _add_fit_outputs(fit):
     fit.add_argument(
         "--out",
         type=Path,
@@ -329,8 +322,9 @@ def build_parser():
         metavar="PATH",
         help="also write the full posterior summary as CSV",
     )
-    _add_sampler_options(fit, defaults=(500, 1000, 4, 0.8))
 
+
+def _add_predict_command(sub):
     predict = sub.add_parser(
         "predict",
         help="predict the rows of a CSV or Parquet file with a saved model",
@@ -374,7 +368,6 @@ def build_parser():
         ),
     )
     _add_cache_option(predict)
-    return parser
 
 
 # --------------------------------------------------------------------- I/O
@@ -623,26 +616,46 @@ def write_plots(est, X, y, directory):
 # --------------------------------------------------------------- commands
 def cmd_demo(args):
     """``hiermask demo``."""
-    from .datasets import (
-        MANUFACTURING_FEATURES,
-        MANUFACTURING_GROUPS,
-        MANUFACTURING_TRUE_COEF,
-        make_manufacturing,
-    )
-
     if args.n_samples < 4:
         raise CLIError("--n-samples must be at least 4 (two rows per group)")
     if args.plot is not None:
         _require_matplotlib()
+    X, y, est = _demo_fit(args)
+    _out(*_demo_data_lines(X, est))
+    _out(_demo_coefficients(est).to_string())
+    _out("", "Posterior summary:", format_summary(est.summary()))
+    _out(_convergence_line(est), "")
+    _out(
+        "Predictions for one new row per group (sd includes the noise):",
+        _demo_predictions(est).to_string(
+            index=False, float_format=lambda v: f"{v:.3f}"
+        ),
+    )
+    if args.plot is not None:
+        paths = write_plots(est, X, y, args.plot)
+        _out("", "Plots: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _demo_fit(args):
+    # The simulated manufacturing data and the estimator fitted on them.
+    from .datasets import MANUFACTURING_FEATURES, make_manufacturing
+
     X, y = make_manufacturing(args.n_samples, random_state=args.seed)
     est = _estimator(args, group_col="Product_Group")
     note = _fit_note(len(X), 2, len(MANUFACTURING_FEATURES), args)
     with _Warnings(), _Progress(note, args.quiet, est):
         est.fit(X, y)
+    return X, y, est
+
+
+def _demo_data_lines(X, est):
+    # The data's groups, the mask, and the heading of the coefficients.
+    from .datasets import MANUFACTURING_GROUPS
 
     sizes = X["Product_Group"].value_counts()
     g1, g2 = MANUFACTURING_GROUPS
-    _out(
+    return (
         "Simulated manufacturing data: "
         f"{len(X)} rows, {g1} ({sizes[g1]} rows) and {g2} ({sizes[g2]} rows).",
         f"Cutting_Wait_Time is NaN in every {g1} row, so it is off for that group.",
@@ -652,6 +665,13 @@ def cmd_demo(args):
         "",
         "Coefficients: posterior mean (true value)",
     )
+
+
+def _demo_coefficients(est):
+    # Each group's posterior mean slopes beside the simulation's true values
+    # ("off" where the mask has no coefficient).
+    from .datasets import MANUFACTURING_TRUE_COEF
+
     coef = pd.DataFrame(est.coef_, index=est.mask_.index, columns=est.mask_.columns)
     shown = coef.copy().astype(object)
     for g in coef.index:
@@ -660,9 +680,14 @@ def cmd_demo(args):
             shown.loc[g, f] = (
                 f"{coef.loc[g, f]:.3f} ({truth:g})" if est.mask_.loc[g, f] else "off"
             )
-    _out(shown.to_string(), "", "Posterior summary:", format_summary(est.summary()))
-    _out(_convergence_line(est), "")
+    return shown
 
+
+def _demo_predictions(est):
+    # One new row per group: the predictive mean and sd, and the true mean.
+    from .datasets import MANUFACTURING_GROUPS, MANUFACTURING_TRUE_COEF
+
+    g1, g2 = MANUFACTURING_GROUPS
     new = pd.DataFrame(
         {
             "Product_Group": [g1, g2],
@@ -680,15 +705,7 @@ def cmd_demo(args):
         )
         for i, g in enumerate(new["Product_Group"])
     ]
-    table = new.assign(mean=mean, sd=sd, true_mean=truth)
-    _out(
-        "Predictions for one new row per group (sd includes the noise):",
-        table.to_string(index=False, float_format=lambda v: f"{v:.3f}"),
-    )
-    if args.plot is not None:
-        paths = write_plots(est, X, y, args.plot)
-        _out("", "Plots: " + ", ".join(str(p) for p in paths))
-    return 0
+    return new.assign(mean=mean, sd=sd, true_mean=truth)
 
 
 #: Column names that pandas and R give a row index written to CSV.

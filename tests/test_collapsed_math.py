@@ -6,6 +6,7 @@ independently here from the model equations of ``hiermask._model``.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,20 @@ def _as_jax(tree):
     return jax.tree_util.tree_map(jnp.asarray, tree)
 
 
+# The engine's functions compiled as one program, as the fit runs them:
+# dispatched operation by operation they compile each piece apart, several
+# times slower (the same arithmetic either way).
+def _marginal(pooling, values, data, hyper, cells):
+    return jax.jit(functools.partial(marginal_loglik, pooling))(
+        values, data, hyper, cells
+    )
+
+
+def _conditional(key, draws, data, hyper, pooling, **options):
+    run = functools.partial(conditional_draws, pooling=pooling, **options)
+    return jax.jit(run)(key, draws, data, hyper)
+
+
 def test_one_group_no_pooling_fixed_noise_is_conjugate():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(50, 2)) * [2.0, 0.5] + [1.0, -3.0]
@@ -75,10 +90,10 @@ def test_one_group_no_pooling_fixed_noise_is_conjugate():
     mean = cov @ (Xt.T @ u / sigma**2)
     with jax.enable_x64(True):
         draws = {"noise": jnp.full(7, sigma)}
-        _, rb_mean, rb_cov = conditional_draws(
+        _, rb_mean, rb_cov = _conditional(
             jax.random.PRNGKey(0), draws, _as_jax(data), _as_jax(hyper), "none"
         )
-        loglik = marginal_loglik(
+        loglik = _marginal(
             "none", {"sigma": sigma}, _as_jax(data), _as_jax(hyper), jnp.zeros(0)
         )
     # every draw has the same noise: the Rao-Blackwellized moments are the
@@ -122,7 +137,7 @@ def test_partial_pooling_marginal_matches_dense_gaussian():
     cov = A @ np.diag(prior_sd**2) @ A.T + sigma**2 * np.eye(len(u))
     expected = multivariate_normal(np.zeros(len(u)), cov).logpdf(u)
     with jax.enable_x64(True):
-        got = marginal_loglik(
+        got = _marginal(
             "partial",
             {"sigma": sigma, "tau_a": tau_a, "tau": jnp.asarray(tau)},
             _as_jax(data),
@@ -143,7 +158,7 @@ def test_float64_accuracy_at_a_million_rows():
     sigma = 1e-3 / float(np.std(y))  # internal units; R^2 ~ 1 - 1e-7
     with jax.enable_x64(True):
         got = float(
-            marginal_loglik(
+            _marginal(
                 "none", {"sigma": sigma}, _as_jax(data), _as_jax(hyper), jnp.zeros(0)
             )
         )
@@ -224,7 +239,8 @@ def test_gradient_matches_finite_differences(pooling, block_groups, monkeypatch)
     data, hyper = _masked_problem()
     with jax.enable_x64(True):
         f, x = _loglik_of(pooling, _as_jax(data), _as_jax(hyper))
-        grad = np.asarray(jax.grad(f)(jnp.asarray(x)))
+        grad = np.asarray(jax.jit(jax.grad(f))(jnp.asarray(x)))
+        f = jax.jit(f)  # compiled once: op-by-op dispatch compiles far more
         fd = np.empty_like(x)
         for i in range(x.size):
             h = 1e-5 * max(1.0, abs(x[i]))
@@ -252,7 +268,7 @@ def test_blocking_over_groups_changes_nothing(pooling, monkeypatch):
         monkeypatch.setattr(_limits, "KEEP_FACTORS_BYTES", keep)
         with jax.enable_x64(True):
             f, x = _loglik_of(pooling, _as_jax(data), _as_jax(hyper))
-            value, grad = jax.value_and_grad(f)(jnp.asarray(x))
+            value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(x))
             draws = {
                 "noise": jnp.linspace(0.5, 1.0, 5),
                 "x_missing": jnp.tile(jnp.asarray(x[-3:]), (5, 1)),
@@ -260,7 +276,7 @@ def test_blocking_over_groups_changes_nothing(pooling, monkeypatch):
             if pooling == "partial":
                 draws["intercept_scale"] = jnp.linspace(0.2, 0.9, 5)
                 draws["coef_scale"] = jnp.linspace(0.1, 1.5, 15).reshape(5, 3)
-            out = conditional_draws(
+            out = _conditional(
                 jax.random.PRNGKey(1), draws, _as_jax(data), _as_jax(hyper), pooling
             )
         results.append(jax.tree_util.tree_map(np.asarray, (value, grad, out)))
@@ -294,7 +310,7 @@ def test_conditional_draws_in_parts_match_one_run(pooling, monkeypatch):
         draws["coef_scale"] = rng.uniform(0.1, 1.5, (7, n_features))
     key = _fit._conditional_key(4)
     with jax.enable_x64(True):
-        whole = conditional_draws(
+        whole = _conditional(
             key, draws, _as_jax(data), _as_jax(hyper), pooling, chunk=2
         )
         # the fit's program: compiled for one part's length

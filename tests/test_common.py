@@ -17,6 +17,12 @@ from .conftest import FAST
 
 ESTIMATOR = MaskedHierarchicalRegressor(on_bad_convergence="ignore", **FAST)
 
+#: The weight-equivalence check needs fitting and predicting to work, not
+#: good draws: its 30-feature, 15-row data make NUTS build deep trees once
+#: the FAST warmup adapts (two fits of 300 draws cost over a minute), while
+#: this short run takes well under a second after compiling.
+SHORT = {"num_warmup": 20, "num_samples": 10, "num_chains": 1}
+
 #: Checks run by their own test below instead of the parametrized one.
 RUN_SEPARATELY = {"check_sample_weight_equivalence_on_dense_data"}
 
@@ -49,5 +55,5 @@ def test_sample_weight_equivalence_fails_only_on_the_comparison():
     # features, one group) take the LAPACK paths of the collapsed engine.
     with pytest.raises(AssertionError, match="is not equivalent to fitting"):
         check_sample_weight_equivalence_on_dense_data(
-            "MaskedHierarchicalRegressor", clone(ESTIMATOR)
+            "MaskedHierarchicalRegressor", clone(ESTIMATOR).set_params(**SHORT)
         )

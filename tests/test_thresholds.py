@@ -374,8 +374,11 @@ def test_every_shape_fits_predicts_summarizes_and_pickles(
         engine=engine,
         pooling=pooling,
         on_bad_convergence="ignore",
-        num_warmup=30,
-        num_samples=30,
+        # a short run: this test checks that each shape's programs compile and
+        # run through every method, not the draws (the 25-feature, 50-group
+        # case costs ~1 s of sampling per 5 iterations on the CI machine)
+        num_warmup=10,
+        num_samples=10,
         num_chains=1,
         random_state=0,
     ).fit(X, y, groups=groups, sample_weight=w)
