@@ -30,7 +30,6 @@ by NumPy (:func:`uniform`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -498,14 +497,7 @@ def init(z):
 
 
 def step(
-    value_and_grad,
-    state,
-    key_data,
-    step_size,
-    inv_mass,
-    max_depth,
-    first_gradient,
-    active=True,
+    value_and_grad, state, key_data, step_size, inv_mass, max_depth, first_gradient
 ):
     """One NUTS transition of every chain, in lockstep.
 
@@ -522,9 +514,6 @@ def step(
     max_depth : int
     first_gradient : bool scalar
         Only evaluate the gradient at ``state.z`` (see :func:`init`).
-    active : bool scalar, default=True
-        False: build no trajectory and keep the state (the padding of a
-        run's last segment; its info is meaningless).
 
     Returns
     -------
@@ -543,10 +532,9 @@ def step(
         first_gradient=first_gradient,
     )
     start = make_point(state.z, r0, state.grad, state.potential)
-    tree = _initial_tree(start, max_depth)
     tree = _build_tree(
         traj,
-        tree._replace(done=tree.done | ~active),
+        _initial_tree(start, max_depth),
         key_data,
         u[:, dim + 2 * max_depth :],
         max_depth,
@@ -733,9 +721,8 @@ def adaptation_final(state):
 # A run, as segments of iterations
 
 
-#: A run goes in at most this many segments (and at least half as many,
-#: unless it has fewer iterations).
-MAX_SEGMENTS = 16
+#: A run goes in this many segments (fewer when it has few iterations).
+N_SEGMENTS = 16
 
 
 class ChainState(NamedTuple):
@@ -749,25 +736,21 @@ class Iterations(NamedTuple):
     """The inputs of a segment of iterations, one row per iteration.
 
     ``index`` (int32): the iteration number (0: the first gradient);
-    ``active``: False for the padding past the run's last iteration (it
-    changes nothing); ``keys`` (uint32, (L, n_blocks + 1, 4)): the rows of
-    :func:`key_data`; ``flags``: the :class:`WindowFlags`.
+    ``keys`` (uint32, (L, n_blocks + 1, 4)): the rows of :func:`key_data`;
+    ``flags``: the :class:`WindowFlags`.
     """
 
     index: np.ndarray
-    active: np.ndarray
     keys: np.ndarray
     flags: WindowFlags
 
 
 def segment_length(num_warmup, num_samples):
-    """Iterations per segment of a run: a power of two, fixed by the run.
+    """Iterations per segment of a run: ``ceil(iterations / N_SEGMENTS)``.
 
-    The smallest power of two that splits the run's ``num_warmup +
-    num_samples + 1`` iterations (the first gradient included) into at most
-    :data:`MAX_SEGMENTS` segments: between 8 and 16 segments for runs of 16
-    iterations or more. Powers of two let runs of similar lengths share one
-    compiled program (the length is part of its shape).
+    The run's ``num_warmup + num_samples + 1`` iterations (the first
+    gradient included) in :data:`N_SEGMENTS` segments of equal length (the
+    last one padded: fewer than :data:`N_SEGMENTS` iterations in all).
 
     Parameters
     ----------
@@ -777,12 +760,21 @@ def segment_length(num_warmup, num_samples):
     -------
     int
     """
-    n_iterations = num_warmup + num_samples + 1
-    return 1 << max(0, math.ceil(math.log2(n_iterations / MAX_SEGMENTS)))
+    return -(-(num_warmup + num_samples + 1) // N_SEGMENTS)
 
 
 def segments(keys, num_warmup, num_samples):
     """The :class:`Iterations` of each segment of a run (NumPy arrays).
+
+    Every segment has :func:`segment_length` rows, so that one compiled
+    program runs them all. The last one is padded with iterations past the
+    run's end: they are transitions like the others (with zero keys and no
+    adaptation), whose draws are dropped. Padding them with transitions
+    rather than skipping them keeps the compiled transition the one of a
+    run in a single ``lax.scan``, and so the draws bitwise the same as
+    hiermask's earlier single-program runs: a skip (``lax.cond``, or a
+    trajectory marked done from the start) changes XLA's fusion and the
+    last bits of the density's reductions, which a chain then amplifies.
 
     Parameters
     ----------
@@ -793,8 +785,6 @@ def segments(keys, num_warmup, num_samples):
     Returns
     -------
     list of Iterations
-        Each of :func:`segment_length` rows; the last one padded with
-        inactive iterations.
     """
     length = segment_length(num_warmup, num_samples)
     n_iterations = num_warmup + num_samples + 1
@@ -803,10 +793,8 @@ def segments(keys, num_warmup, num_samples):
     def pad(a):
         return np.concatenate([a, np.zeros((n_padded - len(a), *a.shape[1:]), a.dtype)])
 
-    index = np.arange(n_padded, dtype=np.int32)
     whole = Iterations(
-        index=index,
-        active=index < n_iterations,
+        index=np.arange(n_padded, dtype=np.int32),
         keys=pad(keys[:n_iterations]),
         flags=WindowFlags(*map(pad, warmup_schedule(num_warmup, num_samples))),
     )
@@ -847,9 +835,7 @@ def iterate(density, state, iterations, *, target_accept_prob, max_tree_depth):
 
     Iteration 0 only evaluates the gradient at the starting points (see
     :func:`init`); warmup then starts from step size 1 and the metric of
-    :func:`adaptation_start`, and adapts as the flags say. Inactive
-    iterations (the padding of a run's last segment) build no trajectory and
-    change nothing.
+    :func:`adaptation_start`, and adapts as the flags say.
 
     Parameters
     ----------
@@ -874,7 +860,6 @@ def iterate(density, state, iterations, *, target_accept_prob, max_tree_depth):
         known_variance = jnp.full(dim, jnp.nan)
 
     def transition(carry, xs):
-        # Inactive iterations change nothing: no trajectory, no flag set.
         kernel, adapt = carry
         first = xs.index == 0
         kernel, info = step(
@@ -885,7 +870,6 @@ def iterate(density, state, iterations, *, target_accept_prob, max_tree_depth):
             adapt.inv_mass,
             max_tree_depth,
             first,
-            xs.active,
         )
         adapt = adaptation_update(
             adapt, info.accept_prob, kernel.z, target_accept_prob, xs.flags

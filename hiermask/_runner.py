@@ -4,7 +4,7 @@ The runner knows an engine only through its density
 (``engine.density(data, hyper) -> FlatDensity``, see
 :mod:`hiermask._density`). A run of a set of chains (starting points,
 warmup, sampling) is a fixed sequence of segments of iterations
-(:func:`hiermask._nuts.segments`, 8 to 16 per run), each a call of one
+(:func:`hiermask._nuts.segments`, 16 per run), each a call of one
 compiled program that carries the chains' state on to the next
 (:func:`hiermask._nuts.iterate`): the program never calls back into Python,
 so JAX's persistent compilation cache can store it, and the progress bar is
@@ -19,10 +19,10 @@ never on the machine: a seed gives the same draws everywhere.
 
 Compiled programs are cached per static configuration (engine, chains per
 program, target acceptance, tree depth, size thresholds) and per shape of
-the data and of a segment; prior scales, data values and the run's
-schedule are arguments, so refits with other prior scales, other rows of
-the same shape or runs of similar lengths reuse the program
-(:func:`cache_info` counts them). The cache is the package's one piece of
+the data and of a segment (its length follows from the run's); prior
+scales and data values are arguments, so refits with other prior scales or
+other rows of the same shape reuse the program (:func:`cache_info` counts
+them). The cache is the package's one piece of
 module state. Everything runs in float64 inside a scoped
 ``jax.enable_x64(True)`` and with per-compilation XLA options
 (:func:`hiermask._xla.compiler_options`); the user's global configuration is

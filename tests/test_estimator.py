@@ -634,16 +634,14 @@ def test_progress_bar_reports_every_iteration_and_keeps_the_draws(monkeypatch, c
     n_iter = FAST["num_warmup"] + FAST["num_samples"]
     total = FAST["num_chains"] * n_iter
     assert f"/{total}" in err and "warmup" in err
-    # Every program reports after each of its segments (8 to 16 per run),
-    # the last one at its last iteration.
+    # Every program reports after each of its segments (16 here), the last
+    # one at its last iteration.
     last, reports = {}, collections.Counter()
     for part, iteration in calls:
         assert iteration > last.get(part, 0)
         last[part] = iteration
         reports[part] += 1
     assert set(last.values()) == {n_iter}
-    length = _nuts.segment_length(FAST["num_warmup"], FAST["num_samples"])
-    assert set(reports.values()) == {-(-(n_iter + 1) // length)}
-    assert 8 <= -(-(n_iter + 1) // length) <= 16
+    assert set(reports.values()) == {_nuts.N_SEGMENTS}
     for name, draws in plain.posterior_.items():
         np.testing.assert_array_equal(shown.posterior_[name], draws)
