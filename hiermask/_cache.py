@@ -60,7 +60,8 @@ def enable_compilation_cache(path=None) -> dict:
     not only hiermask's): ``jax_compilation_cache_dir`` is set to ``path``,
     and ``jax_persistent_cache_min_compile_time_secs`` and
     ``jax_persistent_cache_min_entry_size_bytes`` to 0 (cache every
-    program, however fast it compiled). It also sets the environment
+    program, however fast it compiled), from the next compilation on (also
+    after earlier ones in this process). It also sets the environment
     variables of the same options (``JAX_COMPILATION_CACHE_DIR``, ...), so
     that processes started from this one afterwards (the loky workers of
     ``GridSearchCV(n_jobs=...)`` or ``cross_val_score(n_jobs=...)``) use the
@@ -95,7 +96,17 @@ def enable_compilation_cache(path=None) -> dict:
     for name, value in zip(_OPTIONS, values, strict=True):
         jax.config.update(name, value)
         os.environ[name.upper()] = str(value)
+    _reset_jax_cache()
     return previous
+
+
+def _reset_jax_cache():
+    # JAX decides whether to use its persistent cache at the process's first
+    # compilation and keeps that decision: reset it, so that the new settings
+    # hold from the next compilation on, even after earlier ones.
+    from jax.experimental.compilation_cache import compilation_cache
+
+    compilation_cache.reset_cache()
 
 
 def restore_compilation_cache(previous) -> None:
@@ -128,3 +139,4 @@ def restore_compilation_cache(previous) -> None:
             os.environ.pop(name.upper(), None)
         else:
             os.environ[name.upper()] = value
+    _reset_jax_cache()
