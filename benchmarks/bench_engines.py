@@ -11,15 +11,20 @@ and noisy: compare by ratios within one run and read the load averages.
     python benchmarks/bench_engines.py --all              # everything
     python benchmarks/bench_engines.py --all --quick      # small sizes, minutes
     python benchmarks/bench_engines.py --manufacturing --million   # some
+    python benchmarks/bench_engines.py --coldstart --baseline ../main
 
 Benchmarks (targets of issue 3 in brackets):
 
 --manufacturing  500 rows, 2 groups, 3 features: first fit [<= 3 s] and refits
                  with other prior scales [<= 0.5 s].
---coldstart      the manufacturing example's first fit in fresh processes:
-                 without a persistent compilation cache, then with JAX's
-                 persistent cache (set by environment variables, as a user
-                 would) empty and warm.
+--coldstart      fresh processes (issue 19), each case also for the checkout
+                 given by --baseline DIR, in the same run: the manufacturing
+                 example's first fit without JAX's persistent cache, with it
+                 empty and warm [warm <= 1.0 s]; `hiermask fit` on a 500-row
+                 CSV, first and second invocation [second <= 2 s];
+                 GridSearchCV 5 folds x 4 prior scales, n_jobs=2, cache off
+                 and on; sampling time at 1e6 rows and at 10,000 groups
+                 (4 x (100 + 100) draws there) [<= 5% slower than baseline].
 --ess            10,000 rows of the manufacturing example: ESS per second of
                  the hand-written per-row NumPyro model (benchmarks/baseline.py),
                  the direct engine and the collapsed engine [>= 100x baseline].
@@ -209,44 +214,196 @@ def bench_manufacturing(quick):
     return rows
 
 
-_COLDSTART = """
-import json, time, warnings
+_FIRST_FIT = """
+import json, sys, time, warnings
 warnings.simplefilter("ignore")
 t0 = time.perf_counter()
+import hiermask
 from hiermask import MaskedHierarchicalRegressor
 from hiermask.datasets import make_manufacturing
+if sys.argv[1]:
+    hiermask.enable_compilation_cache(sys.argv[1])
 X, y = make_manufacturing(500, random_state=0)
 t1 = time.perf_counter()
 est = MaskedHierarchicalRegressor(group_col="Product_Group", random_state=0).fit(X, y)
 t2 = time.perf_counter()
 timings = {f"{k}_s": v for k, v in est._posterior.timings.items()}
-print(json.dumps({"import_s": t1 - t0, "fit_s": t2 - t1, **timings}))
+means = {k: float(v.mean()) for k, v in est.posterior_.items()}
+print(json.dumps({"import_s": t1 - t0, "fit_s": t2 - t1, **timings, "means": means}))
+"""
+
+_GRIDSEARCH = """
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+import hiermask
+from sklearn.model_selection import GridSearchCV, KFold
+from hiermask.datasets import make_grouped_regression
+if sys.argv[1]:
+    hiermask.enable_compilation_cache(sys.argv[1])
+X, y = make_grouped_regression(10_000, 20, 3, random_state=0)
+search = GridSearchCV(
+    hiermask.MaskedHierarchicalRegressor(group_col="group", random_state=0),
+    {"coef_prior_scale": [0.25, 0.5, 1.0, 2.0]},
+    cv=KFold(5, shuffle=True, random_state=0), n_jobs=2,
+)
+t0 = time.perf_counter()
+search.fit(X, y)
+print(json.dumps({"fit_s": time.perf_counter() - t0,
+                  "best": search.best_params_["coef_prior_scale"]}))
+"""
+
+_SAMPLING = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+from hiermask import MaskedHierarchicalRegressor
+from hiermask.datasets import make_grouped_regression
+n_rows, n_groups, n_features, warmup, samples = map(int, sys.argv[1:6])
+X, y = make_grouped_regression(n_rows, n_groups, n_features, random_state=0)
+est = MaskedHierarchicalRegressor(
+    group_col="group", random_state=0, num_warmup=warmup, num_samples=samples
+).fit(X, y)
+timings = {f"{k}_s": v for k, v in est._posterior.timings.items()}
+means = {k: float(v.mean()) for k, v in est.posterior_.items()}
+print(json.dumps({**timings, "means": means}))
 """
 
 
-def bench_coldstart(quick):
-    """First fit in a fresh process, without and with JAX's persistent cache."""
-    rows = []
-    with tempfile.TemporaryDirectory() as cache:
-        jax_cache = {
-            "JAX_COMPILATION_CACHE_DIR": cache,
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        }
-        cases = [
-            ("fresh process, no persistent cache", {}),
-            ("fresh process, JAX cache empty", jax_cache),
-            ("fresh process, JAX cache warm", jax_cache),
-        ]
-        for label, env in cases:
-            done = subprocess.run(
-                [sys.executable, "-c", _COLDSTART],
-                env={**os.environ, **env},
-                capture_output=True,
-                text=True,
-                check=True,
+def _fresh(code, root, *args, env=None):
+    """Run ``code`` in a fresh Python on ``root``'s hiermask: (wall s, its JSON)."""
+    env = {**os.environ, "PYTHONPATH": str(root), **(env or {})}
+    env.pop("HIERMASK_NO_CACHE", None)
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return time.perf_counter() - start, json.loads(done.stdout.splitlines()[-1])
+
+
+def _checkouts(baseline):
+    # (label, root): this checkout, then the baseline's when given.
+    roots = [("this", HERE.parent)]
+    if baseline:
+        commit = subprocess.run(
+            ["git", "-C", baseline, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        roots.append((f"baseline {commit or baseline}", Path(baseline)))
+    return roots
+
+
+def _same_draws(rows):
+    # Whether each row's posterior means equal those of the first row of its
+    # benchmark and case (this checkout's): the same draws.
+    first = {}
+    for row in rows:
+        if "means" in row:
+            means = row.pop("means")
+            row["same_draws"] = means == first.setdefault(
+                (row["bench"], row["case"]), means
             )
-            rows.append({"case": label, **json.loads(done.stdout.splitlines()[-1])})
+
+
+def bench_coldstart(quick, baseline=None):
+    """Fresh processes: first fit, the command line, parallel model selection.
+
+    Every case runs this checkout and, with ``--baseline DIR``, another
+    checkout (main) in the same run, one after the other.
+    """
+    rows = []
+    roots = _checkouts(baseline)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # The manufacturing example's first fit: no cache, cold, warm.
+        for case in ("no persistent cache", "cache cold (empty)", "cache warm"):
+            for label, root in roots:
+                folder = tmp / f"fit-{label}"
+                wall, out = _fresh(_FIRST_FIT, root, "" if case[0] == "n" else folder)
+                rows.append(
+                    {
+                        "bench": "first fit",
+                        "code": label,
+                        "case": case,
+                        "wall_s": wall,
+                        **out,
+                    }
+                )
+        # `hiermask fit` on a 500-row CSV, twice (the cache in XDG_CACHE_HOME).
+        from hiermask.datasets import make_manufacturing
+
+        X, y = make_manufacturing(500, random_state=0)
+        X.assign(y=y).to_csv(tmp / "rows.csv", index=False)
+        command = [
+            "-m",
+            "hiermask",
+            "fit",
+            str(tmp / "rows.csv"),
+            "--target",
+            "y",
+            "--group",
+            "Product_Group",
+            "--quiet",
+            "--out",
+            str(tmp / "m.hmz"),
+        ]
+        for label, root in roots:
+            env = {"PYTHONPATH": str(root), "XDG_CACHE_HOME": str(tmp / f"xdg-{label}")}
+            for case in ("first invocation", "second invocation"):
+                start = time.perf_counter()
+                subprocess.run(
+                    [sys.executable, *command],
+                    env={**os.environ, **env},
+                    check=True,
+                    capture_output=True,
+                )
+                rows.append(
+                    {
+                        "bench": "hiermask fit 500-row CSV",
+                        "code": label,
+                        "case": case,
+                        "wall_s": time.perf_counter() - start,
+                    }
+                )
+        # GridSearchCV, 5 folds x 4 prior scales, n_jobs=2: cache off, then on
+        # (cold: the workers fill it and share it).
+        for label, root in roots:
+            for case, folder in (("cache off", ""), ("cache on", tmp / f"gs-{label}")):
+                wall, out = _fresh(_GRIDSEARCH, root, folder)
+                rows.append(
+                    {
+                        "bench": "GridSearchCV 5x4 n_jobs=2",
+                        "code": label,
+                        "case": case,
+                        "wall_s": wall,
+                        **out,
+                    }
+                )
+        # Sampling time, segments against the baseline's single program.
+        sizes = [
+            ("1e6 rows, 100 groups, 10 features", 1_000_000, 100, 10, 500, 1000),
+            ("10,000 groups, 5 features", 200_000, 10_000, 5, 100, 100),
+        ]
+        if quick:
+            sizes = [(c, n // 10, g // 10, f, w, s) for c, n, g, f, w, s in sizes]
+        for case, *size in sizes:
+            for label, root in roots:
+                wall, out = _fresh(_SAMPLING, root, *size)
+                rows.append(
+                    {
+                        "bench": "sampling",
+                        "code": label,
+                        "case": case,
+                        "draws": f"4 x ({size[3]} + {size[4]})",
+                        "wall_s": wall,
+                        **out,
+                    }
+                )
+    _same_draws(rows)
     return rows
 
 
@@ -593,11 +750,11 @@ def save_csv(name, rows):
             )
 
 
-def run_child(name, quick, out):
+def run_child(name, quick, out, baseline=None):
     """Run one benchmark in this process and write its result as JSON."""
     start_load = load_average()
     start = time.perf_counter()
-    rows = RUNNERS[name](quick)
+    rows = RUNNERS[name](quick, **({"baseline": baseline} if baseline else {}))
     payload = {
         "rows": rows,
         "seconds": time.perf_counter() - start,
@@ -616,11 +773,16 @@ def main(argv=None):
         parser.add_argument(f"--{name}", action="store_true", help=f"run {name}")
     parser.add_argument("--all", action="store_true", help="run every benchmark")
     parser.add_argument("--quick", action="store_true", help="small sizes")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="--coldstart: also run the checkout in DIR (e.g. main), in the same run",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        run_child(args.child, args.quick, args.out)
+        run_child(args.child, args.quick, args.out, args.baseline)
         return
     names = [n for n in BENCHMARKS if args.all or getattr(args, n)]
     if not names:
@@ -639,6 +801,8 @@ def main(argv=None):
             command = [sys.executable, __file__, "--child", name, "--out", str(out)]
             if args.quick:
                 command.append("--quick")
+            if args.baseline:
+                command += ["--baseline", args.baseline]
             subprocess.run(command, check=True)
             payload = json.loads(out.read_text())
         payload["quick"] = args.quick

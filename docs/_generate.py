@@ -241,12 +241,15 @@ def benchmark_pages(out: Path, results: Path) -> None:
     )
     section(
         "coldstart",
-        "First fit in a fresh process",
+        "Fresh processes: first fit, command line, parallel model selection",
         "coldstart",
-        ["case", "import (s)", "fit (s)", "trace", "compile", "run"],
+        ["benchmark", "code", "case", "wall (s)", "fit", "trace", "compile", "run"],
         [
-            [r["case"], *(_s(r[k]) for k in ("import_s", "fit_s", "trace_s"))]
-            + [_s(r["compile_s"]), _s(r["run_s"])]
+            [r["bench"], r["code"], r["case"]]
+            + [
+                _s(r[k]) if k in r else ""
+                for k in ("wall_s", "fit_s", "trace_s", "compile_s", "run_s")
+            ]
             for r in bench["coldstart"]["rows"]
         ],
     )

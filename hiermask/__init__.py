@@ -15,7 +15,7 @@ direct engine's model and its distributions.
 
 from importlib import metadata as _metadata
 
-from ._cache import enable_compilation_cache
+from ._cache import enable_compilation_cache, restore_compilation_cache
 from ._estimator import (
     ConvergenceError,
     InconsistentVersionWarning,
@@ -38,4 +38,5 @@ __all__ = [
     "__version__",
     "enable_compilation_cache",
     "load",
+    "restore_compilation_cache",
 ]

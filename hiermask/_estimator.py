@@ -224,9 +224,9 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         beyond it. In-memory input has no such limit.
     progress_bar : bool, default=False
         Show a progress bar (tqdm, on stderr) over the warmup and sampling
-        iterations of all chains. The sampler reports to Python about 100
-        times per run; it is the same compiled program with or without the
-        bar, so the draws are the same.
+        iterations of all chains, moved after each of the run's 16 segments;
+        the segments are the same with or without the bar, so the draws are
+        the same.
     random_state : int, RandomState instance or None, default=None
         Seed of the sampler and of predictive draws.
 

@@ -20,9 +20,12 @@ per-site bookkeeping): compilation dominates the cost of a small fit
 (``docs/performance.md``). The kernel is ``init`` / ``step`` over
 NamedTuples; warmup is ``adaptation_init`` / ``adaptation_update`` /
 ``adaptation_final``, the shape of BlackJAX's ``window_adaptation``;
-:func:`sample` is the ``lax.scan`` of a whole run. Every array has the
-chains first. Random numbers come from XLA's native bit generator keyed by
-NumPy (:func:`uniform`).
+a run is a fixed sequence of segments (:func:`segments`), each a
+``lax.scan`` of the same length (:func:`iterate`) that carries the
+:class:`ChainState` on to the next, so that every segment of a run is a call
+of one compiled program and nothing calls back into Python. Every array has
+the chains first. Random numbers come from XLA's native bit generator keyed
+by NumPy (:func:`uniform`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from . import _limits
 
 __all__ = [
     "AdaptState",
+    "ChainState",
+    "Iterations",
     "NUTSInfo",
     "NUTSState",
     "WindowFlags",
@@ -50,11 +55,14 @@ __all__ = [
     "init",
     "is_iterative_turning",
     "is_turning",
+    "iterate",
     "key_data",
     "leapfrog",
     "make_point",
     "normal",
-    "sample",
+    "segment_length",
+    "segments",
+    "start",
     "step",
     "uniform",
     "warmup_schedule",
@@ -710,7 +718,111 @@ def adaptation_final(state):
 
 
 # --------------------------------------------------------------------------
-# A whole run
+# A run, as segments of iterations
+
+
+#: A run goes in this many segments (fewer when it has few iterations).
+N_SEGMENTS = 16
+
+
+class ChainState(NamedTuple):
+    """What a set of chains carries from one iteration to the next."""
+
+    kernel: NUTSState
+    adapt: AdaptState
+
+
+class Iterations(NamedTuple):
+    """The inputs of a segment of iterations, one row per iteration.
+
+    ``index`` (int32): the iteration number (0: the first gradient);
+    ``keys`` (uint32, (L, n_blocks + 1, 4)): the rows of :func:`key_data`;
+    ``flags``: the :class:`WindowFlags`.
+    """
+
+    index: np.ndarray
+    keys: np.ndarray
+    flags: WindowFlags
+
+
+def segment_length(num_warmup, num_samples):
+    """Iterations per segment of a run: ``ceil(iterations / N_SEGMENTS)``.
+
+    The run's ``num_warmup + num_samples + 1`` iterations (the first
+    gradient included) in :data:`N_SEGMENTS` segments of equal length (the
+    last one padded: fewer than :data:`N_SEGMENTS` iterations in all).
+
+    Parameters
+    ----------
+    num_warmup, num_samples : int
+
+    Returns
+    -------
+    int
+    """
+    return -(-(num_warmup + num_samples + 1) // N_SEGMENTS)
+
+
+def segments(keys, num_warmup, num_samples):
+    """The :class:`Iterations` of each segment of a run (NumPy arrays).
+
+    Every segment has :func:`segment_length` rows, so that one compiled
+    program runs them all. The last one is padded with iterations past the
+    run's end: they are transitions like the others (with zero keys and no
+    adaptation), whose draws are dropped. Padding them with transitions
+    rather than skipping them keeps the compiled transition the one of a
+    run in a single ``lax.scan``, and so the draws bitwise the same as
+    hiermask's earlier single-program runs: a skip (``lax.cond``, or a
+    trajectory marked done from the start) changes XLA's fusion and the
+    last bits of the density's reductions, which a chain then amplifies.
+
+    Parameters
+    ----------
+    keys : ndarray of shape (iterations + 1, n_blocks + 1, 4), uint32
+        One chain's rows of :func:`key_data` (chains in lockstep share them).
+    num_warmup, num_samples : int
+
+    Returns
+    -------
+    list of Iterations
+    """
+    length = segment_length(num_warmup, num_samples)
+    n_iterations = num_warmup + num_samples + 1
+    n_padded = -(-n_iterations // length) * length
+
+    def pad(a):
+        return np.concatenate([a, np.zeros((n_padded - len(a), *a.shape[1:]), a.dtype)])
+
+    whole = Iterations(
+        index=np.arange(n_padded, dtype=np.int32),
+        keys=pad(keys[:n_iterations]),
+        flags=WindowFlags(*map(pad, warmup_schedule(num_warmup, num_samples))),
+    )
+    return [
+        jax.tree_util.tree_map(lambda a, s=start: a[s : s + length], whole)
+        for start in range(0, n_padded, length)
+    ]
+
+
+def start(density, key_data, n_chains):
+    """The :class:`ChainState` of a run's start.
+
+    Starting points uniform in the density's initialization box (from
+    ``key_data``, (4,) uint32, see :func:`uniform`), step size 1 and the
+    identity metric (:func:`adaptation_init`).
+
+    Parameters
+    ----------
+    density : FlatDensity
+    key_data : array of shape (4,), uint32
+    n_chains : int
+
+    Returns
+    -------
+    ChainState
+    """
+    z0 = density.initial_points(uniform(key_data, (n_chains, density.size)))
+    return ChainState(init(z0), adaptation_init(n_chains, density.size))
 
 
 def _select(flag, new, old):
@@ -718,81 +830,57 @@ def _select(flag, new, old):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(flag, a, b), new, old)
 
 
-def sample(
-    density,
-    key_data,
-    z0,
-    *,
-    num_warmup,
-    num_samples,
-    target_accept_prob,
-    max_tree_depth,
-    on_iteration=lambda i: None,
-    keep_warmup=False,
-):
-    """Warmup and sampling of a set of chains in lockstep: one ``lax.scan``.
+def iterate(density, state, iterations, *, target_accept_prob, max_tree_depth):
+    """Run a segment of iterations of a set of chains in lockstep (``lax.scan``).
 
     Iteration 0 only evaluates the gradient at the starting points (see
     :func:`init`); warmup then starts from step size 1 and the metric of
-    :func:`adaptation_start`.
+    :func:`adaptation_start`, and adapts as the flags say.
 
     Parameters
     ----------
     density : FlatDensity
-    key_data : array of shape (iterations + 1, n_blocks + 1, 4), uint32
-        One chain's rows of :func:`key_data` (chains in lockstep share them).
-    z0 : array of shape (C, dim)
-        Starting points.
-    num_warmup, num_samples, max_tree_depth : int
+    state : ChainState
+    iterations : Iterations
     target_accept_prob : float
-    on_iteration : callable, optional
-        Called (traced) with the iteration number inside the loop: the
-        runner's progress reports.
-    keep_warmup : bool, default=False
-        Return the warmup iterations too (for profiling).
+    max_tree_depth : int
 
     Returns
     -------
-    z : array of shape (C, kept iterations, dim)
-    diverging, n_steps, accept_prob : arrays of shape (C, kept iterations)
+    state : ChainState
+        After the segment.
+    z : array of shape (C, L, dim)
+        The position after each iteration.
+    diverging, n_steps, accept_prob : arrays of shape (C, L)
     """
-    n_chains, dim = z0.shape
+    dim = state.kernel.z.shape[1]
     value_and_grad = jax.vmap(jax.value_and_grad(density.potential))
     known_variance = density.init_variance
     if known_variance is None:
         known_variance = jnp.full(dim, jnp.nan)
 
-    def one_iteration(carry, xs):
-        state, adapt = carry
-        i, keys, flags = xs
-        first = i == 0
-        state, info = step(
+    def transition(carry, xs):
+        kernel, adapt = carry
+        first = xs.index == 0
+        kernel, info = step(
             value_and_grad,
-            state,
-            keys,
+            kernel,
+            xs.keys,
             adapt.step_size,
             adapt.inv_mass,
             max_tree_depth,
             first,
         )
         adapt = adaptation_update(
-            adapt, info.accept_prob, state.z, target_accept_prob, flags
+            adapt, info.accept_prob, kernel.z, target_accept_prob, xs.flags
         )
-        adapt = _select(flags.last, adaptation_final(adapt), adapt)
+        adapt = _select(xs.flags.last, adaptation_final(adapt), adapt)
         adapt = _select(
-            first, adaptation_start(adapt, state.grad, known_variance), adapt
+            first, adaptation_start(adapt, kernel.grad, known_variance), adapt
         )
-        on_iteration(i)
-        return (state, adapt), (state.z, info.diverging, info.n_steps, info.accept_prob)
+        out = (kernel.z, info.diverging, info.n_steps, info.accept_prob)
+        return ChainState(kernel, adapt), out
 
-    xs = (
-        jnp.arange(num_warmup + num_samples + 1),
-        key_data,
-        WindowFlags(*map(jnp.asarray, warmup_schedule(num_warmup, num_samples))),
-    )
-    carry = (init(z0), adaptation_init(n_chains, dim))
-    _, out = jax.lax.scan(one_iteration, carry, xs)
-    out = jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1)[:, 1:], out)
-    if keep_warmup:
-        return out
-    return jax.tree_util.tree_map(lambda a: a[:, num_warmup:], out)
+    state, out = jax.lax.scan(transition, state, iterations)
+    z, diverging, n_steps, accept_prob = (jnp.swapaxes(a, 0, 1) for a in out)
+    return state, z, diverging, n_steps, accept_prob

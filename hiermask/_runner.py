@@ -2,21 +2,28 @@
 
 The runner knows an engine only through its density
 (``engine.density(data, hyper) -> FlatDensity``, see
-:mod:`hiermask._density`). The whole run of a set of chains (starting
-points, warmup, sampling; :func:`hiermask._nuts.sample`) is one XLA program,
-so there is no per-iteration Python overhead. Small models run pairs of
-chains in lockstep per program (every kernel serves both: on a CPU a small
-model's cost is the number of kernels run, not their size), large ones one
-chain per program; the programs of a run are executed by threads, one per
-CPU this process may use (XLA releases the GIL), so chains run in parallel.
-The split depends only on the run, never on the machine: a seed gives the
-same draws everywhere.
+:mod:`hiermask._density`). A run of a set of chains (starting points,
+warmup, sampling) is a fixed sequence of segments of iterations
+(:func:`hiermask._nuts.segments`, 16 per run), each a call of one
+compiled program that carries the chains' state on to the next
+(:func:`hiermask._nuts.iterate`): the program never calls back into Python,
+so JAX's persistent compilation cache can store it, and the progress bar is
+updated from Python between segments. The segmentation depends on the run's
+settings alone, never on whether a bar is shown: the bar cannot change the
+draws. Small models run pairs of chains in lockstep per program (every
+kernel serves both: on a CPU a small model's cost is the number of kernels
+run, not their size), large ones one chain per program; the programs of a
+run are executed by threads, one per CPU this process may use (XLA releases
+the GIL), so chains run in parallel. The split depends only on the run,
+never on the machine: a seed gives the same draws everywhere.
 
-Compiled programs are cached per static configuration (engine, numbers of
-warmup and draws, chains, target acceptance, size thresholds) and per shape
-of the data; prior scales and data values are arguments, so refits with
-other prior scales or other rows of the same shape reuse the program
-(:func:`cache_info` counts them). Everything runs in float64 inside a scoped
+Compiled programs are cached per static configuration (engine, chains per
+program, target acceptance, tree depth, size thresholds) and per shape of
+the data and of a segment (its length follows from the run's); prior
+scales and data values are arguments, so refits with other prior scales or
+other rows of the same shape reuse the program (:func:`cache_info` counts
+them). The cache is the package's one piece of
+module state. Everything runs in float64 inside a scoped
 ``jax.enable_x64(True)`` and with per-compilation XLA options
 (:func:`hiermask._xla.compiler_options`); the user's global configuration is
 untouched.
@@ -27,7 +34,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
-import itertools
 import math
 import os
 import threading
@@ -35,6 +41,7 @@ import time
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import _limits, _nuts
@@ -109,47 +116,10 @@ def cache_info():
     return CacheInfo(_CACHE.hits, _CACHE.misses, len(_CACHE.programs))
 
 
-#: A sampler run with a progress bar reports to the host about this many
-#: times per run (every compiled sampler can: whether it does is a traced
-#: argument).
-_PROGRESS_UPDATES = 100
-
-#: Progress reporters of the runs under way, by token (a run's programs pass
-#: their token and part number to :func:`_progress_tick`).
-_PROGRESS: dict = {}
-_PROGRESS_TOKENS = itertools.count(1)
-
-
-def _progress_tick(token, part, iteration):
-    # Host side of the sampler's progress callback.
-    report = _PROGRESS.get(int(token))
-    if report is not None:
-        report(int(part), int(iteration))
-
-
-def _progress_reporter(progress_token, n_iterations):
-    # on_iteration for _nuts.sample: a host callback about _PROGRESS_UPDATES
-    # times per run, only with a positive (traced) token, so that one
-    # compiled program serves runs with and without a bar.
-    every = max(1, n_iterations // _PROGRESS_UPDATES)
-    token, part = progress_token[0], progress_token[1]
-
-    def on_iteration(i):
-        jax.lax.cond(
-            (token > 0) & ((i % every == 0) | (i == n_iterations)),
-            lambda: jax.debug.callback(_progress_tick, token, part, i),
-            lambda: None,
-        )
-
-    return on_iteration
-
-
 @functools.partial(
     jax.jit,
     static_argnames=(
         "engine",
-        "num_warmup",
-        "num_samples",
         "num_chains",
         "target_accept_prob",
         "max_tree_depth",
@@ -157,65 +127,75 @@ def _progress_reporter(progress_token, n_iterations):
     ),
 )
 def _program(
-    key_data,
+    state,
+    iterations,
+    start_key,
     data,
     hyper,
-    progress_token,
     *,
     engine,
-    num_warmup,
-    num_samples,
     num_chains,
     target_accept_prob,
     max_tree_depth,
     limits,
 ):
-    # One compiled program: the chains of one part, in lockstep.
+    # One compiled program: a segment of the chains of one part, in
+    # lockstep. The run's first segment (iteration 0) starts the chains
+    # afresh from start_key, whatever state it is given.
     del limits  # read from _limits while tracing; a part of the cache key
     density = engine.density(data, hyper)
-    unit = _nuts.uniform(key_data[0, 0, 1], (num_chains, density.size))
-    z, diverging, n_steps, accept = _nuts.sample(
+    fresh = _nuts.start(density, start_key, num_chains)
+    first = iterations.index[0] == 0
+    state = jax.tree_util.tree_map(lambda a, b: jnp.where(first, a, b), fresh, state)
+    state, z, diverging, n_steps, accept = _nuts.iterate(
         density,
-        key_data[0],
-        density.initial_points(unit),
-        num_warmup=num_warmup,
-        num_samples=num_samples,
+        state,
+        iterations,
         target_accept_prob=target_accept_prob,
         max_tree_depth=max_tree_depth,
-        on_iteration=_progress_reporter(progress_token, num_warmup + num_samples),
     )
     values = jax.vmap(jax.vmap(density.constrain))(z)
     stats = {"diverging": diverging, "n_steps": n_steps, "accept_prob": accept}
-    return values, stats
+    return state, values, stats
+
+
+def _start_state(start_key, data, hyper, *, engine, num_chains):
+    # Zeros of the shapes of a run's ChainState (the first segment's input,
+    # which the program replaces): traces the density's construction only.
+    shapes = jax.eval_shape(
+        lambda k, d, h: _nuts.start(engine.density(d, h), k, num_chains),
+        start_key,
+        data,
+        hyper,
+    )
+    return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 class _ProgressBar:
     """A tqdm bar over the iterations of every chain of one run.
 
-    Created for every run and shown only once the compiled program reports
-    (compilation can take seconds, during which no empty bar is shown).
+    Opened once the program is compiled; every part reports after each of
+    its segments.
     """
 
     def __init__(self, per_part, n_parts, num_warmup, num_samples):
+        from tqdm.auto import tqdm
+
         self.per_part = per_part
         self.num_warmup = num_warmup
         self.done = [0] * n_parts
-        self.total = per_part * n_parts * (num_warmup + num_samples)
-        self.bar = None
         self.lock = threading.Lock()
+        self.bar = tqdm(
+            total=per_part * n_parts * (num_warmup + num_samples),
+            desc="warmup",
+            unit="it",
+            leave=False,
+            dynamic_ncols=True,
+        )
 
     def update(self, part, iteration):
+        """Part ``part`` has run its iterations up to ``iteration``."""
         with self.lock:
-            if self.bar is None:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(
-                    total=self.total,
-                    desc="warmup",
-                    unit="it",
-                    leave=False,
-                    dynamic_ncols=True,
-                )
             step = iteration - self.done[part]
             self.done[part] = iteration
             if min(self.done) > self.num_warmup:
@@ -224,33 +204,36 @@ class _ProgressBar:
 
     def close(self):
         with self.lock:
-            if self.bar is not None:
-                self.bar.close()
+            self.bar.close()
 
 
 def _compiled_program(args, static, timings, before_compile):
-    # The compiled sampler for these argument shapes and settings, from the
-    # cache or compiled now (recording trace and compile times);
-    # before_compile() runs once the program is traced (or found).
+    # The compiled sampler for these argument shapes and settings, with the
+    # zero state its first segment takes, from the cache or compiled now
+    # (recording trace and compile times); before_compile() runs once the
+    # program is traced (or found).
     leaves, treedef = jax.tree_util.tree_flatten(args)
     cache_key = (
         tuple(sorted(static.items(), key=lambda item: item[0])),
         treedef,
         tuple((leaf.shape, leaf.dtype) for leaf in leaves),
     )
-    compiled = _CACHE.get(cache_key)
-    if compiled is None:
+    found = _CACHE.get(cache_key)
+    if found is None:
         start = time.perf_counter()
-        lowered = _program.lower(*args, **static)
+        state = _start_state(
+            *args[1:], engine=static["engine"], num_chains=static["num_chains"]
+        )
+        lowered = _program.lower(state, *args, **static)
         timings["trace"] = time.perf_counter() - start
         before_compile()
         start = time.perf_counter()
-        compiled = exclusive(lowered.compile(compiler_options()))
+        found = exclusive(lowered.compile(compiler_options())), state
         timings["compile"] = time.perf_counter() - start
-        _CACHE.put(cache_key, compiled)
+        _CACHE.put(cache_key, found)
     else:
         before_compile()
-    return compiled
+    return found
 
 
 def _chain_parts(num_chains, data_size):
@@ -304,21 +287,56 @@ def map_parts(compiled, run_part, parts):
         return list(pool.map(run_part, parts))
 
 
-def _run_parts(compiled, parts, bar, token):
-    # Run the parts' programs (with the progress bar registered under
-    # token when it is positive); returns their results and the seconds.
-    def run_part(part_args):
-        with jax.enable_x64(True):  # the setting is per thread
-            return jax.block_until_ready(compiled(*part_args))
+class _Part(NamedTuple):
+    # What one part's program is called with, besides the chain state.
+    index: int
+    segments: list  # of _nuts.Iterations
+    start_key: np.ndarray  # (4,) uint32
+
+
+def _run_part(program, state, part, data, hyper, keep, report):
+    # Run one part's segments in turn, carrying the chain state; returns
+    # the values and statistics of the iterations in range(*keep), chains
+    # first, and calls report(part index, iterations done) after each
+    # segment.
+    kept = []
+    with jax.enable_x64(True):  # the setting is per thread
+        for iterations in part.segments:
+            state, values, stats = program(
+                state, iterations, part.start_key, data, hyper
+            )
+            jax.block_until_ready(state)
+            first = int(iterations.index[0])
+            lo, hi = (
+                max(keep[0] - first, 0),
+                min(keep[1] - first, len(iterations.index)),
+            )
+            if lo < hi:
+                kept.append(
+                    jax.tree_util.tree_map(
+                        lambda a, lo=lo, hi=hi: np.asarray(a)[:, lo:hi],
+                        (values, stats),
+                    )
+                )
+            report(part.index, min(int(iterations.index[-1]), keep[1] - 1))
+    return jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=1), *kept)
+
+
+def _run_parts(compiled, parts, data, hyper, keep, progress):
+    # Run the parts in threads; returns their results and the seconds.
+    # progress: a _ProgressBar or None.
+    program, state = compiled
+    report = progress.update if progress is not None else lambda part, done: None
+
+    def run_part(part):
+        return _run_part(program, state, part, data, hyper, keep, report)
 
     start = time.perf_counter()
-    if token:
-        _PROGRESS[token] = bar.update
     try:
-        results = map_parts(compiled, run_part, parts)
+        results = map_parts(program, run_part, parts)
     finally:
-        _PROGRESS.pop(token, None)
-        bar.close()
+        if progress is not None:
+            progress.close()
     return results, time.perf_counter() - start
 
 
@@ -368,9 +386,8 @@ def run_nuts(
         NUTS tree-depth cap.
     progress_bar : bool, default=False
         Show a progress bar (tqdm, on stderr) of the iterations of all
-        chains; the program reports to the host about ``_PROGRESS_UPDATES``
-        times per chain (the same compiled program runs without reports when
-        it is off, so the bar cannot change the draws).
+        chains, updated after each segment (the segments are the same
+        without it, so the bar cannot change the draws).
     before_compile : callable, optional
         Called without arguments once the sampler is traced, before XLA
         compiles it (or at once when a compiled program is reused): the
@@ -387,32 +404,35 @@ def run_nuts(
     per_part, n_parts = _chain_parts(int(num_chains), data_size)
     static = {
         "engine": engine,
-        "num_warmup": int(num_warmup),
-        "num_samples": int(num_samples),
         "num_chains": per_part,
         "target_accept_prob": float(target_accept_prob),
         "max_tree_depth": int(max_tree_depth),
         "limits": _limits.current(),
     }
     timings = dict.fromkeys(("trace", "compile", "run"), 0.0)
-    # Token 0: no progress reports.
-    token = next(_PROGRESS_TOKENS) if progress_bar else 0
+    # Chains in lockstep use the rows of their part's first chain.
+    parts = [
+        _Part(
+            i,
+            _nuts.segments(key_data[i * per_part], num_warmup, num_samples),
+            key_data[i * per_part, 0, 1],
+        )
+        for i in range(n_parts)
+    ]
     with jax.enable_x64(True):
         # NumPy arguments: the compiled program transfers them (jnp.asarray
         # would compile a small conversion program per shape on first use).
-        args = jax.tree_util.tree_map(
-            np.asarray, (key_data[:per_part], data, hyper, np.zeros(2, np.int32))
-        )
+        data, hyper = jax.tree_util.tree_map(np.asarray, (data, hyper))
+        args = (parts[0].segments[0], parts[0].start_key, data, hyper)
         compiled = _compiled_program(args, static, timings, before_compile)
-        parts = [
-            (
-                key_data[i * per_part : (i + 1) * per_part],
-                *args[1:3],
-                np.array([token, i], dtype=np.int32),
-            )
-            for i in range(n_parts)
-        ]
-        bar = _ProgressBar(per_part, n_parts, num_warmup, num_samples)
-        results, timings["run"] = _run_parts(compiled, parts, bar, token)
+        progress = (
+            _ProgressBar(per_part, n_parts, num_warmup, num_samples)
+            if progress_bar
+            else None
+        )
+        keep = (num_warmup + 1, num_warmup + num_samples + 1)
+        results, timings["run"] = _run_parts(
+            compiled, parts, data, hyper, keep, progress
+        )
         values, stats = _gather(results)
     return RunResult(values, stats, timings, traced=timings["trace"] > 0.0)

@@ -1,5 +1,6 @@
 """JAX's persistent compilation cache: off unless asked for, on when asked."""
 
+import os
 import subprocess
 import sys
 
@@ -96,3 +97,37 @@ def test_main_called_from_python_leaves_jax_config_alone(tmp_path, capsys):
     # parsed, then refused (no such model file): past the cache switch
     assert main(["predict", str(tmp_path / "none.hmz"), str(tmp_path / "x.csv")]) == 1
     assert jax.config.jax_compilation_cache_dir == before
+
+
+_TOGGLE = """
+import os, sys
+import jax
+import hiermask
+jax.jit(lambda x: x + 1.0)(1.0)  # compiled before the cache is on
+previous = hiermask.enable_compilation_cache(sys.argv[1])
+assert os.environ["JAX_COMPILATION_CACHE_DIR"] == sys.argv[1]
+jax.jit(lambda x: x * 2.0)(1.0)
+stored = len(os.listdir(sys.argv[1]))
+hiermask.restore_compilation_cache(previous)
+assert "JAX_COMPILATION_CACHE_DIR" not in os.environ
+assert jax.config.jax_compilation_cache_dir is None
+jax.jit(lambda x: x * 3.0)(1.0)
+print(stored, len(os.listdir(sys.argv[1])))
+"""
+
+
+def test_enable_after_a_compilation_and_restore(tmp_path):
+    # The switch holds from the next compilation on, also after earlier ones
+    # in the process; restore turns it off again and unsets the environment
+    # variables that the workers of a parallel search would inherit.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    out = subprocess.run(
+        [sys.executable, "-c", _TOGGLE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "1"]
