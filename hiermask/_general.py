@@ -41,6 +41,7 @@ M^-1)``, one per posterior draw, with the Rao-Blackwellized moments.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -223,7 +224,7 @@ def _tmv(a, x):
 
 
 class _Groups(NamedTuple):
-    # One evaluation's per-group algebra, groups last.
+    # One evaluation's per-group algebra, groups last (conditional draws).
     t: jnp.ndarray  # (q, q, G) T = L_M^-1
     logdet: jnp.ndarray  # (G,) log|M|
     a: jnp.ndarray  # (q, G) T E'k
@@ -259,6 +260,89 @@ def _summed(inv, left, gram, xty, grp):
     return 0.5 * (h + h.T), eta
 
 
+# The density's per-group terms, with a hand-written gradient. With ``N =
+# M^-1`` and ``W = E N E'`` per group, the groups enter the density only
+# through four sums: log|M|, k'Wk, P'KWKP and P'KWk (the last two make
+# ``sum B'B`` and ``sum B'a``). Given their cotangents (c1, c2, C3, c4),
+# with ``G = c2 kk' + KP sym(C3) P'K + (u k' + k u') / 2``, ``u = KP c4``:
+#   d/dE   = sum 2 G E N - 2 inv K E N E'G E N + 2 c1 inv K E N
+#   d/dinv = sum -tr(N E'G E N S) + c1 tr(N S),   S = E'KE
+#   d/dK   = c1 inv W - inv W G W + 2 W K P sym(C3) P' + W k c4'P'
+# (for d/dK its symmetric part is what counts: K is symmetric; the
+# forward reads one triangle of M)
+#   d/dk   = 2 c2 W k + W u
+# (tests/test_collapsed_general.py checks them against jax.grad).
+
+
+def _group_forms(inv, factor, left, gram, xty):
+    # The four sums and what their gradient needs.
+    q = factor.shape[0]
+    unit = _unit(xty)
+    f = factor[:, :, None]
+    ke = col._keep(_mm(gram, f), unit)
+    eye = jnp.eye(q)[:, :, None]
+    m = col._keep(eye + inv * _tmm(f, ke), unit)
+    t, logdet = col._cholesky_rows(m, unit, col._unrolled(q))
+    n = col._keep(_tmm(t, t), unit)
+    w = col._keep(_mm(_mm(f, n), _tr(f)), unit)
+    kp = col._keep(_mm(gram, left[:, :, None]), unit)
+    wk = col._keep(_mv(w, xty), unit)
+    wkp = col._keep(_mm(w, kp), unit)
+    forms = (
+        jnp.sum(logdet),
+        jnp.sum(xty * wk),
+        jnp.sum(_tmm(kp, wkp), axis=-1),
+        jnp.sum(_tmv(kp, wk), axis=-1),
+    )
+    return forms, (n, w, kp, wk, wkp, ke)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _group_sums(want_stats, inv, factor, left, gram, xty):
+    """``(sum log|M|, sum k'Wk, sum P'KWKP, sum P'KWk)`` (module comment).
+
+    ``want_stats``: whether the gradient with respect to the statistics is
+    formed (they depend on latent cells); ``left`` gets none.
+    """
+    return _group_forms(inv, factor, left, gram, xty)[0]
+
+
+def _group_sums_fwd(want_stats, inv, factor, left, gram, xty):
+    forms, saved = _group_forms(inv, factor, left, gram, xty)
+    return forms, (inv, factor, left, gram, xty, *saved)
+
+
+def _group_sums_bwd(want_stats, residuals, cot):
+    inv, factor, left, gram, xty, n, w, kp, wk, wkp, ke = residuals
+    c1, c2, c3, c4 = cot
+    unit = _unit(xty)
+    f = factor[:, :, None]
+    c3 = 0.5 * (c3 + c3.T)
+    u = _mv(kp, c4[:, None])
+    g = _mm(kp, _mm(c3[:, :, None], _tr(kp))) + 0.5 * (
+        u[:, None] * xty[None] + xty[:, None] * u[None]
+    )
+    g = col._keep(g + c2 * xty[:, None] * xty[None], unit)
+    gen = col._keep(_mm(g, _mm(f, n)), unit)  # G E N
+    r = col._keep(_mm(n, _tmm(f, gen)), unit)  # N E'G E N
+    grad_f = jnp.sum(
+        2.0 * gen - 2.0 * inv * _mm(ke, r) + 2.0 * c1 * inv * _mm(ke, n), -1
+    )
+    s = _tmm(f, ke)
+    grad_inv = jnp.sum((c1 * n - r) * s)
+    zero = jnp.zeros_like
+    if not want_stats:
+        return grad_inv, grad_f, zero(left), zero(gram), zero(xty)
+    grad_gram = c1 * inv * w - inv * _mm(w, _mm(g, w))
+    grad_gram = grad_gram + 2.0 * _mm(wkp, (c3 @ left.T)[:, :, None])
+    grad_gram = grad_gram + wk[:, None] * (left @ c4)[None, :, None]
+    grad_xty = 2.0 * c2 * wk + _mv(w, u)
+    return grad_inv, grad_f, zero(left), grad_gram, grad_xty
+
+
+_group_sums.defvjp(_group_sums_fwd, _group_sums_bwd)
+
+
 def _population_factor(h, prior_var):
     # T_lam = L_lam^-1 and log|lam| for lam = h + diag(1 / prior_var).
     lam = h + jnp.diag(1.0 / prior_var)
@@ -266,7 +350,7 @@ def _population_factor(h, prior_var):
     return t[:, :, 0], logdet[0]
 
 
-def general_loglik(spec, scales, data, hyper, cells):
+def general_loglik(spec, scales, data, hyper, cells, hand_written=True):
     """Log marginal likelihood with group coefficients and population out.
 
     Parameters
@@ -281,29 +365,44 @@ def general_loglik(spec, scales, data, hyper, cells):
     hyper : Hyper
     cells : array of shape (M,)
         Latent cells.
+    hand_written : bool, default=True
+        The gradient of the groups' terms written by hand (the sampler's);
+        False: all by ``jax.grad`` (the reference).
 
     Returns
     -------
     scalar
     """
-    return _loglik_of(spec, scales, data, hyper, _statistics(spec, data, cells))
+    stats = _statistics(spec, data, cells)
+    return _loglik_of(spec, scales, data, hyper, stats, hand_written)
 
 
-def _loglik_of(spec, scales, data, hyper, stats):
-    # general_loglik from the statistics (_statistics).
+def _loglik_of(spec, scales, data, hyper, stats, hand_written=True):
+    # general_loglik from the statistics (_statistics); hand_written: the
+    # gradient of the groups' terms by _group_sums, else by jax.grad.
     inv = 1.0 / scales["sigma"] ** 2
     n, yty, gram, xty = stats
     left = _population_left(spec, data)
-    grp = _groups(inv, _deviation_factor(spec, scales, hyper), left, gram, xty)
-    h, eta = _summed(inv, left, gram, xty, grp)
+    factor = _deviation_factor(spec, scales, hyper)
+    if hand_written:
+        want_stats = data.miss_row.shape[0] > 0
+        logdets, aa, bb, ba = _group_sums(want_stats, inv, factor, left, gram, xty)
+    else:
+        grp = _groups(inv, factor, left, gram, xty)
+        logdets, aa = jnp.sum(grp.logdet), jnp.sum(grp.a**2)
+        bb = jnp.sum(_tmm(grp.b, grp.b), axis=-1)
+        ba = jnp.sum(_tmv(grp.b, grp.a), axis=-1)
+    h = inv * left.T @ jnp.sum(gram, axis=-1) @ left - inv**2 * bb
+    h = 0.5 * (h + h.T)
+    eta = inv * left.T @ jnp.sum(xty, axis=-1) - inv**2 * ba
     prior_var = _prior_var(hyper)
     t, logdet = _population_factor(h, prior_var)
     w = t @ eta
     return (
         0.5 * jnp.sum(n) * jnp.log(inv / (2.0 * jnp.pi))
         - 0.5 * inv * jnp.sum(yty)
-        - 0.5 * jnp.sum(grp.logdet)
-        + 0.5 * inv**2 * jnp.sum(grp.a**2)
+        - 0.5 * logdets
+        + 0.5 * inv**2 * aa
         - 0.5 * jnp.sum(jnp.log(prior_var))
         - 0.5 * logdet
         + 0.5 * jnp.sum(w**2)
