@@ -30,10 +30,15 @@ and ``B = T E'K P``:
     H_g = P'KP / sigma^2 - B'B / sigma^4,  eta_g = P'k / sigma^2 - B'a / sigma^4
     c_g = -n/2 log(2 pi sigma^2) - log|M|/2 - u'Wu / (2 sigma^2) + |a|^2 / (2 sigma^4)
 
-and ``phi ~ Normal(0, diag(prior_var))`` integrates out. The density's value
-and gradient (``jax.grad``) come from this plain JAX code; the groups'
-matrices are factorized by unrolled code up to
-:data:`hiermask._limits.UNROLL_MAX_SIZE` and by LAPACK above, as in
+and ``phi ~ Normal(0, diag(prior_var))`` integrates out. ``E`` is the same
+for every group: its rows at a group's off features meet only zeros of ``K``
+and ``k``. The reference is plain JAX differentiated by ``jax.grad``
+(:func:`general_loglik` with ``hand_written=False``); the sampler's gradient
+of the groups' terms is written by hand (:func:`_group_sums`, tested against
+``jax.grad``): ``jax.grad`` through the per-group algebra made each gradient
+several times slower than today's hand-written path (docs/performance.md).
+The groups' matrices are stored groups-last and factorized by unrolled code
+up to :data:`hiermask._limits.UNROLL_MAX_SIZE` and by LAPACK above, as in
 :mod:`hiermask._collapsed`. Conditional draws: ``phi`` from its Gaussian
 conditional, then ``v_g | phi ~ Normal(M^-1 E'(k - KP phi) / sigma^2,
 M^-1)``, one per posterior draw, with the Rao-Blackwellized moments.
