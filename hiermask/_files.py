@@ -103,7 +103,9 @@ class Spec:
         Array shape in dimension symbols; digits are literal. ``G`` groups,
         ``P`` features, ``Q = P + 1`` coefficients, ``D`` draws, ``C``
         chains, ``S = D / C`` draws per chain, ``N`` rows of the fit, ``K``
-        diagnosed parameters, ``F`` columns of ``X`` (``n_features_in_``).
+        diagnosed parameters, ``F`` columns of ``X`` (``n_features_in_``),
+        ``R`` correlated group effects (the intercept and the varying
+        features).
     dtype : str
         Array dtype kind, a key of :data:`ARRAY_DTYPES`.
     when : frozenset or None
@@ -151,6 +153,7 @@ DRAWS = {
     "population_coef": Spec("array", "D P", when=_POOLED),
     "group_intercept_scale": Spec("array", "D", when=_PARTIAL),
     "group_coef_scale": Spec("array", "D P", when=_PARTIAL),
+    "group_correlation": Spec("array", "D R R", when=_PARTIAL, optional=True),
 }
 #: ``convergence_``.
 CONVERGENCE = {
@@ -192,6 +195,7 @@ POSTERIOR = {
     "diverging": Spec("array", "C S", "b"),
     "tree_steps": Spec("array", "C S", "i"),
     "timings": Spec("table", table=TIMINGS),
+    "varying": Spec("array", "P", "b", optional=True, nullable=True),
 }
 #: Every attribute that fit sets, in the order they are restored.
 FITTED = {
