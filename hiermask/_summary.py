@@ -246,10 +246,11 @@ def summary_frame(est, coverage=0.9, *, long=False, group_level=True):
         pair of correlated group effects, under ``group_covariance="full"``)
         and ``noise``. ``attrs["varying"]`` holds one line that says which
         slopes vary by group (what ``varying="auto"`` chose). Columns:
-        ``mean``, ``sd`` (with ``ddof=1``), the interval bounds named after their quantiles (``5%``
-        and ``95%`` for ``coverage=0.9``), ``ess_bulk``, ``ess_tail`` and
-        ``r_hat`` (rank-normalized split R-hat, Vehtari et al. 2021; NaN for
-        a parameter that is constant across draws).
+        ``mean``, ``sd`` (with ``ddof=1``), the interval bounds named after
+        their quantiles (``5%`` and ``95%`` for ``coverage=0.9``),
+        ``ess_bulk``, ``ess_tail`` and ``r_hat`` (rank-normalized split
+        R-hat, Vehtari et al. 2021; NaN for a parameter that is constant
+        across draws).
 
     Raises
     ------
