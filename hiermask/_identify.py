@@ -158,6 +158,8 @@ def warn_unidentified(config, varying, cells, mask, scaling, gram):
       group-specific slope and the group's intercept move together);
     * a feature that takes one value in every row (its slope and the
       intercept move together);
+    * under no pooling, a group-level predictor (each group's own intercept
+      absorbs it);
     * columns exactly collinear within groups.
 
     Parameters
@@ -203,6 +205,17 @@ def warn_unidentified(config, varying, cells, mask, scaling, gram):
             "the prior (and, under partial pooling, the other groups) only. Give "
             "them a population slope only: varying='auto', or leave them out of "
             "varying.",
+            UserWarning,
+            stacklevel=5,
+        )
+    shared = flat & ~varying[active]
+    if config.pooling == "none" and shared.any():
+        warnings.warn(
+            f"Feature(s) {_names(names, positions[shared])} are constant within "
+            "every group where they apply (group-level predictors): under "
+            "pooling='none' every group has its own intercept, which absorbs "
+            "them, so their shared slope is determined by the prior only. Use "
+            "pooling='partial' to learn it from the differences between groups.",
             UserWarning,
             stacklevel=5,
         )
