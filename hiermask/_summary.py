@@ -178,7 +178,7 @@ def varying_note(est):
     ]
     if est.pooling == "complete":
         return "pooling='complete': one slope per feature, shared by every group."
-    setting = est.varying if isinstance(est.varying, str) else "a list"
+    setting = est.varying if isinstance(est.varying, str) else list(est.varying)
     line = f"varying={setting!r}: group-specific slopes for " + (
         ", ".join(yes) if yes else "no feature (varying intercept only)"
     )
