@@ -319,6 +319,17 @@ def test_correlation_layout(tmp_path):
         )
 
 
+def test_model_file_keeps_a_varying_list(tmp_path):
+    X, y = _frame()
+    est = _fit(X, y, engine="direct", varying=["z", "x"], group_covariance="diagonal")
+    est.save(tmp_path / "m.hmz")
+    back = hiermask.load(tmp_path / "m.hmz")
+    assert back.get_params()["varying"] == ["z", "x"]
+    assert back.varying_.to_dict() == {"x": True, "u": False, "z": True}
+    with pytest.raises(ValueError, match="cannot be saved in a model file"):
+        est.set_params(varying=[1.5]).save(tmp_path / "bad.hmz")
+
+
 def test_full_covariance_with_one_varying_effect():
     X, y = _frame()
     est = _fit(X, y, engine="direct", varying=[])
