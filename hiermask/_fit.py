@@ -435,6 +435,9 @@ def _run_engine(engine, data, hyper, config):
         k: v.reshape(v.shape[0] * v.shape[1], *v.shape[2:])
         for k, v in run.values.items()
     }
+    full = engine.pooling == "partial" and getattr(engine, "covariance", "") == "full"
+    if full and "group_correlation" not in flat:  # only the intercept varies
+        flat["group_correlation"] = np.ones((flat["noise"].shape[0], 1, 1))
     if not conditional_program:
         return run, flat, None
     sites = {k: flat[k] for k in engine.conditional_sites if k in flat}
@@ -497,10 +500,7 @@ def _population(draws, flat, config, scaling, ref, active, varying):
             # over [intercept, varying features]: E[diag(tau) Omega diag(tau)]
             keep = np.concatenate([[True], varying[active]])
             n_kept = int(keep.sum())
-            corr = flat.get("group_correlation")
-            if corr is None:  # one coefficient varies: Omega = [[1]]
-                corr = np.ones((scales.shape[0], 1, 1))
-            corr = np.asarray(corr).reshape(-1, n_kept, n_kept)
+            corr = np.asarray(flat["group_correlation"]).reshape(-1, n_kept, n_kept)
             draws["group_correlation"] = corr
             kept = scales[:, keep]
             between = np.zeros((both.shape[1], both.shape[1]))
