@@ -65,8 +65,9 @@ def load_radon():
     return pd.DataFrame(
         {
             "county": frame["county.name"].astype(str).str.strip().to_numpy(),
-            # Gelman and Hill's floor: 0 for a basement, 1 for the first floor
-            "floor": 1.0 - frame["basement"].to_numpy(dtype=float),
+            # HLMdiag's "basement" is Gelman and Hill's floor: 0 for a
+            # basement, 1 for the first floor
+            "floor": frame["basement"].to_numpy(dtype=float),
             # HLMdiag's uranium is already the county's log uranium
             "log_uranium": frame["uranium"].to_numpy(dtype=float),
             "log_radon": frame["log.radon"].to_numpy(dtype=float),
