@@ -59,7 +59,9 @@ class Hyper(NamedTuple):
     group_coef: jnp.ndarray  # (p,) HalfNormal scale of between-group slope sd
     group_intercept: jnp.ndarray  # () HalfNormal scale of between-group intercept sd
     noise: jnp.ndarray  # () HalfNormal scale of the residual sd
-    lkj: jnp.ndarray  # () LKJ concentration
+    # () LKJ concentration of the group correlation (covariance "full");
+    # the default serves callers that build a Hyper without it
+    lkj: jnp.ndarray = 2.0
 
 
 class DirectData(NamedTuple):
