@@ -95,6 +95,7 @@ def test_array_positions():
         _fit(arr, y, group_col=3, varying=["x0"])
 
 
+@pytest.mark.parametrize("engine", ["direct", "collapsed"])
 @pytest.mark.parametrize(
     "varying, expected",
     [
@@ -104,9 +105,9 @@ def test_array_positions():
         ([], {"x": False, "u": False, "z": False}),
     ],
 )
-def test_varying_series(varying, expected):
+def test_varying_series(varying, expected, engine):
     X, y = _frame()
-    est = _fit(X, y, varying=varying, engine="direct", group_covariance="diagonal")
+    est = _fit(X, y, varying=varying, engine=engine, group_covariance="diagonal")
     assert est.varying_.dtype == bool
     assert est.varying_.to_dict() == expected
     # a population-only slope: one value for every group where the feature
@@ -124,11 +125,12 @@ def test_varying_series(varying, expected):
             assert np.all(est.posterior_["group_coef_scale"][:, j] > 0.0)
 
 
-def test_pooling_none_shares_the_non_varying_slope():
+@pytest.mark.parametrize("engine", ["direct", "collapsed"])
+def test_pooling_none_shares_the_non_varying_slope(engine):
     X, y = _frame()
     with pytest.warns(UserWarning, match="'u' are constant within every group"):
         est = MaskedHierarchicalRegressor(
-            group_col="g", pooling="none", engine="direct",
+            group_col="g", pooling="none", engine=engine,
             on_bad_convergence="ignore", **TINY,
         ).fit(X, y)  # fmt: skip
     coef = est.posterior_["coef"]
