@@ -156,8 +156,8 @@ def warn_unidentified(config, varying, cells, mask, scaling, gram):
 
     * a varying feature constant within every group where it applies (its
       group-specific slope and the group's intercept move together);
-    * a feature that takes one value in every row (its slope and the
-      intercept move together);
+    * a feature that takes one value in every row of every group (its slope
+      and the intercept move together);
     * under no pooling, a group-level predictor (each group's own intercept
       absorbs it);
     * columns exactly collinear within groups.
@@ -184,7 +184,10 @@ def warn_unidentified(config, varying, cells, mask, scaling, gram):
     pooled = pool_moments(cells, mask[:, active])
     with np.errstate(invalid="ignore", divide="ignore"):
         sd = np.sqrt(np.where(pooled.count > 0, pooled.m2 / pooled.count, 0.0))
+    # one value in every row of every group (a feature that applies to some
+    # groups only is identified by the groups where it does not)
     single = (sd == 0) | (sd <= CONSTANT_RTOL * np.abs(pooled.mean))
+    single &= mask[:, active].all(axis=0)
     if single.any():
         warnings.warn(
             f"Feature(s) {_names(names, positions[single])} take a single value "
