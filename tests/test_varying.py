@@ -348,3 +348,34 @@ def test_lkj_concentration_is_traced():
     before = cache_info().misses
     _fit(X, y, engine="direct", lkj_concentration=7.0)
     assert cache_info().misses == before
+
+
+def test_indicator_through_the_mask_is_not_a_single_value():
+    # 1.0 where it applies, off elsewhere: identified by the groups where it
+    # is off, so only the group-level warning (when its slope varies) fires
+    from hiermask._fit import FitConfig
+    from hiermask._identify import warn_unidentified
+
+    rng = np.random.default_rng(0)
+    g = np.repeat(np.arange(6), 8)
+    mask = np.ones((6, 2), bool)
+    mask[3:, 1] = False
+    X = np.column_stack([rng.normal(size=48), np.where(g < 3, 1.0, np.nan)])
+    cells, scaling = _cells(X, g, mask)
+    config = FitConfig(
+        pooling="partial", engine="direct", standardize=True, coef_prior_scale=1.0,
+        intercept_prior_scale=1.0, group_scale_prior=1.0, noise_prior_scale=1.0,
+        num_warmup=1, num_samples=1, num_chains=1, target_accept_prob=0.8, seed=0,
+        feature_names=("x", "ind"),
+    )  # fmt: skip
+    gram = _gram(X, g, mask)
+
+    def messages(varying):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            warn_unidentified(config, varying, cells, mask, scaling, gram)
+        return _messages(record)
+
+    assert messages(np.array([True, False])) == []
+    (only,) = messages(np.array([True, True]))
+    assert only.startswith("Feature(s) 'ind' are constant within every group")
