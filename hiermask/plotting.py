@@ -774,7 +774,7 @@ def _effect_position(est, name):
     return j + 1
 
 
-def population_effects(est):
+def _population_effects(est):
     """Mean and between-group covariance of the group effects.
 
     Parameters
@@ -890,7 +890,7 @@ def plot_group_effects(
     ax.scatter(
         coef[shown, i], coef[shown, j], s=18, color=_POOLED_COLOR, label="groups"
     )
-    mean, cov = population_effects(est)
+    mean, cov = _population_effects(est)
     block = cov[np.ix_([i, j], [i, j])]
     values, vectors = np.linalg.eigh(block)
     angle = np.degrees(np.arctan2(vectors[1, 1], vectors[0, 1]))

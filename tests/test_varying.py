@@ -379,3 +379,38 @@ def test_indicator_through_the_mask_is_not_a_single_value():
     assert messages(np.array([True, False])) == []
     (only,) = messages(np.array([True, True]))
     assert only.startswith("Feature(s) 'ind' are constant within every group")
+
+
+def test_plots_say_what_varies(tmp_path):
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Ellipse
+
+    from hiermask import plotting
+
+    X, y = _frame()
+    est = _fit(X, y, engine="direct")
+    ax = plotting.plot_mask(est, ax=Figure().subplots())
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks == ["x", "u (population slope)", "z"]
+    ax = plotting.plot_group_effects(est, y="x", ax=Figure().subplots())
+    path = tmp_path / "effects.png"
+    ax.figure.savefig(path, dpi=60)
+    assert path.stat().st_size > 1000
+    points = ax.collections[0].get_offsets()
+    coef = est._posterior.coef_mean
+    np.testing.assert_allclose(points, coef[:, [0, 1]])  # every group has x
+    ellipses = [p for p in ax.patches if isinstance(p, Ellipse)]
+    assert len(ellipses) == 2
+    mean, cov = plotting._population_effects(est)
+    np.testing.assert_allclose(ellipses[0].center, mean[[0, 1]])
+    # the 50% ellipse's area: pi chi2_2(0.5) sqrt(det cov)
+    area = np.pi * ellipses[0].width * ellipses[0].height / 4
+    det = np.linalg.det(cov[np.ix_([0, 1], [0, 1])])
+    np.testing.assert_allclose(area, np.pi * 2 * np.log(2) * np.sqrt(det))
+    # z is off in group 0: five groups
+    ax = plotting.plot_group_effects(est, x="x", y="z", ax=Figure().subplots())
+    assert len(ax.collections[0].get_offsets()) == 5
+    with pytest.raises(ValueError, match="'u' has no group-specific slope"):
+        plotting.plot_group_effects(est, y="u")
+    with pytest.raises(ValueError, match="needs pooling='partial'"):
+        plotting.plot_group_effects(_fit(X, y, engine="direct", pooling="complete"))
