@@ -331,7 +331,11 @@ def test_pipeline_gridsearch_groupkfold_and_coverage():
     pipe = Pipeline(
         [
             ("pre", pre),
-            ("model", MaskedHierarchicalRegressor(group_col="group", **FAST)),
+            # the closed form of the interval width below is the diagonal one
+            (
+                "model",
+                MaskedHierarchicalRegressor(group_col="group", **OLD_MODEL, **FAST),
+            ),
         ]
     )
     search = GridSearchCV(
