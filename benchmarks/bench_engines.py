@@ -469,7 +469,7 @@ def _covariance_data(quick):
     group_idx = np.sort(rng.integers(0, n_groups, size=n_rows))
     X = rng.normal(size=(n_rows, p)) * [1.0, 2.0, 0.5] + [3.0, -1.0, 10.0]
     sd = np.array([1.0, 0.5, 0.3, 0.4])
-    corr = np.full((p + 1, p + 1), 0.5) + 0.5 * np.eye(p + 1)
+    corr = np.full((p + 1, p + 1), 0.3) + 0.7 * np.eye(p + 1)
     corr[0, 1] = corr[1, 0] = -0.6
     effects = rng.multivariate_normal(
         np.zeros(p + 1), sd[:, None] * corr * sd, n_groups

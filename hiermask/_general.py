@@ -41,6 +41,7 @@ M^-1)``, one per posterior draw, with the Rao-Blackwellized moments.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -169,17 +170,14 @@ def _deviation_factor(spec, scales, hyper):
 
 
 def _population_left(spec, data):
-    """``P_g`` (G, q, q): ``A_g^-1 F_g`` (partial) or the shared slopes'
-    selection (none)."""
-    on = data.on
-    n_groups, p = on.shape
-    onq = jnp.concatenate([jnp.ones((n_groups, 1)), on], axis=1)
+    """``P`` (q, q): ``A_g^-1 F_g`` (partial) or the selection of the shared
+    slopes (none), up to rows of features that are off in ``g``, where
+    ``K`` and ``k`` vanish."""
+    p = data.on.shape[1]
     if spec.pooling == "partial":
-        left = jnp.eye(p + 1).at[0, 1:].set(-data.K)
-        return onq[:, :, None] * left[None]
-    fixed = 1.0 - np.asarray(spec.varying, dtype=float)
-    diag = jnp.concatenate([jnp.zeros((n_groups, 1)), on * fixed], axis=1)
-    return diag[:, :, None] * jnp.eye(p + 1)
+        return jnp.eye(p + 1).at[0, 1:].set(-data.K)
+    fixed = np.concatenate([[0.0], 1.0 - np.asarray(spec.varying, dtype=float)])
+    return jnp.diag(jnp.asarray(fixed))
 
 
 def _prior_var(hyper):
@@ -189,14 +187,15 @@ def _prior_var(hyper):
 
 
 def _statistics(spec, data, cells):
-    """``n``, ``u'Wu``, ``K = A'SA`` (G, q, q) and ``k = A'r`` (G, q)."""
+    """``n``, ``u'Wu``, ``K = A'SA`` (q, q, G) and ``k = A'r`` (q, G).
+
+    Groups last: the algebra below is elementwise over the groups, unrolled
+    over the small matrix size (one fused loop per operation, as in
+    :mod:`hiermask._collapsed`). ``K`` and ``k`` vanish at the features
+    that are off in a group.
+    """
     prep = col._prepare(spec.pooling, data, col.add_incomplete_rows(data, cells))
-    return (
-        prep.n,
-        prep.yty,
-        jnp.moveaxis(prep.dev_gram, -1, 0),
-        jnp.moveaxis(prep.dev_xty, -1, 0),
-    )
+    return prep.n, prep.yty, prep.dev_gram, prep.dev_xty
 
 
 def _unit(x):
@@ -204,42 +203,144 @@ def _unit(x):
     return jax.lax.stop_gradient(1.0 + 0.0 * jnp.sum(x[:1]))
 
 
-def _inverse_factor(m, unit):
-    """``T = L^-1`` (G, q, q) and ``log|m|`` (G,) of SPD ``m = L L'``."""
-    q = m.shape[-1]
-    rows, logdet = col._cholesky_rows(jnp.moveaxis(m, 0, -1), unit, col._unrolled(q))
-    return jnp.moveaxis(rows, -1, 0), logdet
+def _mm(a, b):
+    # a b for a (q, r, ...) and b (r, s, ...), batch axes last (broadcast).
+    return sum(a[:, j, None] * b[None, j] for j in range(a.shape[1]))
+
+
+def _tmm(a, b):
+    # a' b for a (r, q, ...) and b (r, s, ...).
+    return sum(a[j, :, None] * b[None, j] for j in range(a.shape[0]))
+
+
+def _mv(a, x):
+    # a x for a (q, r, ...) and x (r, ...).
+    return sum(a[:, j] * x[j] for j in range(a.shape[1]))
+
+
+def _tmv(a, x):
+    # a' x for a (r, q, ...) and x (r, ...).
+    return sum(a[j] * x[j] for j in range(a.shape[0]))
 
 
 class _Groups(NamedTuple):
-    # One evaluation's per-group algebra.
-    e: jnp.ndarray  # (G, q, q) E
-    t: jnp.ndarray  # (G, q, q) T = L_M^-1
+    # One evaluation's per-group algebra, groups last (conditional draws).
+    t: jnp.ndarray  # (q, q, G) T = L_M^-1
     logdet: jnp.ndarray  # (G,) log|M|
-    a: jnp.ndarray  # (G, q) T E'k
-    b: jnp.ndarray  # (G, q, q) T E'K P
+    a: jnp.ndarray  # (q, G) T E'k
+    b: jnp.ndarray  # (q, q, G) T E'K P
 
 
-def _groups(spec, data, inv, factor, left, gram, xty):
-    n_groups, p = data.on.shape
-    onq = jnp.concatenate([jnp.ones((n_groups, 1)), data.on], axis=1)
-    e = onq[:, :, None] * factor[None]
-    ke = jnp.einsum("gij,gjk->gik", gram, e)
-    m = jnp.eye(p + 1) + inv * jnp.einsum("gji,gjk->gik", e, ke)
-    t, logdet = _inverse_factor(m, _unit(xty))
-    a = jnp.einsum("gij,gkj,gk->gi", t, e, xty)
-    b = jnp.einsum("gij,gkj,gkl->gil", t, ke, left)
-    return _Groups(e, t, logdet, a, b)
+def _groups(inv, factor, left, gram, xty):
+    """The groups' ``M = I + E'KE inv`` factorized, ``a`` and ``B``.
+
+    ``E`` is ``factor`` for every group: its rows at a group's off features
+    meet only zeros of ``K`` and ``k`` (so ``E'KE`` is that of the masked
+    factor), and likewise ``K P``.
+    """
+    q = factor.shape[0]
+    unit = _unit(xty)
+    f = factor[:, :, None]
+    ke = col._keep(_mm(gram, f), unit)
+    eye = jnp.eye(q)[:, :, None]
+    m = col._keep(eye + inv * _tmm(f, ke), unit)
+    t, logdet = col._cholesky_rows(m, unit, col._unrolled(q))
+    a = col._keep(_mv(t, col._keep(_tmv(f, xty), unit)), unit)
+    b = col._keep(_mm(t, col._keep(_tmm(ke, left[:, :, None]), unit)), unit)
+    return _Groups(t, logdet, a, b)
 
 
 def _summed(inv, left, gram, xty, grp):
-    # The groups' sums: sum H_g, sum eta_g and the groups' log|M| and
-    # quadratic terms.
-    lkl = jnp.einsum("gki,gkl,glj->ij", left, gram, left)
-    h = inv * lkl - inv**2 * jnp.einsum("gki,gkj->ij", grp.b, grp.b)
-    eta = inv * jnp.einsum("gki,gk->i", left, xty)
-    eta = eta - inv**2 * jnp.einsum("gki,gk->i", grp.b, grp.a)
+    # The groups' sums of H_g and eta_g.
+    k_sum = jnp.sum(gram, axis=-1)
+    h = inv * left.T @ k_sum @ left
+    h = h - inv**2 * jnp.sum(_tmm(grp.b, grp.b), axis=-1)
+    eta = inv * left.T @ jnp.sum(xty, axis=-1)
+    eta = eta - inv**2 * jnp.sum(_tmv(grp.b, grp.a), axis=-1)
     return 0.5 * (h + h.T), eta
+
+
+# The density's per-group terms, with a hand-written gradient. With ``N =
+# M^-1`` and ``W = E N E'`` per group, the groups enter the density only
+# through four sums: log|M|, k'Wk, P'KWKP and P'KWk (the last two make
+# ``sum B'B`` and ``sum B'a``). Given their cotangents (c1, c2, C3, c4),
+# with ``G = c2 kk' + KP sym(C3) P'K + (u k' + k u') / 2``, ``u = KP c4``:
+#   d/dE   = sum 2 G E N - 2 inv K E N E'G E N + 2 c1 inv K E N
+#   d/dinv = sum -tr(N E'G E N S) + c1 tr(N S),   S = E'KE
+#   d/dK   = c1 inv W - inv W G W + 2 W K P sym(C3) P' + W k c4'P'
+# (for d/dK its symmetric part is what counts: K is symmetric; the
+# forward reads one triangle of M)
+#   d/dk   = 2 c2 W k + W u
+# (tests/test_collapsed_general.py checks them against jax.grad).
+
+
+def _group_forms(inv, factor, left, gram, xty):
+    # The four sums and what their gradient needs.
+    q = factor.shape[0]
+    unit = _unit(xty)
+    f = factor[:, :, None]
+    ke = col._keep(_mm(gram, f), unit)
+    eye = jnp.eye(q)[:, :, None]
+    m = col._keep(eye + inv * _tmm(f, ke), unit)
+    t, logdet = col._cholesky_rows(m, unit, col._unrolled(q))
+    n = col._keep(_tmm(t, t), unit)
+    w = col._keep(_mm(_mm(f, n), _tr(f)), unit)
+    kp = col._keep(_mm(gram, left[:, :, None]), unit)
+    wk = col._keep(_mv(w, xty), unit)
+    wkp = col._keep(_mm(w, kp), unit)
+    forms = (
+        jnp.sum(logdet),
+        jnp.sum(xty * wk),
+        jnp.sum(_tmm(kp, wkp), axis=-1),
+        jnp.sum(_tmv(kp, wk), axis=-1),
+    )
+    return forms, (n, w, kp, wk, wkp, ke)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _group_sums(want_stats, inv, factor, left, gram, xty):
+    """``(sum log|M|, sum k'Wk, sum P'KWKP, sum P'KWk)`` (module comment).
+
+    ``want_stats``: whether the gradient with respect to the statistics is
+    formed (they depend on latent cells); ``left`` gets none.
+    """
+    return _group_forms(inv, factor, left, gram, xty)[0]
+
+
+def _group_sums_fwd(want_stats, inv, factor, left, gram, xty):
+    forms, saved = _group_forms(inv, factor, left, gram, xty)
+    return forms, (inv, factor, left, gram, xty, *saved)
+
+
+def _group_sums_bwd(want_stats, residuals, cot):
+    inv, factor, left, gram, xty, n, w, kp, wk, wkp, ke = residuals
+    c1, c2, c3, c4 = cot
+    unit = _unit(xty)
+    f = factor[:, :, None]
+    c3 = 0.5 * (c3 + c3.T)
+    u = _mv(kp, c4[:, None])
+    g = _mm(kp, _mm(c3[:, :, None], _tr(kp))) + 0.5 * (
+        u[:, None] * xty[None] + xty[:, None] * u[None]
+    )
+    g = col._keep(g + c2 * xty[:, None] * xty[None], unit)
+    gen = col._keep(_mm(g, _mm(f, n)), unit)  # G E N
+    r = col._keep(_mm(n, _tmm(f, gen)), unit)  # N E'G E N
+    grad_f = jnp.sum(
+        2.0 * gen - 2.0 * inv * _mm(ke, r) + 2.0 * c1 * inv * _mm(ke, n), -1
+    )
+    s = _tmm(f, ke)
+    grad_inv = jnp.sum((c1 * n - r) * s)
+    zero = jnp.zeros_like
+    if not want_stats:
+        return grad_inv, grad_f, zero(left), zero(gram), zero(xty)
+    grad_gram = c1 * inv * w - inv * _mm(w, _mm(g, w))
+    grad_gram = grad_gram + 2.0 * _mm(wkp, (c3 @ left.T)[:, :, None])
+    grad_gram = grad_gram + wk[:, None] * (left @ c4)[None, :, None]
+    grad_xty = 2.0 * c2 * wk + _mv(w, u)
+    return grad_inv, grad_f, zero(left), grad_gram, grad_xty
+
+
+_group_sums.defvjp(_group_sums_fwd, _group_sums_bwd)
 
 
 def _population_factor(h, prior_var):
@@ -249,7 +350,7 @@ def _population_factor(h, prior_var):
     return t[:, :, 0], logdet[0]
 
 
-def general_loglik(spec, scales, data, hyper, cells):
+def general_loglik(spec, scales, data, hyper, cells, hand_written=True):
     """Log marginal likelihood with group coefficients and population out.
 
     Parameters
@@ -264,26 +365,44 @@ def general_loglik(spec, scales, data, hyper, cells):
     hyper : Hyper
     cells : array of shape (M,)
         Latent cells.
+    hand_written : bool, default=True
+        The gradient of the groups' terms written by hand (the sampler's);
+        False: all by ``jax.grad`` (the reference).
 
     Returns
     -------
     scalar
     """
+    stats = _statistics(spec, data, cells)
+    return _loglik_of(spec, scales, data, hyper, stats, hand_written)
+
+
+def _loglik_of(spec, scales, data, hyper, stats, hand_written=True):
+    # general_loglik from the statistics (_statistics); hand_written: the
+    # gradient of the groups' terms by _group_sums, else by jax.grad.
     inv = 1.0 / scales["sigma"] ** 2
-    n, yty, gram, xty = _statistics(spec, data, cells)
+    n, yty, gram, xty = stats
     left = _population_left(spec, data)
-    grp = _groups(
-        spec, data, inv, _deviation_factor(spec, scales, hyper), left, gram, xty
-    )
-    h, eta = _summed(inv, left, gram, xty, grp)
+    factor = _deviation_factor(spec, scales, hyper)
+    if hand_written:
+        want_stats = data.miss_row.shape[0] > 0
+        logdets, aa, bb, ba = _group_sums(want_stats, inv, factor, left, gram, xty)
+    else:
+        grp = _groups(inv, factor, left, gram, xty)
+        logdets, aa = jnp.sum(grp.logdet), jnp.sum(grp.a**2)
+        bb = jnp.sum(_tmm(grp.b, grp.b), axis=-1)
+        ba = jnp.sum(_tmv(grp.b, grp.a), axis=-1)
+    h = inv * left.T @ jnp.sum(gram, axis=-1) @ left - inv**2 * bb
+    h = 0.5 * (h + h.T)
+    eta = inv * left.T @ jnp.sum(xty, axis=-1) - inv**2 * ba
     prior_var = _prior_var(hyper)
     t, logdet = _population_factor(h, prior_var)
     w = t @ eta
     return (
         0.5 * jnp.sum(n) * jnp.log(inv / (2.0 * jnp.pi))
         - 0.5 * inv * jnp.sum(yty)
-        - 0.5 * jnp.sum(grp.logdet)
-        + 0.5 * inv**2 * jnp.sum(grp.a**2)
+        - 0.5 * logdets
+        + 0.5 * inv**2 * aa
         - 0.5 * jnp.sum(jnp.log(prior_var))
         - 0.5 * logdet
         + 0.5 * jnp.sum(w**2)
@@ -392,6 +511,8 @@ def general_density(spec, data, hyper):
     n_cells = data.miss_row.shape[0]
     n_features = data.on.shape[1]
     names = [site[0] for site in layout.sites]
+    # statistics without latent cells: prepared once, outside the gradient
+    fixed = None if n_cells else _statistics(spec, data, jnp.zeros(0))
 
     def log_density(z):
         x = layout.transform(z)
@@ -405,13 +526,14 @@ def general_density(spec, data, hyper):
             logp = logp + lkj_log_density(
                 values["group_correlation"], hyper.lkj, spec.n_correlated
             )
-        cells = jnp.zeros(0)
+        stats = fixed
         if n_cells:
             cells = values["x_missing"]
             logp = logp + col._imputation_loglik(
                 data, values["x_loc"], values["x_scale"], cells
             )
-        return logp + general_loglik(spec, scales, data, hyper, cells)
+            stats = _statistics(spec, data, cells)
+        return logp + _loglik_of(spec, scales, data, hyper, stats)
 
     def constrain(z):
         return _scales(spec, layout.unpack(layout.transform(z)), n_features)[1]
@@ -451,9 +573,8 @@ def _small_cholesky(m):
 
 def _one_draw(spec, data, hyper, fixed, draw, eps):
     """One posterior draw's ``phi`` and group coefficients, and the groups'
-    conditional means and covariances of ``theta`` given it."""
-    p = data.on.shape[1]
-    q = p + 1
+    conditional means and covariances of ``theta`` given it (groups first).
+    """
     scales = _draw_scales(spec, draw, hyper)
     inv = 1.0 / scales["sigma"] ** 2
     if fixed is None:
@@ -461,29 +582,36 @@ def _one_draw(spec, data, hyper, fixed, draw, eps):
     else:
         gram, xty = fixed
     left = _population_left(spec, data)
-    grp = _groups(
-        spec, data, inv, _deviation_factor(spec, scales, hyper), left, gram, xty
-    )
+    factor = _deviation_factor(spec, scales, hyper)
+    grp = _groups(inv, factor, left, gram, xty)
     h, eta = _summed(inv, left, gram, xty, grp)
     t_pop, _ = _population_factor(h, _prior_var(hyper))
     phi = t_pop.T @ (t_pop @ eta + eps[0])
     # v | phi ~ N(T'T E'(k - K P phi) inv, T'T)
-    resid = xty - jnp.einsum("gij,gjk,k->gi", gram, left, phi)
-    w = inv * jnp.einsum("gij,gkj,gk->gi", grp.t, grp.e, resid)
-    v_mean = jnp.einsum("gji,gj->gi", grp.t, w)
-    v_draw = v_mean + jnp.einsum("gji,gj->gi", grp.t, eps[1:])
-    amap = col._deviation_parts(spec.pooling, data)
-    base = jnp.einsum("gij,j->gi", left, phi)
-    f = jnp.zeros(q).at[0].set(-data.e_y)
+    f = factor[:, :, None]
+    base = left @ phi
+    resid = xty - _mv(gram, base[:, None])
+    w = inv * _mv(grp.t, _tmv(f, resid))
+    v_mean = _tmv(grp.t, w)
+    v_draw = v_mean + _tmv(grp.t, eps[1:].T)
+    # theta = f + A (P phi + E v), A the identity with first row [1, row]
+    row = (
+        data.on.T * (data.k if spec.pooling == "partial" else data.k - data.K)[:, None]
+    )
 
     def theta(v):
-        return f + jnp.einsum(
-            "gij,gj->gi", amap, base + jnp.einsum("gij,gj->gi", grp.e, v)
-        )
+        x = base[:, None] + _mv(f, v)
+        first = x[0] + jnp.sum(row * x[1:], axis=0) - data.e_y
+        return jnp.concatenate([first[None], x[1:]]).T
 
-    ce = jnp.einsum("gij,gjk,glk->gil", amap, grp.e, grp.t)  # A E T'
-    cov = jnp.einsum("gik,gjk->gij", ce, ce)
+    ce = _mm(f, _tr(grp.t))  # E T'
+    ce = jnp.concatenate([ce[:1] + jnp.sum(row[:, None] * ce[1:], axis=0), ce[1:]])
+    cov = jnp.moveaxis(_mm(ce, _tr(ce)), -1, 0)
     return phi, theta(v_draw), theta(v_mean), cov
+
+
+def _tr(a):
+    return jnp.swapaxes(a, 0, 1)
 
 
 def general_conditional(

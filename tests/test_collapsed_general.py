@@ -247,6 +247,55 @@ def test_everything_varying_diagonal_equals_hand_written(pooling):
     )
 
 
+@pytest.mark.parametrize("latent", [True, False])
+@pytest.mark.parametrize(
+    ("pooling", "varying", "covariance"),
+    [
+        ("partial", (True, False, True), "full"),
+        ("partial", (True, True, True), "full"),
+        ("partial", (False, True, False), "diagonal"),
+        ("none", (True, False, True), "diagonal"),
+    ],
+)
+def test_hand_written_gradient_equals_jax_grad(pooling, varying, covariance, latent):
+    # The groups' terms with their hand-written gradient (the sampler's)
+    # against jax.grad of the same plain-JAX terms: value and gradient with
+    # respect to sigma, the sds, the correlation's unconstrained vector and
+    # the latent cell (whose statistics take the gradient), rtol 1e-10.
+    data, hyper, _ = _problem(latent=latent)
+    spec = general_spec(pooling, varying, covariance, 3)
+    n_vary = sum(varying)
+    n_corr = n_vary * (n_vary + 1) // 2
+
+    def loglik(x, hand_written):
+        scales = {"sigma": x[0], "tau_a": x[1], "tau": x[2 : 2 + n_vary]}
+        corr = x[2 + n_vary : 2 + n_vary + n_corr]
+        scales["corr_chol"] = CorrCholeskyTransform()(corr)
+        cells = x[2 + n_vary + n_corr :]
+        return _general.general_loglik(spec, scales, data, hyper, cells, hand_written)
+
+    rng = np.random.default_rng(4)
+    with jax.enable_x64(True):
+        x = jnp.asarray(
+            np.concatenate(
+                [
+                    [SIGMA, TAU_A],
+                    TAU[np.asarray(varying)],
+                    rng.normal(size=n_corr),
+                    [CELL] if latent else [],
+                ]
+            )
+        )
+        results = [
+            jax.jit(jax.value_and_grad(loglik), static_argnums=1)(x, hand)
+            for hand in (True, False)
+        ]
+    (value, grad), (ref_value, ref_grad) = results
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-10)
+    assert np.all(np.asarray(ref_grad)[: 2 + n_vary] != 0.0) == (pooling == "partial")
+
+
 def test_lkj_term_equals_closed_form():
     # For a 2 x 2 correlation, LKJ(eta) has density prop. to (1 - r^2)^(eta -
     # 1) and CorrCholeskyTransform maps z to r = tanh(z), dr/dz = 1 - r^2: in
