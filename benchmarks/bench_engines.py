@@ -33,10 +33,10 @@ Benchmarks (targets of issue 3 in brackets):
                  and against groups (2 to 10,000; 20 rows each, 3 features).
 --covariance     100 groups x 3 features x 100,000 rows with correlated group
                  effects (issue 14): group_covariance "full" against
-                 "diagonal", each in a fresh process, through the collapsed
-                 engine and the runner (hiermask._runner.run_nuts): first fit
-                 (statistics, compilation, sampling, conditional draws) and
-                 min bulk ESS per second [full within 2x of diagonal on both].
+                 "diagonal" (varying="all"), each first fit in a fresh
+                 process through the estimator: fit time and min bulk ESS
+                 (over every diagnosed parameter) per second of the fit
+                 [full within 2x of diagonal on both].
 
 The profile columns split a fit into: ``validate_s`` (input checks, masks,
 everything of the estimator outside the engine), ``stats_s`` (scaling and the
@@ -480,112 +480,26 @@ def _covariance_data(quick):
 
 
 def covariance_fit(covariance, quick):
-    """One first fit of the collapsed engine (fresh process); a result row."""
-    start = time.perf_counter()
-    import jax
+    """One first fit through the estimator (fresh process); a result row."""
+    import pandas as pd
 
-    from hiermask import _fit
-    from hiermask._collapsed import CollapsedEngine, conditional_chunk
-    from hiermask._diagnostics import parameter_diagnostics
-    from hiermask._runner import run_nuts
-    from hiermask._stats import (
-        cell_moments,
-        group_statistics,
-        pool_moments,
-        scaling_from_moments,
-        vector_moments,
+    X, y, group_idx, _ = _covariance_data(quick)
+    frame = pd.DataFrame(X, columns=["x0", "x1", "x2"]).assign(group=group_idx)
+    row, est = _profiled_fit(
+        frame, y, covariance, group_covariance=covariance, varying="all"
     )
-
-    X, y, group_idx, n_groups = _covariance_data(quick)
-    w = np.ones(len(y))
-    mask = np.ones((n_groups, X.shape[1]), bool)
-    config = _fit.FitConfig(
-        pooling="partial",
-        engine="collapsed",
-        standardize=True,
-        coef_prior_scale=2.5,
-        intercept_prior_scale=2.5,
-        group_scale_prior=1.0,
-        noise_prior_scale=1.0,
-        num_warmup=500,
-        num_samples=1000,
-        num_chains=4,
-        target_accept_prob=0.8,
-        seed=0,
-    )
-    t0 = time.perf_counter()
-    cells = cell_moments(X, w, group_idx, n_groups)
-    scaling = scaling_from_moments(pool_moments(cells, mask), vector_moments(y, w))
-    stats = group_statistics(X, y, w, group_idx, mask, scaling)
-    latent = _fit.LatentRows(X[:0], y[:0], w[:0], group_idx[:0])
-    fit_stats = _fit.FitStatistics(mask, scaling, stats, latent, cells)
-    engine = CollapsedEngine("partial", varying=None, covariance=covariance)
-    data = engine.prepare(fit_stats, _fit._prior_units(scaling, True))
-    hyper = _fit._hyper(config, scaling)
-    if hasattr(hyper, "lkj"):
-        hyper = hyper._replace(lkj=np.asarray(2.0))
-    stats_s = time.perf_counter() - t0
-    run = run_nuts(
-        engine,
-        data,
-        hyper,
-        seed_value=0,
-        num_warmup=config.num_warmup,
-        num_samples=config.num_samples,
-        num_chains=config.num_chains,
-        target_accept_prob=config.target_accept_prob,
-    )
-    flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in run.values.items()}
-    # the conditional draws, compiled and run in one part (the same for both)
-    t1 = time.perf_counter()
-    n_draws = config.num_chains * config.num_samples
-    chunk = conditional_chunk(n_draws, n_groups, X.shape[1] + 1)
-    with jax.enable_x64(True):
-        program = jax.jit(
-            lambda key, sites, data, hyper: engine.conditional(
-                key, sites, data, hyper, chunk=chunk
-            )
-        )
-        sites = {k: flat[k] for k in engine.conditional_sites if k in flat}
-        extra, _, _ = jax.block_until_ready(
-            program(np.array([0, 1], np.uint32), sites, data, hyper)
-        )
-    flat.update({k: np.asarray(v) for k, v in extra.items()})
-    draws_s = time.perf_counter() - t1
-    fit_s = time.perf_counter() - t0
-    # bulk ESS of every sampled quantity and of the population means
-    names = [
-        "noise",
-        "intercept_scale",
-        "coef_scale",
-        "intercept_at_means",
-        "coef_mean",
-    ]
-    columns = [flat[k].reshape(len(flat[k]), -1) for k in names]
-    if "group_correlation" in flat:
-        q = flat["group_correlation"].shape[-1]
-        rows, cols = np.tril_indices(q, -1)
-        columns.append(flat["group_correlation"][:, rows, cols])
-    values = np.concatenate(columns, axis=1)
-    r_hat, ess_bulk, _ = parameter_diagnostics(
-        values.reshape(config.num_chains, config.num_samples, -1)
-    )
+    diverging = est.convergence_["n_divergences"]
     return {
         "case": covariance,
         "rows": len(y),
-        "first_fit_s": fit_s,
-        "stats_s": stats_s,
-        "trace_s": run.timings["trace"],
-        "compile_s": run.timings["compile"],
-        "sample_s": run.timings["run"],
-        "draws_s": draws_s,
-        "min_ess_bulk": float(np.min(ess_bulk)),
-        "ess_per_s": float(np.min(ess_bulk)) / fit_s,
-        "ess_per_sample_s": float(np.min(ess_bulk)) / run.timings["run"],
-        "max_r_hat": float(np.max(r_hat)),
-        "divergences": int(np.sum(run.stats["diverging"])),
-        "mean_steps": float(np.mean(run.stats["n_steps"])),
-        "process_s": time.perf_counter() - start,
+        "first_fit_s": row["fit_s"],
+        **{k: row[k] for k in ("stats_s", "trace_s", "compile_s", "sample_s")},
+        "draws_s": row["draws_s"],
+        "min_ess_bulk": row["min_ess_bulk"],
+        "ess_per_s": row["min_ess_bulk"] / row["fit_s"],
+        "ess_per_sample_s": row["min_ess_bulk"] / row["sample_s"],
+        "max_r_hat": row["max_r_hat"],
+        "divergences": diverging,
     }
 
 
