@@ -36,6 +36,12 @@ Benchmarks (targets of issue 3 in brackets):
                  groups [<= 30 s in all].
 --scaling        fit time against rows (1e3 to 1e7; 10 groups, 3 features)
                  and against groups (2 to 10,000; 20 rows each, 3 features).
+--covariance     100 groups x 3 features x 100,000 rows with correlated group
+                 effects (issue 14): group_covariance "full" against
+                 "diagonal" (varying="all"), each first fit in a fresh
+                 process through the estimator: fit time and min bulk ESS
+                 (over every diagnosed parameter) per second of the fit
+                 [full within 2x of diagonal on both].
 
 The profile columns split a fit into: ``validate_s`` (input checks, masks,
 everything of the estimator outside the engine), ``stats_s`` (scaling and the
@@ -77,6 +83,7 @@ BENCHMARKS = (
     "gridsearch",
     "scaling",
     "datapass",
+    "covariance",
 )
 PHASES = (
     "validate_s",
@@ -702,6 +709,66 @@ def bench_datapass(quick):
     ]
 
 
+def _covariance_data(quick):
+    # 100 groups x 3 features, intercept and slopes correlated across groups.
+    rng = np.random.default_rng(14)
+    n_groups, p = 100, 3
+    n_rows = 20_000 if quick else 100_000
+    group_idx = np.sort(rng.integers(0, n_groups, size=n_rows))
+    X = rng.normal(size=(n_rows, p)) * [1.0, 2.0, 0.5] + [3.0, -1.0, 10.0]
+    sd = np.array([1.0, 0.5, 0.3, 0.4])
+    corr = np.full((p + 1, p + 1), 0.3) + 0.7 * np.eye(p + 1)
+    corr[0, 1] = corr[1, 0] = -0.6
+    effects = rng.multivariate_normal(
+        np.zeros(p + 1), sd[:, None] * corr * sd, n_groups
+    )
+    coef = np.array([1.0, -0.5, 2.0]) + effects[:, 1:]
+    y = 5.0 + effects[group_idx, 0] + np.sum(coef[group_idx] * X, axis=1)
+    return X, y + rng.normal(0.0, 1.0, size=n_rows), group_idx, n_groups
+
+
+def covariance_fit(covariance, quick):
+    """One first fit through the estimator (fresh process); a result row."""
+    import pandas as pd
+
+    X, y, group_idx, _ = _covariance_data(quick)
+    frame = pd.DataFrame(X, columns=["x0", "x1", "x2"]).assign(group=group_idx)
+    row, est = _profiled_fit(
+        frame, y, covariance, group_covariance=covariance, varying="all"
+    )
+    diverging = est.convergence_["n_divergences"]
+    return {
+        "case": covariance,
+        "rows": len(y),
+        "first_fit_s": row["fit_s"],
+        **{k: row[k] for k in ("stats_s", "trace_s", "compile_s", "sample_s")},
+        "draws_s": row["draws_s"],
+        "min_ess_bulk": row["min_ess_bulk"],
+        "ess_per_s": row["min_ess_bulk"] / row["fit_s"],
+        "ess_per_sample_s": row["min_ess_bulk"] / row["sample_s"],
+        "max_r_hat": row["max_r_hat"],
+        "divergences": diverging,
+    }
+
+
+def bench_covariance(quick):
+    """group_covariance "full" against "diagonal": first fit and ESS/s."""
+    rows = []
+    for covariance in ("diagonal", "full"):
+        done = subprocess.run(
+            [sys.executable, __file__, "--covariance-fit", covariance]
+            + (["--quick"] if quick else []),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rows.append(json.loads(done.stdout.splitlines()[-1]))
+    for row in rows:
+        row["fit_vs_diagonal"] = row["first_fit_s"] / rows[0]["first_fit_s"]
+        row["ess_per_s_vs_diagonal"] = row["ess_per_s"] / rows[0]["ess_per_s"]
+    return rows
+
+
 RUNNERS = {
     "manufacturing": bench_manufacturing,
     "coldstart": bench_coldstart,
@@ -711,6 +778,7 @@ RUNNERS = {
     "gridsearch": bench_gridsearch,
     "scaling": bench_scaling,
     "datapass": bench_datapass,
+    "covariance": bench_covariance,
 }
 
 
@@ -780,7 +848,11 @@ def main(argv=None):
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--covariance-fit", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.covariance_fit:
+        print(json.dumps(covariance_fit(args.covariance_fit, args.quick)))
+        return
     if args.child:
         run_child(args.child, args.quick, args.out, args.baseline)
         return

@@ -330,6 +330,24 @@ def benchmark_pages(out: Path, results: Path) -> None:
             "before (a fit with the same groups and features), so the fit is its "
             "pass over the data plus a 1 x (50 + 50) run.\n\n"
         )
+    if "covariance" in bench:
+        section(
+            "covariance",
+            'group_covariance "full" against "diagonal", 100,000 rows, 100 groups',
+            "covariance",
+            ["case", "first fit (s)", "trace", "compile", "sample", "draws"]
+            + ["min ESS", "ESS/s", "ESS/s sampling", "max r_hat"]
+            + ["fit / diagonal", "ESS/s / diagonal"],
+            [
+                [r["case"]]
+                + [_s(r[k]) for k in ("first_fit_s", "trace_s", "compile_s")]
+                + [_s(r["sample_s"]), _s(r["draws_s"]), f"{r['min_ess_bulk']:.0f}"]
+                + [f"{r['ess_per_s']:.1f}", f"{r['ess_per_sample_s']:.0f}"]
+                + [f"{r['max_r_hat']:.4f}"]
+                + [f"{r['fit_vs_diagonal']:.2f}", f"{r['ess_per_s_vs_diagonal']:.2f}"]
+                for r in bench["covariance"]["rows"]
+            ],
+        )
     section(
         "gridsearch",
         "GridSearchCV, 5 folds x 4 prior scales, 10,000 rows",

@@ -114,20 +114,64 @@ class CollapsedEngine:
     integrated out (:meth:`conditional`). Engines are hashable: equal
     engines share compiled programs.
 
+    Today's model (every feature varying with independent group effects, or
+    complete pooling) runs the hand-written code of this module; population-only
+    slopes and correlated group effects run the plain-JAX general model of
+    :mod:`hiermask._general`.
+
     Parameters
     ----------
     pooling : {"partial", "none", "complete"}
+    varying : tuple of bool, optional
+        One per active feature (a column of the data's ``on``): whether it
+        has a group-specific slope. None: every feature varies.
+    covariance : {"diagonal", "full"}, default="diagonal"
+        Group effects independent, or jointly normal with an LKJ-distributed
+        correlation (partial pooling only).
+
+    Examples
+    --------
+    >>> from hiermask._collapsed import CollapsedEngine
+    >>> engine = CollapsedEngine("partial", varying=(True, False), covariance="full")
+    >>> engine.conditional_sites[-1]
+    'group_correlation'
     """
 
     pooling: str = "partial"
+    varying: tuple | None = None
+    covariance: str = "diagonal"
 
-    #: Sampled sites that :meth:`conditional` takes.
-    conditional_sites: ClassVar[tuple] = (
+    #: Sampled sites that :meth:`conditional` takes (today's model).
+    _SITES: ClassVar[tuple] = (
         "noise",
         "intercept_scale",
         "coef_scale",
         "x_missing",
     )
+
+    def __post_init__(self):
+        if self.varying is not None:
+            object.__setattr__(self, "varying", tuple(bool(v) for v in self.varying))
+
+    @property
+    def general(self):
+        """Whether this engine runs the general model (:mod:`hiermask._general`)."""
+        from ._general import uses_general
+
+        return uses_general(self.pooling, self.varying, self.covariance)
+
+    @property
+    def conditional_sites(self):
+        """Sampled sites that :meth:`conditional` takes."""
+        if self.general and self.covariance == "full" and self.pooling == "partial":
+            return (*self._SITES, "group_correlation")
+        return self._SITES
+
+    def _spec(self, data):
+        from ._general import general_spec
+
+        n_features = data.on.shape[1]
+        return general_spec(self.pooling, self.varying, self.covariance, n_features)
 
     def prepare(self, statistics, ref):
         """The engine's data from the statistics of the rows.
@@ -178,16 +222,28 @@ class CollapsedEngine:
     def density(self, data, hyper):
         """The posterior as a :class:`~hiermask._density.FlatDensity`.
 
-        See :func:`collapsed_density`.
+        See :func:`collapsed_density` and
+        :func:`hiermask._general.general_density`.
         """
+        if self.general:
+            from ._general import general_density
+
+            return general_density(self._spec(data), data, hyper)
         return collapsed_density(data, hyper, self.pooling)
 
     def conditional(self, rng_key, draws, data, hyper, **chunking):
         """Exact draws of the population and group coefficients.
 
         See :func:`conditional_draws` (``chunking``: its ``chunk``,
-        ``first_chunk`` and ``n_valid``).
+        ``first_chunk`` and ``n_valid``; the general model:
+        :func:`hiermask._general.general_conditional`).
         """
+        if self.general:
+            from ._general import general_conditional
+
+            return general_conditional(
+                self._spec(data), rng_key, draws, data, hyper, **chunking
+            )
         return conditional_draws(rng_key, draws, data, hyper, self.pooling, **chunking)
 
 
@@ -961,6 +1017,11 @@ def _layout(data, hyper, pooling):
             ("intercept_scale", (), True, hyper.group_intercept),
             ("coef_scale", (n_features,), True, hyper.group_coef),
         ]
+    return _layout_of(sites)
+
+
+def _layout_of(sites):
+    # The _Layout of a list of sites (name, shape, positive, prior scale).
     sizes = [math.prod(shape) for _, shape, _, _ in sites]
     prior_scale = jnp.concatenate(
         [

@@ -179,6 +179,29 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         at zero, in units of ``sd(y)`` when ``standardize``.
     group_scale_prior : float, default=1.0
         HalfNormal scale of the between-group sds (partial pooling only).
+    varying : {"auto", "all"} or list, default="auto"
+        Which features get a group-specific slope (the others get one
+        population slope, shared by the groups where the feature applies
+        and still exactly 0 where it is off). ``"auto"``: every feature but
+        the group-level predictors, whose observed values are constant
+        within every group where they apply (their group-specific slope is
+        not identified apart from the intercept); what it chose is in
+        ``varying_``, the summary and the CLI output. ``"all"``: every
+        feature (version 0.1's model). A list: column labels (DataFrame) or
+        positions in ``X`` (arrays); ``[]`` gives the varying-intercept
+        model. Under ``pooling="none"`` the features not listed get one
+        shared slope; under ``"complete"`` nothing varies.
+    group_covariance : {"full", "diagonal"}, default="full"
+        ``"full"``: a group's intercept and varying slopes are jointly normal
+        with covariance ``diag(tau) Omega diag(tau)``, ``Omega ~
+        LKJ(lkj_concentration)`` (lme4's ``(1 + x | g)``); a group where a
+        feature is off follows the marginal on the features that apply.
+        ``"diagonal"``: independent deviations (lme4's ``(1 + x || g)``).
+        Partial pooling only.
+    lkj_concentration : float, default=2.0
+        Concentration of the LKJ prior on the group correlation matrix
+        (``"full"``): 1 is uniform over correlation matrices, larger values
+        favour weaker correlations.
     noise_prior_scale : float, default=1.0
         HalfNormal scale of the residual sd.
     standardize : bool, default=True
@@ -248,12 +271,21 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         Posterior-mean between-group sd of each slope (partial pooling).
     group_intercept_scale_ : float
         Posterior-mean between-group sd of the intercept (partial pooling).
+    varying_ : pandas.Series of bool
+        Indexed by feature name: True where the feature has a group-specific
+        slope (False for features off in every group).
+    group_correlation_ : pandas.DataFrame
+        Posterior-mean correlation matrix of the group effects, labelled
+        ``intercept`` and the varying features (partial pooling with
+        ``group_covariance="full"``).
     noise_scale_ : float
         Posterior-mean residual sd.
     posterior_ : dict of ndarray
         Draws, chains concatenated: ``intercept`` (n_draws, n_groups),
         ``coef`` (n_draws, n_groups, n_features), ``noise`` and the
-        population-level parameters.
+        population-level parameters; under ``group_covariance="full"``
+        ``group_correlation`` (n_draws, q, q) over the intercept and the
+        varying features.
     convergence_ : dict
         ``max_r_hat``, ``min_ess_bulk``, ``n_divergences`` and
         ``worst_parameter``.
@@ -305,6 +337,9 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         "coef_prior_scale": [Interval(numbers.Real, 0, None, closed="neither")],
         "intercept_prior_scale": [Interval(numbers.Real, 0, None, closed="neither")],
         "group_scale_prior": [Interval(numbers.Real, 0, None, closed="neither")],
+        "varying": [_Options({"auto", "all"}), "array-like"],
+        "group_covariance": [_Options({"full", "diagonal"})],
+        "lkj_concentration": [Interval(numbers.Real, 0, None, closed="neither")],
         "noise_prior_scale": [Interval(numbers.Real, 0, None, closed="neither")],
         "standardize": ["boolean"],
         "mask_threshold": [Interval(numbers.Real, 0, 1, closed="right")],
@@ -330,6 +365,9 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         coef_prior_scale: float = 1.0,
         intercept_prior_scale: float = 1.0,
         group_scale_prior: float = 1.0,
+        varying: Literal["auto", "all"] | list = "auto",
+        group_covariance: Literal["full", "diagonal"] = "full",
+        lkj_concentration: float = 2.0,
         noise_prior_scale: float = 1.0,
         standardize: bool = True,
         mask_threshold: float = 1.0,
@@ -351,6 +389,9 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         self.coef_prior_scale = coef_prior_scale
         self.intercept_prior_scale = intercept_prior_scale
         self.group_scale_prior = group_scale_prior
+        self.varying = varying
+        self.group_covariance = group_covariance
+        self.lkj_concentration = lkj_concentration
         self.noise_prior_scale = noise_prior_scale
         self.standardize = standardize
         self.mask_threshold = mask_threshold
@@ -464,7 +505,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         )
         self._warn_thin_masks(nans, mask, groups_, names)
         self._check_memory(len(groups_), features.shape[1])
-        config = self._fit_config()
+        config = self._fit_config(names, isinstance(X, pd.DataFrame))
         posterior = fit_posterior(features, target, weights, group_idx, mask, config)
         return self._fitted_state(posterior, mask, groups_, names, config.seed, target)
 
@@ -498,7 +539,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         )
         self._warn_thin_masks(summary.nans, mask, groups_, names)
         self._check_memory(len(groups_), len(names))
-        config = self._fit_config()
+        config = self._fit_config(names, True)
         fit_stats = _dask.fit_statistics(
             X,
             y,
@@ -512,7 +553,42 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         posterior = posterior_from_statistics(fit_stats, config)
         return self._fitted_state(posterior, mask, groups_, names, config.seed, None)
 
-    def _fit_config(self):
+    def _varying_setting(self, names, frame):
+        """``varying`` as FitConfig takes it: "auto", "all" or one flag per
+        feature (labels for a DataFrame, positions in X for arrays)."""
+        if isinstance(self.varying, str):
+            return self.varying
+        flags = [False] * len(names)
+        n_columns = self.n_features_in_
+        for item in list(np.asarray(self.varying, dtype=object).ravel()):
+            if frame:
+                key = str(item)
+                if key not in names:
+                    raise ValueError(
+                        f"varying lists {item!r}, which is not a feature column of "
+                        f"X; the features are {list(names)}."
+                    )
+            else:
+                if not isinstance(item, numbers.Integral) or isinstance(item, bool):
+                    raise ValueError(
+                        f"varying lists {item!r}: when X is not a DataFrame, "
+                        "varying lists column positions (ints)."
+                    )
+                if not -n_columns <= item < n_columns:
+                    raise ValueError(
+                        f"varying lists position {item}, out of range for X with "
+                        f"{n_columns} columns."
+                    )
+                key = f"x{int(item) % n_columns}"
+                if key not in names:
+                    raise ValueError(
+                        f"varying lists position {item}, the group column; it "
+                        "lists feature columns."
+                    )
+            flags[list(names).index(key)] = True
+        return tuple(flags)
+
+    def _fit_config(self, names=None, frame=False):
         engine = "collapsed" if self.engine == "auto" else self.engine
         seed = int(
             check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
@@ -531,6 +607,10 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             target_accept_prob=float(self.target_accept_prob),
             seed=seed,
             progress_bar=bool(self.progress_bar),
+            varying=self._varying_setting(names, frame) if names else "all",
+            group_covariance=self.group_covariance,
+            lkj_concentration=float(self.lkj_concentration),
+            feature_names=tuple(names) if names else None,
         )
 
     def _fitted_state(self, posterior, mask, groups_, names, seed, target):
@@ -637,7 +717,13 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
 
     def _convergence(self, posterior: Posterior, groups_, names):
         diag = posterior.diagnostics
-        label = self._diagnostic_labeler(groups_, names)
+        varying = posterior.varying
+        effects = ["intercept"] + (
+            []
+            if varying is None
+            else [n for n, v in zip(names, varying, strict=True) if v]
+        )
+        label = self._diagnostic_labeler(groups_, names, effects)
         r_hats = {k: v[0] for k, v in diag.items() if np.isfinite(v[0])}
         esses = {k: v[1] for k, v in diag.items() if np.isfinite(v[1])}
         worst = max(r_hats, key=r_hats.get) if r_hats else None
@@ -649,7 +735,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         }
 
     @staticmethod
-    def _diagnostic_labeler(groups_, names):
+    def _diagnostic_labeler(groups_, names, effects=("intercept",)):
         def label(key):
             if key is None:
                 return None
@@ -661,6 +747,8 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
                 return f"{base}[{groups_[idx[0]]}]"
             if base == "coef":
                 return f"coef[{groups_[idx[0]]}, {names[idx[1]]}]"
+            if base == "group_correlation":
+                return f"{base}[{effects[idx[1]]}, {effects[idx[0]]}]"
             return f"{base}[{names[idx[0]]}]"
 
         return label
@@ -724,6 +812,76 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             index=pd.Index(self.groups_, name="group"),
             columns=pd.Index(self._feature_names, name="feature"),
         )
+
+    @property
+    def varying_(self) -> pd.Series:
+        """Which features have a group-specific slope (True) after fit.
+
+        ``varying="auto"`` leaves out the group-level predictors (features
+        constant within every group where they apply).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from hiermask import MaskedHierarchicalRegressor
+        >>> rng = np.random.default_rng(0)
+        >>> g = np.repeat(np.arange(6), 10)
+        >>> u = np.repeat(rng.normal(size=6), 10)  # a group-level predictor
+        >>> X = np.column_stack([rng.normal(size=60), u])
+        >>> y = X @ [1.0, 2.0] + rng.normal(size=6)[g] + rng.normal(size=60)
+        >>> est = MaskedHierarchicalRegressor(
+        ...     num_warmup=100, num_samples=100, num_chains=2,
+        ...     on_bad_convergence="ignore", random_state=0,
+        ... ).fit(X, y, groups=g)
+        >>> est.varying_.to_dict()
+        {'x0': True, 'x1': False}
+        """
+        if not hasattr(self, "_posterior"):
+            raise AttributeError("varying_ is set by fit.")
+        flags = self._posterior.varying
+        if flags is None:  # a model file of version 1 without it: "all"
+            flags = self._mask.any(axis=0)
+        if self.pooling == "complete":
+            flags = np.zeros(len(self._feature_names), dtype=bool)
+        return pd.Series(
+            np.asarray(flags, dtype=bool),
+            index=pd.Index(self._feature_names, name="feature"),
+            name="varying",
+        )
+
+    @property
+    def group_correlation_(self) -> pd.DataFrame:
+        """Posterior-mean correlation of the group effects (``"full"``).
+
+        Labelled ``intercept`` and the varying features; set under partial
+        pooling with ``group_covariance="full"``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from hiermask import MaskedHierarchicalRegressor
+        >>> rng = np.random.default_rng(0)
+        >>> g = np.repeat(np.arange(8), 10)
+        >>> X = rng.normal(size=(80, 1))
+        >>> y = X[:, 0] * (1 + rng.normal(size=8)[g]) + rng.normal(size=80)
+        >>> est = MaskedHierarchicalRegressor(
+        ...     num_warmup=100, num_samples=100, num_chains=2,
+        ...     on_bad_convergence="ignore", random_state=0,
+        ... ).fit(X, y, groups=g)
+        >>> list(est.group_correlation_.columns)
+        ['intercept', 'x0']
+        """
+        if not hasattr(self, "posterior_") or "group_correlation" not in (
+            self.posterior_
+        ):
+            raise AttributeError(
+                "group_correlation_ is set by fit under pooling='partial' with "
+                "group_covariance='full'."
+            )
+        labels = ["intercept"] + [n for n, v in self.varying_.items() if v]
+        mean = np.mean(self.posterior_["group_correlation"], axis=0)
+        index = pd.Index(labels, name="coefficient")
+        return pd.DataFrame(mean, index=index, columns=index.copy())
 
     def _prepare(self, X, groups, unseen_table=None):
         """Features, fitted group codes (-1: unseen) and unseen-group codes.

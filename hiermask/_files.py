@@ -103,7 +103,9 @@ class Spec:
         Array shape in dimension symbols; digits are literal. ``G`` groups,
         ``P`` features, ``Q = P + 1`` coefficients, ``D`` draws, ``C``
         chains, ``S = D / C`` draws per chain, ``N`` rows of the fit, ``K``
-        diagnosed parameters, ``F`` columns of ``X`` (``n_features_in_``).
+        diagnosed parameters, ``F`` columns of ``X`` (``n_features_in_``),
+        ``R`` correlated group effects (the intercept and the varying
+        features).
     dtype : str
         Array dtype kind, a key of :data:`ARRAY_DTYPES`.
     when : frozenset or None
@@ -151,6 +153,7 @@ DRAWS = {
     "population_coef": Spec("array", "D P", when=_POOLED),
     "group_intercept_scale": Spec("array", "D", when=_PARTIAL),
     "group_coef_scale": Spec("array", "D P", when=_PARTIAL),
+    "group_correlation": Spec("array", "D R R", when=_PARTIAL, optional=True),
 }
 #: ``convergence_``.
 CONVERGENCE = {
@@ -192,6 +195,7 @@ POSTERIOR = {
     "diverging": Spec("array", "C S", "b"),
     "tree_steps": Spec("array", "C S", "i"),
     "timings": Spec("table", table=TIMINGS),
+    "varying": Spec("array", "P", "b", optional=True, nullable=True),
 }
 #: Every attribute that fit sets, in the order they are restored.
 FITTED = {
@@ -316,6 +320,9 @@ def _params(est):
     for name, value in params.items():
         if isinstance(value, np.generic):
             value = value.item()
+        if name == "varying" and not isinstance(value, str):
+            out[name] = _varying_list(value)
+            continue
         finite = not isinstance(value, float) or math.isfinite(value)
         if not finite or (
             value is not None and not isinstance(value, bool | int | float | str)
@@ -664,6 +671,21 @@ def _check_format(reader, document):
     return saved
 
 
+def _is_column(value):
+    return isinstance(value, str | int) and not isinstance(value, bool)
+
+
+def _varying_list(value):
+    # ``varying`` as a list of column labels (str) or positions (int)
+    items = [v.item() if isinstance(v, np.generic) else v for v in list(value)]
+    if not all(_is_column(v) for v in items):
+        raise ValueError(
+            f"Parameter varying={value!r} cannot be saved in a model file: a list "
+            "of varying columns must hold str labels or int positions."
+        )
+    return items
+
+
 def _params_of(reader, params):
     """The estimator's parameters, validated as its constructor would."""
     _expect(reader, isinstance(params, dict), "params", "an object", params)
@@ -672,6 +694,10 @@ def _params_of(reader, params):
     if unknown:
         reader.fail(f"params has unknown parameter(s) {sorted(unknown)}.")
     for name, value in params.items():
+        if name == "varying" and isinstance(value, list):
+            ok = all(_is_column(v) for v in value)
+            _expect(reader, ok, "params.varying", "a list of str or int", value)
+            continue
         ok = value is None or isinstance(value, bool | int | float | str)
         _expect(reader, ok, f"params.{name}", "null, a bool, number or str", value)
     est = MaskedHierarchicalRegressor(**params)

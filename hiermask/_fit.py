@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from . import _limits
+from . import _identify, _limits
 from ._collapsed import CollapsedData, CollapsedEngine, conditional_chunk
 from ._diagnostics import parameter_diagnostics
-from ._model import DirectEngine, Hyper
+from ._model import DirectEngine, Hyper, varying_index
 from ._runner import map_parts, run_nuts
 from ._stats import (
     GroupStats,
@@ -63,6 +63,10 @@ class FitConfig:
     target_accept_prob: float
     seed: int
     progress_bar: bool = False
+    varying: str | tuple = "all"  # "auto", "all" or one bool per feature
+    group_covariance: str = "diagonal"
+    lkj_concentration: float = 2.0
+    feature_names: tuple | None = None  # for the messages of fit's warnings
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,7 @@ class Posterior:
     diverging: np.ndarray  # (n_chains, n_draws)
     tree_steps: np.ndarray  # (n_chains, n_draws)
     timings: dict  # the sampler's seconds (RunResult.timings)
+    varying: np.ndarray | None = None  # (p,) bool: group-specific slope
 
 
 def _prior_units(scaling: Scaling, standardize: bool):
@@ -174,6 +179,7 @@ def _hyper(config: FitConfig, scaling: Scaling) -> Hyper:
         group_coef=config.group_scale_prior * r,
         group_intercept=np.asarray(config.group_scale_prior * r_y),
         noise=np.asarray(config.noise_prior_scale * r_y),
+        lkj=np.asarray(float(config.lkj_concentration)),
     )
 
 
@@ -308,7 +314,11 @@ def _sample(statistics, cells, config: FitConfig) -> Posterior:
     mask, scaling = statistics.mask, statistics.scaling
     active = mask.any(axis=0)
     ref = _prior_units(scaling, config.standardize)
-    engine = ENGINES[config.engine](config.pooling)
+    varying = _identify.resolve_varying(config.varying, cells, mask, scaling)
+    _identify.warn_unidentified(
+        config, varying, cells, mask, scaling, _group_grams(statistics)
+    )
+    engine = make_engine(config, varying[active])
     data = engine.prepare(statistics, ref)
     hyper = _hyper(config, scaling)
     run, flat, moments = _run_engine(engine, data, hyper, config)
@@ -320,7 +330,7 @@ def _sample(statistics, cells, config: FitConfig) -> Posterior:
         mean, cov = _original_moments(*moments, on, scaling)
     draws = {"intercept": intercept, "coef": _expand(slopes, active)}
     draws["noise"] = flat["noise"] * scaling.y_scale
-    unseen = _population(draws, flat, config.pooling, scaling, ref, active)
+    unseen = _population(draws, flat, config, scaling, ref, active, varying)
     cols = np.asarray(data.impute_cols)
     fill = _impute_moments(flat, cols, cells, mask[:, active], scaling)
     return Posterior(
@@ -330,11 +340,61 @@ def _sample(statistics, cells, config: FitConfig) -> Posterior:
         noise_var=float(np.mean(draws["noise"] ** 2)),
         **dict(zip(_FILL_FIELDS, (_expand(m, active) for m in fill), strict=True)),
         prior_reference=_prior_reference(ref, config, active),
-        diagnostics=_diagnose(draws, config.num_chains, mask),
+        diagnostics=_diagnose(draws, config.num_chains, mask, varying),
         diverging=run.stats["diverging"],
         tree_steps=run.stats["n_steps"],
         timings=run.timings,
+        varying=varying & active,
     )
+
+
+def make_engine(config: FitConfig, varying_active):
+    """The engine of a fit.
+
+    Parameters
+    ----------
+    config : FitConfig
+    varying_active : ndarray of shape (n_active,), bool
+        Which active features have a group-specific slope.
+
+    Returns
+    -------
+    CollapsedEngine or DirectEngine
+        Today's model (every slope varies, independent deviations) is built
+        as ``ENGINES[name](pooling)``; any other with ``varying`` (a tuple of
+        bools, None when every slope varies) and ``covariance``.
+    """
+    varying = tuple(bool(v) for v in varying_active)
+    covariance = config.group_covariance
+    if config.pooling == "complete":
+        varying, covariance = None, "diagonal"
+    elif all(varying):
+        varying = None
+    if config.pooling == "none":
+        covariance = "diagonal"
+    if varying is None and covariance == "diagonal":
+        return ENGINES[config.engine](config.pooling)
+    return ENGINES[config.engine](
+        config.pooling, varying=varying, covariance=covariance
+    )
+
+
+def _group_grams(statistics):
+    # Per-group Gram matrices [1, c]'W[1, c] of the internal design (the
+    # complete rows of the collapsed engine's statistics, every row for the
+    # direct engine).
+    if isinstance(statistics, FitStatistics):
+        return statistics.stats.gram
+    rows = statistics.rows
+    active = statistics.mask.any(axis=0)
+    return group_statistics(
+        rows.X,
+        rows.y,
+        rows.w,
+        rows.group_idx,
+        statistics.mask[:, active],
+        statistics.scaling,
+    ).gram
 
 
 #: Posterior's fields of the imputation moments, in _impute_moments' order.
@@ -355,7 +415,9 @@ def _run_engine(engine, data, hyper, config):
         # The conditional draws compile while the sampler compiles and runs
         # (started after the sampler's tracing, which holds the GIL).
         if engine.conditional_sites:
-            conditional_program.append(_conditional_program(config, data, hyper))
+            conditional_program.append(
+                _conditional_program(config, data, hyper, engine)
+            )
 
     run = run_nuts(
         engine,
@@ -373,6 +435,9 @@ def _run_engine(engine, data, hyper, config):
         k: v.reshape(v.shape[0] * v.shape[1], *v.shape[2:])
         for k, v in run.values.items()
     }
+    full = engine.pooling == "partial" and getattr(engine, "covariance", "") == "full"
+    if full and "group_correlation" not in flat:  # only the intercept varies
+        flat["group_correlation"] = np.ones((flat["noise"].shape[0], 1, 1))
     if not conditional_program:
         return run, flat, None
     sites = {k: flat[k] for k in engine.conditional_sites if k in flat}
@@ -408,10 +473,11 @@ def _original_moments(mean, cov, on, scaling):
     )
 
 
-def _population(draws, flat, pooling, scaling, ref, active):
+def _population(draws, flat, config, scaling, ref, active, varying):
     """Add the population parameters' draws to ``draws``; return the mean
     and covariance of an unseen group's coefficients (None, None under no
     pooling)."""
+    pooling = config.pooling
     if pooling == "none":
         return None, None
     s_y = scaling.y_scale
@@ -429,9 +495,20 @@ def _population(draws, flat, pooling, scaling, ref, active):
         tau = flat["coef_scale"] * (s_y / scaling.x_scale)
         draws["group_intercept_scale"] = tau_a
         draws["group_coef_scale"] = _expand(tau, active)
-        unseen_cov = unseen_cov + np.diag(
-            np.concatenate([[np.mean(tau_a**2)], np.mean(tau**2, axis=0)])
-        )
+        scales = np.concatenate([tau_a[:, None], tau], axis=1)
+        if config.group_covariance == "full":
+            # over [intercept, varying features]: E[diag(tau) Omega diag(tau)]
+            keep = np.concatenate([[True], varying[active]])
+            n_kept = int(keep.sum())
+            corr = np.asarray(flat["group_correlation"]).reshape(-1, n_kept, n_kept)
+            draws["group_correlation"] = corr
+            kept = scales[:, keep]
+            between = np.zeros((both.shape[1], both.shape[1]))
+            between[np.ix_(keep, keep)] = np.mean(
+                kept[:, :, None] * corr * kept[:, None, :], axis=0
+            )
+            return unseen_mean, unseen_cov + between
+        unseen_cov = unseen_cov + np.diag(np.mean(scales**2, axis=0))
     return unseen_mean, unseen_cov
 
 
@@ -521,17 +598,21 @@ def _conditional_parts(n_draws, n_groups, q):
     return chunk, length, [(0, length, 0), (length, n_draws, per_part)]
 
 
-def _conditional_spec(config, data, hyper, length):
+def _conditional_spec(engine, data, hyper, length):
     # Shapes and dtypes of the conditional draws' arguments, known before
     # sampling: one value per draw of a part (length draws) of each sampled
     # site it takes.
     n_features = np.shape(data.on)[1]
     sites = {"noise": (length,)}
-    if config.pooling == "partial":
+    if engine.pooling == "partial":
         sites["intercept_scale"] = (length,)
         sites["coef_scale"] = (length, n_features)
+        if getattr(engine, "covariance", "diagonal") == "full":
+            q = 1 + len(varying_index(engine.varying, n_features))
+            sites["group_correlation"] = (length, q, q)
     if np.shape(data.miss_row)[0]:
         sites["x_missing"] = (length, np.shape(data.miss_row)[0])
+    sites = {k: v for k, v in sites.items() if k in engine.conditional_sites}
 
     def struct(x):
         x = np.asarray(x)
@@ -554,19 +635,21 @@ def _conditional_key(seed):
     return np.array([0, (seed + 1) % 2**32], dtype=np.uint32)
 
 
-def _conditional_program(config, data, hyper):
+def _conditional_program(config, data, hyper, engine=None):
     """Future of the compiled conditional draws for this fit's shapes.
 
     Compiled in a background thread, so that it overlaps the sampler's
-    compilation and run; cached per shape like the sampler.
+    compilation and run; cached per shape like the sampler. ``engine``
+    defaults to today's model's (every slope varies, diagonal).
     """
+    if engine is None:
+        engine = ENGINES[config.engine](config.pooling)
     n_groups, n_features = np.shape(data.on)
     n_draws = config.num_chains * config.num_samples
     chunk, length, _ = _conditional_parts(n_draws, n_groups, n_features + 1)
-    spec = _conditional_spec(config, data, hyper, length)
+    spec = _conditional_spec(engine, data, hyper, length)
     leaves, treedef = jax.tree_util.tree_flatten(spec)
     shapes = tuple((x.shape, x.dtype) for x in leaves)
-    engine = ENGINES[config.engine](config.pooling)
     key = (engine, chunk, treedef, shapes, _limits.current())
 
     def compile_now():
@@ -635,11 +718,13 @@ def _conditional(program, rng_key, sites, data, hyper):
     return out, mean, second - mean[:, :, None] * mean[:, None, :]
 
 
-def _diagnose(draws, n_chains, mask):
+def _diagnose(draws, n_chains, mask, varying=None):
     """Convergence diagnostics per reported parameter.
 
-    Population-level parameters and the noise are always diagnosed; group
-    coefficients too while there are at most ``_limits.MAX_GROUP_PARAMS_DIAGNOSED``.
+    Population-level parameters and the noise are always diagnosed (the
+    between-group sds of varying features only, and the correlations below
+    the diagonal); group coefficients too while there are at most
+    ``_limits.MAX_GROUP_PARAMS_DIAGNOSED``.
     """
     n_groups, p = mask.shape
     out = {}
@@ -656,9 +741,27 @@ def _diagnose(draws, n_chains, mask):
     for name in ("population_intercept", "group_intercept_scale", "noise"):
         if name in draws:
             add(name, draws[name][:, None], [""])
-    for name in ("population_coef", "group_coef_scale"):
-        if name in draws:
-            add(name, draws[name][:, feats], [f"[{j}]" for j in feats])
+    if "population_coef" in draws:
+        add(
+            "population_coef",
+            draws["population_coef"][:, feats],
+            [f"[{j}]" for j in feats],
+        )
+    if "group_coef_scale" in draws:
+        vary = feats if varying is None else np.flatnonzero(varying & mask.any(axis=0))
+        add(
+            "group_coef_scale",
+            draws["group_coef_scale"][:, vary],
+            [f"[{j}]" for j in vary],
+        )
+    if "group_correlation" in draws:
+        r = draws["group_correlation"].shape[-1]
+        rows, cols = np.tril_indices(r, -1)
+        add(
+            "group_correlation",
+            draws["group_correlation"][:, rows, cols],
+            [f"[{i}, {j}]" for i, j in zip(rows, cols, strict=True)],
+        )
     if n_groups * (p + 1) <= _limits.MAX_GROUP_PARAMS_DIAGNOSED:
         add("intercept", draws["intercept"], [f"[{g}]" for g in range(n_groups)])
         gs, js = np.nonzero(mask)

@@ -38,8 +38,11 @@ __all__ = [
     "DirectEngine",
     "Hyper",
     "direct_model",
+    "sample_group_deviations",
     "sample_imputation",
     "sample_population",
+    "sample_unpooled_slopes",
+    "varying_index",
 ]
 
 #: Prior sd of a group's mean of a feature in internal (standardized) units.
@@ -56,6 +59,9 @@ class Hyper(NamedTuple):
     group_coef: jnp.ndarray  # (p,) HalfNormal scale of between-group slope sd
     group_intercept: jnp.ndarray  # () HalfNormal scale of between-group intercept sd
     noise: jnp.ndarray  # () HalfNormal scale of the residual sd
+    # () LKJ concentration of the group correlation (covariance "full");
+    # the default serves callers that build a Hyper without it
+    lkj: jnp.ndarray = 2.0
 
 
 class DirectData(NamedTuple):
@@ -76,7 +82,26 @@ class DirectData(NamedTuple):
     impute_observed: jnp.ndarray  # (n, P) weight of observed applicable cells
 
 
-def sample_population(pooling, n_features, hyper):
+def varying_index(varying, n_features):
+    """Positions of the features with a group-specific slope.
+
+    Parameters
+    ----------
+    varying : tuple of bool or None
+        One flag per active feature; None: every feature varies.
+    n_features : int
+        Number of active features.
+
+    Returns
+    -------
+    tuple of int
+    """
+    if varying is None:
+        return tuple(range(n_features))
+    return tuple(j for j, v in enumerate(varying) if v)
+
+
+def sample_population(pooling, n_features, hyper, varying=None):
     """Sample the population-level sites shared by both engines.
 
     Parameters
@@ -87,6 +112,10 @@ def sample_population(pooling, n_features, hyper):
         Number of active features.
     hyper : Hyper
         Prior scales in internal units.
+    varying : tuple of bool or None, default=None
+        Which active features have a group-specific slope (None: all). Only
+        their between-group sds are sampled; ``coef_scale`` is exactly 0.0
+        for the others.
 
     Returns
     -------
@@ -103,11 +132,110 @@ def sample_population(pooling, n_features, hyper):
         out["tau_a"] = numpyro.sample(
             "intercept_scale", dist.HalfNormal(hyper.group_intercept)
         )
-        out["tau"] = numpyro.sample(
-            "coef_scale",
-            dist.HalfNormal(hyper.group_coef * jnp.ones(n_features)).to_event(1),
-        )
+        idx = varying_index(varying, n_features)
+        if len(idx) == n_features:
+            out["tau"] = numpyro.sample(
+                "coef_scale",
+                dist.HalfNormal(hyper.group_coef * jnp.ones(n_features)).to_event(1),
+            )
+            return out
+        tau = jnp.zeros(n_features)
+        if idx:
+            scales = (hyper.group_coef * jnp.ones(n_features))[jnp.asarray(idx)]
+            tau_v = numpyro.sample(
+                "coef_scale_varying", dist.HalfNormal(scales).to_event(1)
+            )
+            tau = tau.at[jnp.asarray(idx)].set(tau_v)
+        out["tau"] = numpyro.deterministic("coef_scale", tau)
     return out
+
+
+def sample_group_deviations(n_groups, n_features, pop, hyper, varying, covariance):
+    """Each group's deviations from the population (partial pooling).
+
+    Non-centred: under ``"diagonal"`` a deviation is ``tau * z``; under
+    ``"full"`` the deviations of the intercept and the varying slopes are
+    ``diag(tau) L z`` with ``L`` the Cholesky factor of the correlation
+    matrix ``Omega ~ LKJ(hyper.lkj)``, so they are jointly normal with
+    covariance ``diag(tau) Omega diag(tau)``. Every group gets the whole
+    vector; the caller uses only the features that apply to it, which is
+    exactly the marginal on them.
+
+    Parameters
+    ----------
+    n_groups, n_features : int
+    pop : dict
+        What :func:`sample_population` returned.
+    hyper : Hyper
+    varying : tuple of bool or None
+    covariance : {"diagonal", "full"}
+
+    Returns
+    -------
+    dev_a : array of shape (n_groups,)
+        Deviations of the intercept (at x = 0).
+    dev_b : array of shape (n_groups, n_features)
+        Deviations of the slopes (0 for the features that do not vary).
+    """
+    idx = varying_index(varying, n_features)
+    if len(idx) == n_features and covariance == "diagonal":
+        # today's model, with today's sites
+        z_a = numpyro.sample(
+            "intercept_offset", dist.Normal(jnp.zeros(n_groups), 1.0).to_event(1)
+        )
+        z = numpyro.sample(
+            "coef_offset",
+            dist.Normal(jnp.zeros((n_groups, n_features)), 1.0).to_event(2),
+        )
+        return pop["tau_a"] * z_a, pop["tau"] * z
+    q = 1 + len(idx)
+    cols = jnp.asarray(idx, dtype=jnp.int32)
+    scales = jnp.concatenate([pop["tau_a"][None], pop["tau"][cols]])
+    z = numpyro.sample(
+        "group_offset", dist.Normal(jnp.zeros((n_groups, q)), 1.0).to_event(2)
+    )
+    if covariance == "full":
+        if q > 1:
+            chol = numpyro.sample(
+                "group_correlation_cholesky", dist.LKJCholesky(q, hyper.lkj)
+            )
+            z = z @ chol.T
+            numpyro.deterministic("group_correlation", chol @ chol.T)
+        else:
+            numpyro.deterministic("group_correlation", jnp.ones((1, 1)))
+    dev = z * scales
+    dev_b = jnp.zeros((n_groups, n_features)).at[:, cols].set(dev[:, 1:])
+    return dev[:, 0], dev_b
+
+
+def sample_unpooled_slopes(n_groups, n_features, hyper, varying):
+    """Slopes under no pooling: per group for varying features, one shared
+    value for the others (prior sd ``hyper.coef`` for both).
+
+    Returns
+    -------
+    array of shape (n_groups, n_features)
+    """
+    idx = varying_index(varying, n_features)
+    if len(idx) == n_features:
+        return numpyro.sample(
+            "coef",
+            dist.Normal(jnp.zeros((n_groups, n_features)), hyper.coef).to_event(2),
+        )
+    sd = hyper.coef * jnp.ones(n_features)
+    shared = tuple(j for j in range(n_features) if j not in idx)
+    out = jnp.zeros((n_groups, n_features))
+    if idx:
+        cols = jnp.asarray(idx)
+        own = numpyro.sample(
+            "coef", dist.Normal(jnp.zeros((n_groups, len(idx))), sd[cols]).to_event(2)
+        )
+        out = out.at[:, cols].set(own)
+    cols = jnp.asarray(shared)
+    one = numpyro.sample(
+        "coef_shared", dist.Normal(sd[cols] * 0.0, sd[cols]).to_event(1)
+    )
+    return out.at[:, cols].set(jnp.broadcast_to(one, (n_groups, len(shared))))
 
 
 def sample_imputation(n_groups, impute_cols, miss_group, miss_slot):
@@ -147,7 +275,13 @@ def sample_imputation(n_groups, impute_cols, miss_group, miss_slot):
     return loc, scale, cells
 
 
-def direct_model(data: DirectData, hyper: Hyper, pooling: str = "partial"):
+def direct_model(
+    data: DirectData,
+    hyper: Hyper,
+    pooling: str = "partial",
+    varying=None,
+    covariance: str = "diagonal",
+):
     """Reference model: non-centred hierarchy, one likelihood term per row.
 
     Parameters
@@ -158,6 +292,11 @@ def direct_model(data: DirectData, hyper: Hyper, pooling: str = "partial"):
         Prior scales in internal units.
     pooling : {"partial", "none", "complete"}
         Pooling mode.
+    varying : tuple of bool or None, default=None
+        Which active features have a group-specific slope (None: all).
+    covariance : {"diagonal", "full"}, default="diagonal"
+        Independent group deviations, or jointly normal ones with an LKJ
+        prior on their correlation (partial pooling).
     """
     n_groups, n_features = data.on.shape
     design = data.design
@@ -178,25 +317,17 @@ def direct_model(data: DirectData, hyper: Hyper, pooling: str = "partial"):
             "intercept_at_means",
             dist.Normal(jnp.zeros(n_groups), hyper.intercept).to_event(1),
         )
-        coef = numpyro.sample(
-            "coef",
-            dist.Normal(jnp.zeros((n_groups, n_features)), hyper.coef).to_event(2),
-        )
-        slopes = coef * on
+        slopes = sample_unpooled_slopes(n_groups, n_features, hyper, varying) * on
         intercept = ell - data.e_y + jnp.sum(slopes * (data.k - data.K), axis=-1)
     else:
-        pop = sample_population(pooling, n_features, hyper)
+        pop = sample_population(pooling, n_features, hyper, varying)
         intercept = pop["ell"] - data.e_y - jnp.sum(pop["mu"] * data.K)
         if pooling == "partial":
-            z_a = numpyro.sample(
-                "intercept_offset", dist.Normal(jnp.zeros(n_groups), 1.0).to_event(1)
+            dev_a, dev_b = sample_group_deviations(
+                n_groups, n_features, pop, hyper, varying, covariance
             )
-            z = numpyro.sample(
-                "coef_offset",
-                dist.Normal(jnp.zeros((n_groups, n_features)), 1.0).to_event(2),
-            )
-            slopes = (pop["mu"] + pop["tau"] * z) * on
-            intercept = intercept + pop["tau_a"] * z_a
+            slopes = (pop["mu"] + dev_b) * on
+            intercept = intercept + dev_a
         else:
             slopes = pop["mu"] * on
         intercept = intercept + jnp.sum(slopes * data.k, axis=-1)
@@ -223,9 +354,17 @@ class DirectEngine:
     Parameters
     ----------
     pooling : {"partial", "none", "complete"}
+    varying : tuple of bool or None, default=None
+        One flag per active feature: True for a group-specific slope. None:
+        every feature varies (the model of version 0.1).
+    covariance : {"diagonal", "full"}, default="diagonal"
+        Independent group deviations, or jointly normal with an LKJ prior on
+        their correlation (partial pooling only).
     """
 
     pooling: str = "partial"
+    varying: tuple | None = None
+    covariance: str = "diagonal"
 
     #: Sampled sites that :meth:`conditional` takes: none.
     conditional_sites: ClassVar[tuple] = ()
@@ -273,7 +412,12 @@ class DirectEngine:
         -------
         FlatDensity
         """
-        model = functools.partial(direct_model, pooling=self.pooling)
+        model = functools.partial(
+            direct_model,
+            pooling=self.pooling,
+            varying=self.varying,
+            covariance=self.covariance,
+        )
         return numpyro_density(model, (data, hyper))
 
     def conditional(self, rng_key, draws, data, hyper, **chunking):

@@ -243,10 +243,45 @@ def _unseen_draws(posterior, label, on, seed, draw_idx):
         return np.concatenate([alpha[:, None], beta], axis=1)
     alpha = draws["population_intercept"][draw_idx]
     beta = draws["population_coef"][draw_idx].copy()
-    if "group_intercept_scale" in draws:
+    if "group_correlation" in draws:
+        # jointly normal deviations of the intercept and the varying slopes:
+        # diag(tau) L z with L L' = Omega, the draw's correlation matrix
+        scales = np.concatenate(
+            [
+                draws["group_intercept_scale"][draw_idx][:, None],
+                draws["group_coef_scale"][draw_idx],
+            ],
+            axis=1,
+        )
+        keep = np.flatnonzero(np.concatenate([[True], _varying(posterior)]))
+        chol = _correlation_factor(draws["group_correlation"][draw_idx])
+        dev = np.zeros((draw_idx.shape[0], p + 1))
+        dev[:, keep] = scales[:, keep] * np.einsum("nij,nj->ni", chol, z[:, keep])
+        alpha = alpha + dev[:, 0]
+        beta = beta + dev[:, 1:]
+    elif "group_intercept_scale" in draws:
         alpha = alpha + draws["group_intercept_scale"][draw_idx] * z[:, 0]
         beta = beta + draws["group_coef_scale"][draw_idx] * z[:, 1:]
     return np.concatenate([alpha[:, None], beta * on], axis=1)
+
+
+def _varying(posterior):
+    # The features with a group-specific slope (all active ones for a
+    # posterior that does not say).
+    if posterior.varying is not None:
+        return np.asarray(posterior.varying, dtype=bool)
+    return np.asarray(posterior.draws["group_coef_scale"] > 0).any(axis=0)
+
+
+def _correlation_factor(corr):
+    """Lower factors L with L L' = corr, for a stack of correlation matrices
+    (through the symmetric square root where one is numerically singular)."""
+    try:
+        return np.linalg.cholesky(corr)
+    except np.linalg.LinAlgError:
+        values, vectors = np.linalg.eigh(corr)
+        root = np.sqrt(np.maximum(values, 0.0))
+        return np.einsum("nij,nj,nkj->nik", vectors, root, vectors)
 
 
 def _unseen_coef(X, group_idx, mask, posterior, unseen, seed, draw_idx):

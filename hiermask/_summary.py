@@ -19,10 +19,12 @@ import pandas as pd
 from ._diagnostics import parameter_diagnostics
 
 __all__ = [
+    "correlation_labels",
     "interval_labels",
     "pointwise_log_likelihood",
     "summary_frame",
     "to_inference_data",
+    "varying_note",
 ]
 
 #: Rows per chunk of the pointwise log-likelihood.
@@ -117,10 +119,79 @@ def _blocks(est, group_level=True):
     for name in ("population_intercept", "population_coef"):
         if name in draws:
             yield one(name) if name == "population_intercept" else per_feature(name)
-    for name in ("group_intercept_scale", "group_coef_scale"):
-        if name in draws:
-            yield one(name) if name == "group_intercept_scale" else per_feature(name)
+    if "group_intercept_scale" in draws:
+        yield one("group_intercept_scale")
+    if "group_coef_scale" in draws:
+        vary = [j for j in active if est.varying_.iloc[j]]
+        yield _Block(
+            "group_coef_scale", [None] * len(vary), [names[j] for j in vary],
+            [f"group_coef_scale[{j}]" for j in vary],
+            draws["group_coef_scale"][:, vary],
+        )  # fmt: skip
+    if "group_correlation" in draws:
+        effects = correlation_labels(est)
+        rows, cols = np.tril_indices(len(effects), -1)
+        yield _Block(
+            "group_correlation",
+            [None] * len(rows),
+            [f"{effects[j]}, {effects[i]}" for i, j in zip(rows, cols, strict=True)],
+            [f"group_correlation[{i}, {j}]" for i, j in zip(rows, cols, strict=True)],
+            draws["group_correlation"][:, rows, cols],
+        )
     yield one("noise")
+
+
+def correlation_labels(est):
+    """Labels of the rows and columns of the group correlation matrix:
+    ``intercept`` and the varying features.
+
+    Parameters
+    ----------
+    est : MaskedHierarchicalRegressor
+        A fitted estimator.
+
+    Returns
+    -------
+    list of str
+    """
+    return ["intercept"] + [str(n) for n, v in est.varying_.items() if v]
+
+
+def varying_note(est):
+    """One line that says which slopes vary by group and which are
+    population-only, and why (``varying="auto"``).
+
+    Parameters
+    ----------
+    est : MaskedHierarchicalRegressor
+        A fitted estimator.
+
+    Returns
+    -------
+    str
+    """
+    varying = est.varying_
+    active = np.asarray(est._mask, dtype=bool).any(axis=0)
+    yes = [str(n) for n, v in varying.items() if v]
+    no = [
+        str(n) for (n, v), a in zip(varying.items(), active, strict=True) if a and not v
+    ]
+    if est.pooling == "complete":
+        return "pooling='complete': one slope per feature, shared by every group."
+    setting = est.varying if isinstance(est.varying, str) else list(est.varying)
+    line = f"varying={setting!r}: group-specific slopes for " + (
+        ", ".join(yes) if yes else "no feature (varying intercept only)"
+    )
+    if no:
+        why = (
+            " (constant within every group: group-level predictors)"
+            if setting == "auto"
+            else ""
+        )
+        line += "; population slope only for " + ", ".join(no) + why
+    if est.pooling == "partial":
+        line += f"; group_covariance={est.group_covariance!r}"
+    return line + "."
 
 
 def _row_name(parameter, group, feature):
@@ -170,11 +241,16 @@ def summary_frame(est, coverage=0.9, *, long=False, group_level=True):
         that the mask switches on), ``population_intercept``,
         ``population_coef[<feature>]``, ``group_intercept_scale``,
         ``group_coef_scale[<feature>]`` (the population-level rows only where
-        the pooling has them) and ``noise``. Columns: ``mean``, ``sd`` (with
-        ``ddof=1``), the interval bounds named after their quantiles (``5%``
-        and ``95%`` for ``coverage=0.9``), ``ess_bulk``, ``ess_tail`` and
-        ``r_hat`` (rank-normalized split R-hat, Vehtari et al. 2021; NaN for
-        a parameter that is constant across draws).
+        the pooling has them; ``group_coef_scale`` only for the features
+        with a group-specific slope), ``group_correlation[<a>, <b>]`` (each
+        pair of correlated group effects, under ``group_covariance="full"``)
+        and ``noise``. ``attrs["varying"]`` holds one line that says which
+        slopes vary by group (what ``varying="auto"`` chose). Columns:
+        ``mean``, ``sd`` (with ``ddof=1``), the interval bounds named after
+        their quantiles (``5%`` and ``95%`` for ``coverage=0.9``),
+        ``ess_bulk``, ``ess_tail`` and ``r_hat`` (rank-normalized split
+        R-hat, Vehtari et al. 2021; NaN for a parameter that is constant
+        across draws).
 
     Raises
     ------
@@ -227,9 +303,12 @@ def summary_frame(est, coverage=0.9, *, long=False, group_level=True):
         ids = pd.DataFrame(
             labels, columns=["parameter", "group", "feature"], dtype=object
         )
-        return pd.concat([ids, pd.DataFrame(table, columns=columns)], axis=1)
-    index = pd.Index([_row_name(*label) for label in labels], name="parameter")
-    return pd.DataFrame(table, index=index, columns=columns)
+        out = pd.concat([ids, pd.DataFrame(table, columns=columns)], axis=1)
+    else:
+        index = pd.Index([_row_name(*label) for label in labels], name="parameter")
+        out = pd.DataFrame(table, index=index, columns=columns)
+    out.attrs["varying"] = varying_note(est)
+    return out
 
 
 def _import_arviz():
@@ -320,10 +399,14 @@ def to_inference_data(est, log_likelihood=None):
           draw, group, feature; NaN where the mask switches the feature off
           for the group), ``noise`` (chain, draw) and, where the pooling has
           them, ``population_intercept``, ``population_coef`` (chain, draw,
-          feature), ``group_intercept_scale`` and ``group_coef_scale``
-          (chain, draw, feature); population-level values of features that
-          are off in every group are NaN. Coordinates ``group`` and
-          ``feature`` hold the group labels and feature names.
+          feature), ``group_intercept_scale``, ``group_coef_scale``
+          (chain, draw, feature; NaN for the features without a
+          group-specific slope) and ``group_correlation`` (chain, draw,
+          effect, effect_; coordinates ``intercept`` and the varying
+          features, under ``group_covariance="full"``); population-level
+          values of features that are off in every group are NaN.
+          Coordinates ``group`` and ``feature`` hold the group labels and
+          feature names.
         - ``sample_stats``: ``diverging`` (bool), ``n_steps`` (leapfrog
           steps) and ``tree_depth`` (``ceil(log2(n_steps + 1))``), all
           (chain, draw).
@@ -383,9 +466,18 @@ def to_inference_data(est, log_likelihood=None):
             per_chain(draws["group_intercept_scale"]),
         )
     if "group_coef_scale" in draws:
+        vary = np.asarray(est.varying_, dtype=bool) & active
         variables["group_coef_scale"] = (
             ("chain", "draw", "feature"),
-            per_chain(np.where(active, draws["group_coef_scale"], np.nan)),
+            per_chain(np.where(vary, draws["group_coef_scale"], np.nan)),
+        )
+    if "group_correlation" in draws:
+        effects = correlation_labels(est)
+        coords["effect"] = np.asarray(effects, dtype=str)
+        coords["effect_"] = np.asarray(effects, dtype=str)
+        variables["group_correlation"] = (
+            ("chain", "draw", "effect", "effect_"),
+            per_chain(draws["group_correlation"]),
         )
     variables["noise"] = (("chain", "draw"), per_chain(draws["noise"]))
 

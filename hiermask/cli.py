@@ -179,6 +179,20 @@ MODEL_OPTIONS = (
 )  # fmt: skip
 
 
+def _varying(text):
+    """``--varying``: auto, all, none (no slope varies) or a list of columns."""
+    if text in ("auto", "all"):
+        return text
+    if text == "none":
+        return []
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give auto, all, none or comma-separated column names"
+        )
+    return names
+
+
 def _add_model_options(parser):
     from ._estimator import MaskedHierarchicalRegressor
 
@@ -193,6 +207,30 @@ def _add_model_options(parser):
             metavar="X",
             help=f"{text} (default: %(default)s)",
         )
+    group.add_argument(
+        "--varying",
+        type=_varying,
+        default=defaults["varying"],
+        metavar="V",
+        help="which features get a group-specific slope: auto (all but those "
+        "constant within every group), all, none (varying intercept only) or "
+        "a comma-separated list of columns (default: %(default)s)",
+    )
+    group.add_argument(
+        "--group-covariance",
+        choices=("full", "diagonal"),
+        default=defaults["group_covariance"],
+        help="correlated (full) or independent (diagonal) group effects "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--lkj-concentration",
+        type=_positive_float,
+        default=defaults["lkj_concentration"],
+        metavar="X",
+        help="LKJ prior concentration of the group correlation matrix "
+        "(default: %(default)s)",
+    )
     group.add_argument(
         "--unseen-groups",
         choices=("population", "error"),
@@ -623,7 +661,9 @@ def cmd_demo(args):
     X, y, est = _demo_fit(args)
     _out(*_demo_data_lines(X, est))
     _out(_demo_coefficients(est).to_string())
-    _out("", "Posterior summary:", format_summary(est.summary()))
+    table = est.summary()
+    _out("", "Posterior summary:", format_summary(table))
+    _out(table.attrs["varying"])
     _out(_convergence_line(est), "")
     _out(
         "Predictions for one new row per group (sd includes the noise):",
@@ -799,6 +839,9 @@ def cmd_fit(args):
         engine=args.engine,
         missing=args.missing,
         unseen_groups=args.unseen_groups,
+        varying=args.varying,
+        group_covariance=args.group_covariance,
+        lkj_concentration=args.lkj_concentration,
         **{name: getattr(args, name) for _, name, _, _ in MODEL_OPTIONS},
     )
     note = _fit_note(len(X), n_groups, len(features), args)
@@ -816,7 +859,7 @@ def cmd_fit(args):
             f"\n({n_group_rows} group-level rows not shown; write them all with "
             "--summary-csv PATH)"
         )
-    _out(text, _convergence_line(est))
+    _out(text, summary.attrs["varying"], _convergence_line(est))
     _out(*_mask_lines(est, X, features))
     if args.summary_csv is not None:
         summary.to_csv(args.summary_csv)

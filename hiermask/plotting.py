@@ -8,6 +8,8 @@ function is called: ``pip install "hiermask[plot]"``.
 - :func:`plot_shrinkage`: per-group estimates without pooling against the
   fitted (partially pooled) ones, with the population mean as a line.
 - :func:`plot_forest`: group coefficients with central intervals.
+- :func:`plot_group_effects`: each group's intercept against a slope (or two
+  slopes), with the population mean and its covariance ellipse.
 - :func:`plot_ppc`: histogram of the observed target against histograms of
   posterior-predictive draws.
 """
@@ -26,7 +28,13 @@ if TYPE_CHECKING:  # matplotlib is an optional extra
 
     from ._estimator import MaskedHierarchicalRegressor
 
-__all__ = ["plot_forest", "plot_mask", "plot_ppc", "plot_shrinkage"]
+__all__ = [
+    "plot_forest",
+    "plot_group_effects",
+    "plot_mask",
+    "plot_ppc",
+    "plot_shrinkage",
+]
 
 #: Install hint given when matplotlib is missing.
 PLOT_HINT = 'hiermask.plotting needs matplotlib: pip install "hiermask[plot]"'
@@ -154,6 +162,12 @@ def plot_mask(est: MaskedHierarchicalRegressor, ax: Axes | None = None) -> Axes:
         interpolation="nearest",
     )
     groups, features = _labels(est.groups_), _labels(est._feature_names)
+    if est.pooling != "complete":
+        # say what varying chose: features with a population slope only
+        features = [
+            f if v else f"{f} (population slope)"
+            for f, v in zip(features, est.varying_, strict=True)
+        ]
     _set_categorical_ticks(ax, "x", features)
     _set_categorical_ticks(ax, "y", groups)
     if n_groups <= 30 and n_groups * n_features <= 400:  # cells tall enough
@@ -739,4 +753,173 @@ def plot_ppc(
     ax.legend(loc="best", frameon=False)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
+    return ax
+
+
+# ------------------------------------------------------------ group effects
+def _effect_position(est, name):
+    if name == "intercept":
+        return 0
+    names = _labels(est._feature_names)
+    if str(name) not in names:
+        raise ValueError(
+            f"{name!r} is neither 'intercept' nor a feature; the features are {names}."
+        )
+    j = names.index(str(name))
+    if not est.varying_.iloc[j]:
+        raise ValueError(
+            f"{name!r} has no group-specific slope (varying_ is False): every "
+            "group has the population slope."
+        )
+    return j + 1
+
+
+def _population_effects(est):
+    """Mean and between-group covariance of the group effects.
+
+    Parameters
+    ----------
+    est : MaskedHierarchicalRegressor
+        Fitted with ``pooling="partial"``.
+
+    Returns
+    -------
+    mean : ndarray of shape (n_features + 1,)
+        Posterior mean of the population intercept and slopes.
+    cov : ndarray of shape (n_features + 1, n_features + 1)
+        Posterior mean of the between-group covariance ``diag(tau) Omega
+        diag(tau)`` (``Omega`` the identity under ``"diagonal"``); rows and
+        columns of features without a group-specific slope are 0.
+    """
+    draws = est.posterior_
+    mean = np.concatenate(
+        [[np.mean(draws["population_intercept"])], draws["population_coef"].mean(0)]
+    )
+    scales = np.concatenate(
+        [draws["group_intercept_scale"][:, None], draws["group_coef_scale"]], axis=1
+    )
+    if "group_correlation" not in draws:
+        return mean, np.diag(np.mean(scales**2, axis=0))
+    keep = np.flatnonzero(np.concatenate([[True], est.varying_.to_numpy()]))
+    kept = scales[:, keep]
+    cov = np.zeros((mean.shape[0], mean.shape[0]))
+    corr = draws["group_correlation"]
+    cov[np.ix_(keep, keep)] = np.mean(kept[:, :, None] * corr * kept[:, None, :], 0)
+    return mean, cov
+
+
+def plot_group_effects(
+    est: MaskedHierarchicalRegressor,
+    x: str = "intercept",
+    y: str | None = None,
+    ax: Axes | None = None,
+) -> Axes:
+    """Each group's posterior-mean effects, with the population's ellipse.
+
+    Parameters
+    ----------
+    est : MaskedHierarchicalRegressor
+        Fitted with ``pooling="partial"``.
+    x : str, default="intercept"
+        ``"intercept"`` or a feature with a group-specific slope.
+    y : str, default=None
+        A feature with a group-specific slope (or ``"intercept"``); None:
+        the first such feature.
+    ax : matplotlib.axes.Axes, default=None
+        Axes to draw on; None creates a new figure.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        One point per group where both effects apply (posterior means of
+        its intercept, the value at x = 0, and slopes), the population mean
+        (a cross) and the ellipses that hold 50% and 90% of the groups of
+        the fitted population: the normal with the posterior-mean
+        between-group covariance ``diag(tau) Omega diag(tau)``. Under
+        ``group_covariance="full"`` the title gives the posterior-mean
+        correlation.
+
+    Raises
+    ------
+    ValueError
+        If the pooling is not ``"partial"``, or ``x`` or ``y`` is not the
+        intercept or a feature with a group-specific slope.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from matplotlib.figure import Figure
+    >>> from hiermask import MaskedHierarchicalRegressor, plotting
+    >>> rng = np.random.default_rng(0)
+    >>> g = np.repeat(np.arange(8), 10)
+    >>> X = rng.normal(size=(80, 1))
+    >>> y = rng.normal(size=8)[g] + X[:, 0] * (1 + rng.normal(size=8)[g])
+    >>> est = MaskedHierarchicalRegressor(
+    ...     num_warmup=100, num_samples=100, num_chains=2,
+    ...     on_bad_convergence="ignore", random_state=0,
+    ... ).fit(X, y, groups=g)
+    >>> ax = plotting.plot_group_effects(est, y="x0", ax=Figure().subplots())
+    >>> ax.get_xlabel(), ax.get_ylabel()
+    ('intercept', 'slope of x0')
+    """
+    _check_fitted(est)
+    if est.pooling != "partial":
+        raise ValueError(
+            f"plot_group_effects needs pooling='partial' (a population of group "
+            f"effects); this model has pooling={est.pooling!r}."
+        )
+    if y is None:
+        varying = [n for n, v in est.varying_.items() if v]
+        if not varying:
+            raise ValueError(
+                "No feature has a group-specific slope (varying_ is False "
+                "everywhere): there is only the intercept to show."
+            )
+        y = varying[0]
+    i, j = _effect_position(est, x), _effect_position(est, y)
+    if i == j:
+        raise ValueError(f"x and y are both {x!r}; give two different effects.")
+    ax = _axes(ax, figsize=(5.5, 4.5))
+    from matplotlib.patches import Ellipse
+    from scipy.stats import chi2
+
+    both = np.concatenate([[True], np.asarray(est._mask).any(axis=0)])
+    on = np.column_stack([np.ones(len(est.groups_), bool), np.asarray(est._mask)])
+    shown = on[:, i] & on[:, j] & both[i] & both[j]
+    coef = est._posterior.coef_mean
+    ax.scatter(
+        coef[shown, i], coef[shown, j], s=18, color=_POOLED_COLOR, label="groups"
+    )
+    mean, cov = _population_effects(est)
+    block = cov[np.ix_([i, j], [i, j])]
+    values, vectors = np.linalg.eigh(block)
+    angle = np.degrees(np.arctan2(vectors[1, 1], vectors[0, 1]))
+    for mass, style in ((0.5, "-"), (0.9, "--")):
+        radius = np.sqrt(chi2.ppf(mass, 2))
+        ax.add_patch(
+            Ellipse(
+                (mean[i], mean[j]),
+                2 * radius * np.sqrt(max(values[1], 0.0)),
+                2 * radius * np.sqrt(max(values[0], 0.0)),
+                angle=angle,
+                fill=False,
+                linestyle=style,
+                color=_POP_COLOR,
+                label=f"{mass:.0%} of the population",
+            )
+        )
+    ax.plot(mean[i], mean[j], "x", color=_POP_COLOR, ms=10, mew=2, label="population")
+    ax.autoscale_view()
+
+    def label(k, name):
+        return "intercept" if k == 0 else f"slope of {name}"
+
+    ax.set_xlabel(label(i, x))
+    ax.set_ylabel(label(j, y))
+    title = "Group effects"
+    if "group_correlation" in est.posterior_ and block[0, 0] * block[1, 1] > 0:
+        rho = block[0, 1] / np.sqrt(block[0, 0] * block[1, 1])
+        title += f" (population correlation {rho:.2f})"
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="best", fontsize=8, framealpha=0.8)
     return ax

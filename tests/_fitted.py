@@ -10,7 +10,7 @@ from functools import cache
 from hiermask import MaskedHierarchicalRegressor
 from hiermask.datasets import make_manufacturing, make_schools
 
-from .conftest import FAST
+from .conftest import FAST, OLD_MODEL
 
 GROUP = "Product_Group"
 
@@ -20,7 +20,11 @@ def manufacturing_fit(pooling="partial"):
     """The manufacturing example (200 rows) fitted with ``pooling``."""
     X, y = make_manufacturing(200, random_state=0)
     est = MaskedHierarchicalRegressor(
-        group_col=GROUP, pooling=pooling, on_bad_convergence="ignore", **FAST
+        group_col=GROUP,
+        pooling=pooling,
+        on_bad_convergence="ignore",
+        **OLD_MODEL,
+        **FAST,
     ).fit(X, y)
     return est, X, y
 

@@ -108,6 +108,8 @@ def test_fit_prints_summary_progress_note_and_saves(data_csv, tmp_path, capsys):
     assert "r_hat" in out
     assert "fitting 200 rows, 2 group(s), 3 feature(s)" in err
     assert "Traceback" not in err
+    # what varying="auto" chose (issue 14)
+    assert "varying='auto': group-specific slopes for Feed_Speed" in out
     est = hiermask.load(out_path)  # a model file: no pickle
     assert isinstance(est, MaskedHierarchicalRegressor)
     assert est.mask_.loc["Product_Group_1", "Cutting_Wait_Time"] == np.False_
@@ -335,9 +337,14 @@ def test_fit_columns_options_mask_and_predict_id(sleep_csv, tmp_path, capsys):
     argv = ["fit", str(sleep_csv), "--target", "Reaction", "--group", "Subject"]
     options = ["--drop", "Unnamed: 0", "--id", "rownames", "--mask-threshold", "0.9"]
     priors = ["--coef-prior-scale", "2.5", "--noise-prior-scale", "0.5"]
-    rc = main([*argv, *options, *priors, "--out", str(model), "--quiet", *SAMPLER])
+    model_options = ["--varying", "none", "--lkj-concentration", "3"]
+    rc = main(
+        [*argv, *options, *priors, *model_options, "--out", str(model), "--quiet",
+         *SAMPLER]
+    )  # fmt: skip
     out, err = capsys.readouterr()
     assert rc == 0, err
+    assert "varying=[]: group-specific slopes for no feature" in out
     assert "looks like a saved row index" not in err
     assert "Mask (True: the feature applies to the group):" in out
     assert "imputed cells (NaN in a feature that applies): 2 (Days 2)" in out
@@ -349,6 +356,7 @@ def test_fit_columns_options_mask_and_predict_id(sleep_csv, tmp_path, capsys):
     assert (
         params["noise_prior_scale"] == 0.5 and params["unseen_groups"] == "population"
     )
+    assert params["varying"] == [] and params["lkj_concentration"] == 3.0
 
     # A typo turns the CSV's Subject column into text: every label is unseen.
     rows = pd.read_csv(sleep_csv).iloc[[0, 1, 12]]

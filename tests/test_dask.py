@@ -233,6 +233,24 @@ def test_one_partition_gives_the_in_memory_posterior_bit_for_bit(fits):
     assert one.convergence_ == memory.convergence_
 
 
+def test_group_level_predictor_and_correlation_on_dask(client):
+    # issue 14: "auto" sees the same group-level predictor in the summed
+    # statistics, and one partition gives the in-memory posterior bit for bit
+    frame = make_frame()
+    level = {"a": 0.3, "b": -1.2, "c": 0.8, "d": 2.0, "e": -0.4}
+    frame["u"] = frame["g"].map(level).astype(float)
+    frame["y"] = frame["y"] + 1.5 * frame["u"]
+    cols = [*FEATURES, "u", "g"]
+    memory = _estimator().fit(frame[cols], frame["y"], sample_weight=frame["w"])
+    ddf = to_dask(frame, [300])
+    one = _estimator().fit(ddf[cols], ddf["y"], sample_weight=ddf["w"])
+    assert memory.varying_.to_dict() == {"a": True, "b": True, "c": True, "u": False}
+    assert one.varying_.equals(memory.varying_)
+    assert "group_correlation" in memory.posterior_
+    for name, draws in memory.posterior_.items():
+        np.testing.assert_array_equal(one.posterior_[name], draws, err_msg=name)
+
+
 def _mc_se(draws, n_chains):
     """Monte Carlo standard error of each parameter's mean (0 if constant)."""
     flat = draws.reshape(draws.shape[0], -1)

@@ -15,7 +15,7 @@ from hiermask import MaskedHierarchicalRegressor
 from hiermask._diagnostics import parameter_diagnostics
 from hiermask._runner import cache_info
 
-from .conftest import FAST
+from .conftest import FAST, OLD_MODEL
 
 #: Long enough runs for the direct engine to mix on these small problems.
 LONG = {"num_warmup": 500, "num_samples": 500, "num_chains": 2, "random_state": 1}
@@ -65,10 +65,18 @@ def _sd_rel_se(draws, n_chains):
 
 
 @pytest.mark.parametrize(
-    "pooling, missing",
-    [("partial", 0.0), ("none", 0.0), ("complete", 0.0), ("partial", 0.1)],
+    "pooling, missing, model",
+    [
+        ("partial", 0.0, {}),  # the defaults: "full", every slope varies here
+        ("partial", 0.0, OLD_MODEL),
+        ("partial", 0.0, {"varying": ["a"], "group_covariance": "diagonal"}),
+        ("partial", 0.0, {"varying": ["b"]}),  # b is off in group 0
+        ("none", 0.0, {"varying": ["a"]}),
+        ("complete", 0.0, {}),
+        ("partial", 0.1, {}),
+    ],
 )
-def test_collapsed_matches_direct(pooling, missing):
+def test_collapsed_matches_direct(pooling, missing, model):
     X, y, w = _grouped(0, missing=missing)
     fits = {
         engine: MaskedHierarchicalRegressor(
@@ -77,6 +85,7 @@ def test_collapsed_matches_direct(pooling, missing):
             engine=engine,
             target_accept_prob=0.95,
             on_bad_convergence="ignore",
+            **model,
             **LONG,
         ).fit(X, y, sample_weight=w)
         for engine in ("collapsed", "direct")
@@ -121,6 +130,21 @@ def test_gridsearch_compiles_once_per_fold_shape():
     # every training fold has 6 groups (compiled above); the final refit on
     # all 9 groups is the one new shape
     assert cache_info().misses - before == 1
+
+
+def test_gridsearch_over_lkj_concentration_compiles_nothing_new():
+    # issue 14: the LKJ concentration is a traced prior setting
+    X, y, _ = _grouped(4, n_groups=9)
+    est = MaskedHierarchicalRegressor(group_col="g", **FAST)
+    est.fit(X[X["g"].isin([f"G{i}" for i in range(6)])], y[:240])  # warm 6 groups
+    est.fit(X, y)  # and 9
+    before = cache_info().misses
+    search = GridSearchCV(
+        est, {"lkj_concentration": [1.0, 2.0, 8.0]}, cv=GroupKFold(n_splits=3)
+    )
+    search.fit(X, y, groups=X["g"])
+    assert cache_info().misses == before
+    assert search.best_estimator_.group_correlation_.shape == (3, 3)
 
 
 #: Two threads each running a loop of batched Cholesky factorizations (100

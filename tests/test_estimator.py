@@ -41,7 +41,7 @@ from hiermask.datasets import (
     make_schools,
 )
 
-from .conftest import FAST
+from .conftest import FAST, OLD_MODEL
 
 GROUP = "Product_Group"
 
@@ -49,7 +49,7 @@ GROUP = "Product_Group"
 @pytest.fixture(scope="module")
 def manufacturing():
     X, y = make_manufacturing(500, random_state=0)
-    est = MaskedHierarchicalRegressor(group_col=GROUP, **FAST).fit(X, y)
+    est = MaskedHierarchicalRegressor(group_col=GROUP, **OLD_MODEL, **FAST).fit(X, y)
     return X, y, est
 
 
@@ -333,7 +333,11 @@ def test_pipeline_gridsearch_groupkfold_and_coverage():
     pipe = Pipeline(
         [
             ("pre", pre),
-            ("model", MaskedHierarchicalRegressor(group_col="group", **FAST)),
+            # the closed form of the interval width below is the diagonal one
+            (
+                "model",
+                MaskedHierarchicalRegressor(group_col="group", **OLD_MODEL, **FAST),
+            ),
         ]
     )
     search = GridSearchCV(

@@ -86,3 +86,20 @@ def test_missing_x_imputation(capsys):
     np.testing.assert_allclose(table["imputation"], table["truth"], atol=0.5)
     assert (table["imputation_sd"] > 0).all()
     assert len(result["figure"].axes) == 2
+
+
+def test_radon_uranium(tmp_path, capsys):
+    plot = tmp_path / "radon.png"
+    result = _load("radon_uranium").main([*TINY, "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert "population slope only for log_uranium (constant within every" in out
+    assert "Held-out error on the homes of counties never seen in fit" in out
+    assert result["varying"].to_dict() == {"floor": True, "log_uranium": False}
+    rmse = result["rmse"]
+    assert list(rmse.index) == [
+        "floor + log_uranium, varying='auto'",
+        "floor, varying intercept only",
+    ]
+    # the county's uranium predicts the unseen counties better
+    assert rmse.iloc[0] < rmse.iloc[1]
+    assert plot.stat().st_size > 1000

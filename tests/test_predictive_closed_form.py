@@ -39,7 +39,7 @@ from scipy.stats import norm
 from hiermask import MaskedHierarchicalRegressor
 
 from ._fitted import GROUP, manufacturing_fit
-from .conftest import FAST
+from .conftest import FAST, OLD_MODEL
 
 FEATURES = ["a", "b"]
 #: 1,000 kept draws: a new group's effects in sample_y are one fixed draw
@@ -222,7 +222,11 @@ def _check_interval(est, rows, mean, sd):
 def _fit(engine, latent=False):
     X, y, w = _data(latent)
     est = MaskedHierarchicalRegressor(
-        group_col="g", engine=engine, on_bad_convergence="ignore", **SETTINGS
+        group_col="g",
+        engine=engine,
+        on_bad_convergence="ignore",
+        **OLD_MODEL,
+        **SETTINGS,
     ).fit(X, y, sample_weight=w)
     return est, X, w
 

@@ -1,0 +1,709 @@
+"""The collapsed engine's general model (issue 14), in plain JAX.
+
+Population-only slopes (``varying``) and correlated group effects
+(``covariance="full"``), with the group coefficients and the population means
+integrated out exactly, as in :mod:`hiermask._collapsed` (whose module
+docstring this follows). A group's coefficients in the internal basis are
+
+    theta_g = f + A_g (P_g phi + E_g v_g),   v_g ~ Normal(0, I)
+
+with ``A_g`` the identity with first row ``[1, on k]`` (partial pooling; ``[1,
+on (k - K)]`` under no pooling): it maps the deviations of the intercept at
+``x = 0`` and of the slopes to the internal intercept (at the centring point)
+and slopes. ``E_g = diag(1, on_g) diag(s) L`` where ``s`` holds the
+between-group sds (0 for a feature that does not vary) and ``L`` is the
+Cholesky factor of the correlation matrix ``Omega`` placed on the intercept
+and the varying features (the identity under ``covariance="diagonal"``), so
+``E_g E_g'`` is the prior covariance of the group's deviations restricted to
+the coefficients that apply to it (0 elsewhere): the marginal of the joint
+normal on the features that are on. Under partial pooling ``P_g phi`` are the
+population means (``phi = (ell, mu)``, ``P_g = A_g^-1 F_g``); under no pooling
+``phi`` holds the shared slopes of the features that do not vary (the
+intercept and the varying slopes are ``E_g v_g`` with the fixed prior sds).
+
+With ``K = A'SA`` and ``k = A'r`` (the group's statistics of
+:mod:`hiermask._collapsed`), ``M = I + E'KE / sigma^2 = L_M L_M'`` (>= I: no
+inverse of an sd is needed, so a sd may be 0), ``T = L_M^-1``, ``a = T E'k``
+and ``B = T E'K P``:
+
+    log p(u_g | phi) = c_g - phi'H_g phi / 2 + phi'eta_g
+    H_g = P'KP / sigma^2 - B'B / sigma^4,  eta_g = P'k / sigma^2 - B'a / sigma^4
+    c_g = -n/2 log(2 pi sigma^2) - log|M|/2 - u'Wu / (2 sigma^2) + |a|^2 / (2 sigma^4)
+
+and ``phi ~ Normal(0, diag(prior_var))`` integrates out. ``E`` is the same
+for every group: its rows at a group's off features meet only zeros of ``K``
+and ``k``. The reference is plain JAX differentiated by ``jax.grad``
+(:func:`general_loglik` with ``hand_written=False``); the sampler's gradient
+of the groups' terms is written by hand (:func:`_group_sums`, tested against
+``jax.grad``): ``jax.grad`` through the per-group algebra made each gradient
+several times slower than today's hand-written path (docs/performance.md).
+The groups' matrices are stored groups-last and factorized by unrolled code
+up to :data:`hiermask._limits.UNROLL_MAX_SIZE` and by LAPACK above, as in
+:mod:`hiermask._collapsed`. Conditional draws: ``phi`` from its Gaussian
+conditional, then ``v_g | phi ~ Normal(M^-1 E'(k - KP phi) / sigma^2,
+M^-1)``, one per posterior draw, with the Rao-Blackwellized moments.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from numpyro.distributions.transforms import CorrCholeskyTransform
+
+from . import _collapsed as col
+from ._density import FlatDensity
+from ._model import IMPUTE_LOC_SCALE, IMPUTE_SCALE_SCALE
+from ._nuts import normal, uniform
+
+__all__ = [
+    "GeneralSpec",
+    "general_conditional",
+    "general_density",
+    "general_loglik",
+    "general_spec",
+    "uses_general",
+]
+
+
+class GeneralSpec(NamedTuple):
+    """The static settings of the general model (hashable).
+
+    Attributes
+    ----------
+    pooling : {"partial", "none"}
+    varying : tuple of bool
+        One per active feature: whether it has a group-specific slope.
+    full : bool
+        Correlated group effects (``covariance="full"`` under partial
+        pooling).
+    """
+
+    pooling: str
+    varying: tuple
+    full: bool
+
+    @property
+    def varying_index(self):
+        """Positions of the varying features among the active ones."""
+        return np.flatnonzero(np.asarray(self.varying, dtype=bool))
+
+    @property
+    def n_correlated(self):
+        """Size of the correlation matrix: intercept and varying features."""
+        return 1 + int(np.sum(self.varying))
+
+
+def uses_general(pooling, varying, covariance):
+    """Whether an engine's settings need the general model.
+
+    Today's model (every feature varying, ``covariance="diagonal"`` or no
+    pooling, where the covariance is ignored; or complete pooling) keeps the
+    hand-written path of :mod:`hiermask._collapsed`.
+
+    Parameters
+    ----------
+    pooling : {"partial", "none", "complete"}
+    varying : tuple of bool or None
+    covariance : {"diagonal", "full"}
+
+    Returns
+    -------
+    bool
+    """
+    if covariance not in ("diagonal", "full"):
+        raise ValueError(
+            f"covariance must be 'diagonal' or 'full', not {covariance!r}."
+        )
+    if pooling == "complete":
+        return False
+    if covariance == "full" and pooling == "partial":
+        return True
+    return varying is not None and not all(varying)
+
+
+def general_spec(pooling, varying, covariance, n_features):
+    """The :class:`GeneralSpec` of an engine's settings for ``n_features``.
+
+    Parameters
+    ----------
+    pooling : {"partial", "none"}
+    varying : tuple of bool or None
+        None: every active feature varies.
+    covariance : {"diagonal", "full"}
+    n_features : int
+        Active features.
+
+    Returns
+    -------
+    GeneralSpec
+    """
+    if varying is None:
+        varying = (True,) * n_features
+    varying = tuple(bool(v) for v in varying)
+    if len(varying) != n_features:
+        raise ValueError(
+            f"varying has {len(varying)} entries for {n_features} active features."
+        )
+    return GeneralSpec(pooling, varying, covariance == "full" and pooling == "partial")
+
+
+# --------------------------------------------------------------------------
+# The model's pieces.
+
+
+def _deviation_factor(spec, scales, hyper):
+    """``diag(s) L`` (q, q): the factor of the deviations' prior covariance
+    before the mask (rows of non-varying features are 0)."""
+    vary = np.concatenate([[1.0], np.asarray(spec.varying, dtype=float)])
+    q = vary.shape[0]
+    if spec.pooling == "partial":
+        idx = np.concatenate([[0], 1 + spec.varying_index])
+        both = jnp.concatenate([jnp.atleast_1d(scales["tau_a"]), scales["tau"]])
+        s = jnp.zeros(q).at[idx].set(both)
+    else:
+        s = jnp.concatenate([jnp.atleast_1d(hyper.intercept), hyper.coef]) * vary
+    if spec.full and spec.n_correlated > 1:
+        idx = np.concatenate([[0], 1 + spec.varying_index])
+        factor = jnp.eye(q).at[np.ix_(idx, idx)].set(scales["corr_chol"])
+        return s[:, None] * factor
+    return jnp.diag(s)
+
+
+def _population_left(spec, data):
+    """``P`` (q, q): ``A_g^-1 F_g`` (partial) or the selection of the shared
+    slopes (none), up to rows of features that are off in ``g``, where
+    ``K`` and ``k`` vanish."""
+    p = data.on.shape[1]
+    if spec.pooling == "partial":
+        return jnp.eye(p + 1).at[0, 1:].set(-data.K)
+    fixed = np.concatenate([[0.0], 1.0 - np.asarray(spec.varying, dtype=float)])
+    return jnp.diag(jnp.asarray(fixed))
+
+
+def _prior_var(hyper):
+    # Prior variances of phi (under no pooling only the shared slopes'
+    # entries are used; the others integrate to 1).
+    return jnp.concatenate([jnp.atleast_1d(hyper.intercept) ** 2, hyper.coef**2])
+
+
+def _statistics(spec, data, cells):
+    """``n``, ``u'Wu``, ``K = A'SA`` (q, q, G) and ``k = A'r`` (q, G).
+
+    Groups last: the algebra below is elementwise over the groups, unrolled
+    over the small matrix size (one fused loop per operation, as in
+    :mod:`hiermask._collapsed`). ``K`` and ``k`` vanish at the features
+    that are off in a group.
+    """
+    prep = col._prepare(spec.pooling, data, col.add_incomplete_rows(data, cells))
+    return prep.n, prep.yty, prep.dev_gram, prep.dev_xty
+
+
+def _unit(x):
+    # 1.0 at run time, unknown to the compiler (see _collapsed._keep).
+    return jax.lax.stop_gradient(1.0 + 0.0 * jnp.sum(x[:1]))
+
+
+def _mm(a, b):
+    # a b for a (q, r, ...) and b (r, s, ...), batch axes last (broadcast).
+    return sum(a[:, j, None] * b[None, j] for j in range(a.shape[1]))
+
+
+def _tmm(a, b):
+    # a' b for a (r, q, ...) and b (r, s, ...).
+    return sum(a[j, :, None] * b[None, j] for j in range(a.shape[0]))
+
+
+def _mv(a, x):
+    # a x for a (q, r, ...) and x (r, ...).
+    return sum(a[:, j] * x[j] for j in range(a.shape[1]))
+
+
+def _tmv(a, x):
+    # a' x for a (r, q, ...) and x (r, ...).
+    return sum(a[j] * x[j] for j in range(a.shape[0]))
+
+
+class _Groups(NamedTuple):
+    # One evaluation's per-group algebra, groups last (conditional draws).
+    t: jnp.ndarray  # (q, q, G) T = L_M^-1
+    logdet: jnp.ndarray  # (G,) log|M|
+    a: jnp.ndarray  # (q, G) T E'k
+    b: jnp.ndarray  # (q, q, G) T E'K P
+
+
+def _groups(inv, factor, left, gram, xty):
+    """The groups' ``M = I + E'KE inv`` factorized, ``a`` and ``B``.
+
+    ``E`` is ``factor`` for every group: its rows at a group's off features
+    meet only zeros of ``K`` and ``k`` (so ``E'KE`` is that of the masked
+    factor), and likewise ``K P``.
+    """
+    q = factor.shape[0]
+    unit = _unit(xty)
+    f = factor[:, :, None]
+    ke = col._keep(_mm(gram, f), unit)
+    eye = jnp.eye(q)[:, :, None]
+    m = col._keep(eye + inv * _tmm(f, ke), unit)
+    t, logdet = col._cholesky_rows(m, unit, col._unrolled(q))
+    a = col._keep(_mv(t, col._keep(_tmv(f, xty), unit)), unit)
+    b = col._keep(_mm(t, col._keep(_tmm(ke, left[:, :, None]), unit)), unit)
+    return _Groups(t, logdet, a, b)
+
+
+def _summed(inv, left, gram, xty, grp):
+    # The groups' sums of H_g and eta_g.
+    k_sum = jnp.sum(gram, axis=-1)
+    h = inv * left.T @ k_sum @ left
+    h = h - inv**2 * jnp.sum(_tmm(grp.b, grp.b), axis=-1)
+    eta = inv * left.T @ jnp.sum(xty, axis=-1)
+    eta = eta - inv**2 * jnp.sum(_tmv(grp.b, grp.a), axis=-1)
+    return 0.5 * (h + h.T), eta
+
+
+# The density's per-group terms, with a hand-written gradient. With ``N =
+# M^-1`` and ``W = E N E'`` per group, the groups enter the density only
+# through four sums: log|M|, k'Wk, P'KWKP and P'KWk (the last two make
+# ``sum B'B`` and ``sum B'a``). Given their cotangents (c1, c2, C3, c4),
+# with ``G = c2 kk' + KP sym(C3) P'K + (u k' + k u') / 2``, ``u = KP c4``:
+#   d/dE   = sum 2 G E N - 2 inv K E N E'G E N + 2 c1 inv K E N
+#   d/dinv = sum -tr(N E'G E N S) + c1 tr(N S),   S = E'KE
+#   d/dK   = c1 inv W - inv W G W + 2 W K P sym(C3) P' + W k c4'P'
+# (for d/dK its symmetric part is what counts: K is symmetric; the
+# forward reads one triangle of M)
+#   d/dk   = 2 c2 W k + W u
+# (tests/test_collapsed_general.py checks them against jax.grad).
+
+
+def _group_forms(inv, factor, left, gram, xty):
+    # The four sums and what their gradient needs.
+    q = factor.shape[0]
+    unit = _unit(xty)
+    f = factor[:, :, None]
+    ke = col._keep(_mm(gram, f), unit)
+    eye = jnp.eye(q)[:, :, None]
+    m = col._keep(eye + inv * _tmm(f, ke), unit)
+    t, logdet = col._cholesky_rows(m, unit, col._unrolled(q))
+    n = col._keep(_tmm(t, t), unit)
+    w = col._keep(_mm(_mm(f, n), _tr(f)), unit)
+    kp = col._keep(_mm(gram, left[:, :, None]), unit)
+    wk = col._keep(_mv(w, xty), unit)
+    wkp = col._keep(_mm(w, kp), unit)
+    forms = (
+        jnp.sum(logdet),
+        jnp.sum(xty * wk),
+        jnp.sum(_tmm(kp, wkp), axis=-1),
+        jnp.sum(_tmv(kp, wk), axis=-1),
+    )
+    return forms, (n, w, kp, wk, wkp, ke)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _group_sums(want_stats, inv, factor, left, gram, xty):
+    """``(sum log|M|, sum k'Wk, sum P'KWKP, sum P'KWk)`` (module comment).
+
+    ``want_stats``: whether the gradient with respect to the statistics is
+    formed (they depend on latent cells); ``left`` gets none.
+    """
+    return _group_forms(inv, factor, left, gram, xty)[0]
+
+
+def _group_sums_fwd(want_stats, inv, factor, left, gram, xty):
+    forms, saved = _group_forms(inv, factor, left, gram, xty)
+    return forms, (inv, factor, left, gram, xty, *saved)
+
+
+def _group_sums_bwd(want_stats, residuals, cot):
+    inv, factor, left, gram, xty, n, w, kp, wk, wkp, ke = residuals
+    c1, c2, c3, c4 = cot
+    unit = _unit(xty)
+    f = factor[:, :, None]
+    c3 = 0.5 * (c3 + c3.T)
+    u = _mv(kp, c4[:, None])
+    g = _mm(kp, _mm(c3[:, :, None], _tr(kp))) + 0.5 * (
+        u[:, None] * xty[None] + xty[:, None] * u[None]
+    )
+    g = col._keep(g + c2 * xty[:, None] * xty[None], unit)
+    gen = col._keep(_mm(g, _mm(f, n)), unit)  # G E N
+    r = col._keep(_mm(n, _tmm(f, gen)), unit)  # N E'G E N
+    grad_f = jnp.sum(
+        2.0 * gen - 2.0 * inv * _mm(ke, r) + 2.0 * c1 * inv * _mm(ke, n), -1
+    )
+    s = _tmm(f, ke)
+    grad_inv = jnp.sum((c1 * n - r) * s)
+    zero = jnp.zeros_like
+    if not want_stats:
+        return grad_inv, grad_f, zero(left), zero(gram), zero(xty)
+    grad_gram = c1 * inv * w - inv * _mm(w, _mm(g, w))
+    grad_gram = grad_gram + 2.0 * _mm(wkp, (c3 @ left.T)[:, :, None])
+    grad_gram = grad_gram + wk[:, None] * (left @ c4)[None, :, None]
+    grad_xty = 2.0 * c2 * wk + _mv(w, u)
+    return grad_inv, grad_f, zero(left), grad_gram, grad_xty
+
+
+_group_sums.defvjp(_group_sums_fwd, _group_sums_bwd)
+
+
+def _population_factor(h, prior_var):
+    # T_lam = L_lam^-1 and log|lam| for lam = h + diag(1 / prior_var).
+    lam = h + jnp.diag(1.0 / prior_var)
+    t, logdet = col._inverse_cholesky(lam[:, :, None])
+    return t[:, :, 0], logdet[0]
+
+
+def general_loglik(spec, scales, data, hyper, cells, hand_written=True):
+    """Log marginal likelihood with group coefficients and population out.
+
+    Parameters
+    ----------
+    spec : GeneralSpec
+    scales : dict
+        ``sigma``; under partial pooling ``tau_a`` (), ``tau`` (one per
+        varying feature) and, under ``spec.full``, ``corr_chol``: the
+        Cholesky factor of the correlation matrix of the intercept and the
+        varying features.
+    data : CollapsedData
+    hyper : Hyper
+    cells : array of shape (M,)
+        Latent cells.
+    hand_written : bool, default=True
+        The gradient of the groups' terms written by hand (the sampler's);
+        False: all by ``jax.grad`` (the reference).
+
+    Returns
+    -------
+    scalar
+    """
+    stats = _statistics(spec, data, cells)
+    return _loglik_of(spec, scales, data, hyper, stats, hand_written)
+
+
+def _loglik_of(spec, scales, data, hyper, stats, hand_written=True):
+    # general_loglik from the statistics (_statistics); hand_written: the
+    # gradient of the groups' terms by _group_sums, else by jax.grad.
+    inv = 1.0 / scales["sigma"] ** 2
+    n, yty, gram, xty = stats
+    left = _population_left(spec, data)
+    factor = _deviation_factor(spec, scales, hyper)
+    if hand_written:
+        want_stats = data.miss_row.shape[0] > 0
+        logdets, aa, bb, ba = _group_sums(want_stats, inv, factor, left, gram, xty)
+    else:
+        grp = _groups(inv, factor, left, gram, xty)
+        logdets, aa = jnp.sum(grp.logdet), jnp.sum(grp.a**2)
+        bb = jnp.sum(_tmm(grp.b, grp.b), axis=-1)
+        ba = jnp.sum(_tmv(grp.b, grp.a), axis=-1)
+    h = inv * left.T @ jnp.sum(gram, axis=-1) @ left - inv**2 * bb
+    h = 0.5 * (h + h.T)
+    eta = inv * left.T @ jnp.sum(xty, axis=-1) - inv**2 * ba
+    prior_var = _prior_var(hyper)
+    t, logdet = _population_factor(h, prior_var)
+    w = t @ eta
+    return (
+        0.5 * jnp.sum(n) * jnp.log(inv / (2.0 * jnp.pi))
+        - 0.5 * inv * jnp.sum(yty)
+        - 0.5 * logdets
+        + 0.5 * inv**2 * aa
+        - 0.5 * jnp.sum(jnp.log(prior_var))
+        - 0.5 * logdet
+        + 0.5 * jnp.sum(w**2)
+    )
+
+
+# --------------------------------------------------------------------------
+# The density over a flat vector.
+
+
+def _layout(spec, data, hyper):
+    """The sampled sites, in the flat vector's order (see
+    :func:`hiermask._collapsed._layout`); ``coef_scale`` holds the varying
+    features only and ``group_correlation`` the unconstrained vector of
+    :class:`~numpyro.distributions.transforms.CorrCholeskyTransform`."""
+    n_groups, _ = data.on.shape
+    n_cells = data.miss_row.shape[0]
+    n_cols = data.impute_cols.shape[0]
+    sites = []
+    if n_cells:
+        sites += [
+            ("x_loc", (n_groups, n_cols), False, IMPUTE_LOC_SCALE),
+            ("x_scale", (n_cols,), True, IMPUTE_SCALE_SCALE),
+            ("x_missing", (n_cells,), False, None),
+        ]
+    sites.append(("noise", (), True, hyper.noise))
+    if spec.pooling == "partial":
+        idx = spec.varying_index
+        sites += [
+            ("intercept_scale", (), True, hyper.group_intercept),
+            ("coef_scale", (idx.shape[0],), True, jnp.asarray(hyper.group_coef)[idx]),
+        ]
+        q = spec.n_correlated
+        if spec.full and q > 1:
+            sites.append(("group_correlation", (q * (q - 1) // 2,), False, None))
+    return col._layout_of(sites)
+
+
+def _scales(spec, values, n_features):
+    """The scales of :func:`general_loglik` and the reported sites."""
+    scales = {"sigma": values["noise"]}
+    reported = {"noise": values["noise"]}
+    if spec.pooling == "partial":
+        idx = spec.varying_index
+        scales["tau_a"] = values["intercept_scale"]
+        scales["tau"] = values["coef_scale"]
+        reported["intercept_scale"] = values["intercept_scale"]
+        reported["coef_scale"] = jnp.zeros(n_features).at[idx].set(values["coef_scale"])
+        if spec.full:
+            q = spec.n_correlated
+            if q > 1:
+                chol = CorrCholeskyTransform()(values["group_correlation"])
+            else:
+                chol = jnp.ones((1, 1))
+            scales["corr_chol"] = chol
+            reported["group_correlation"] = chol @ chol.T
+    for name in ("x_loc", "x_scale", "x_missing"):
+        if name in values:
+            reported[name] = values[name]
+    return scales, reported
+
+
+def lkj_log_density(unconstrained, concentration, size):
+    """LKJ prior of a correlation matrix on the unconstrained space.
+
+    ``LKJCholesky(size, concentration)`` at ``CorrCholeskyTransform()(z)``
+    plus the transform's log-Jacobian.
+
+    Parameters
+    ----------
+    unconstrained : array of shape (size (size - 1) / 2,)
+    concentration : scalar
+    size : int
+
+    Returns
+    -------
+    scalar
+    """
+    transform = CorrCholeskyTransform()
+    chol = transform(unconstrained)
+    return dist.LKJCholesky(size, concentration).log_prob(
+        chol
+    ) + transform.log_abs_det_jacobian(unconstrained, chol)
+
+
+def general_density(spec, data, hyper):
+    """The general collapsed posterior over one flat unconstrained vector.
+
+    The sites, priors and transforms of
+    :func:`hiermask._collapsed.collapsed_density`, with ``coef_scale``
+    sampled for the varying features only (reported as 0.0 for the others)
+    and, under ``spec.full``, ``group_correlation`` with its LKJ prior
+    (:func:`lkj_log_density`).
+
+    Parameters
+    ----------
+    spec : GeneralSpec
+    data : CollapsedData
+    hyper : Hyper
+
+    Returns
+    -------
+    FlatDensity
+    """
+    layout = _layout(spec, data, hyper)
+    n_cells = data.miss_row.shape[0]
+    n_features = data.on.shape[1]
+    names = [site[0] for site in layout.sites]
+    # statistics without latent cells: prepared once, outside the gradient
+    fixed = None if n_cells else _statistics(spec, data, jnp.zeros(0))
+
+    def log_density(z):
+        x = layout.transform(z)
+        logp = jnp.sum(jnp.where(layout.positive, jax.nn.log_sigmoid(z), 0.0))
+        logp = logp - 0.5 * jnp.sum(
+            jnp.where(layout.has_prior, (x / layout.prior_scale) ** 2, 0.0)
+        )
+        values = layout.unpack(x)
+        scales, _ = _scales(spec, values, n_features)
+        if "group_correlation" in names:
+            logp = logp + lkj_log_density(
+                values["group_correlation"], hyper.lkj, spec.n_correlated
+            )
+        stats = fixed
+        if n_cells:
+            cells = values["x_missing"]
+            logp = logp + col._imputation_loglik(
+                data, values["x_loc"], values["x_scale"], cells
+            )
+            stats = _statistics(spec, data, cells)
+        return logp + _loglik_of(spec, scales, data, hyper, stats)
+
+    def constrain(z):
+        return _scales(spec, layout.unpack(layout.transform(z)), n_features)[1]
+
+    return FlatDensity(
+        int(layout.offsets[-1]),
+        lambda z: -log_density(z),
+        constrain,
+        *col._noise_start(data, spec.pooling, layout),
+    )
+
+
+# --------------------------------------------------------------------------
+# Conditional draws.
+
+
+def _draw_scales(spec, draw, hyper):
+    # general_loglik's scales of one posterior draw of the sampled sites.
+    scales = {"sigma": draw["noise"]}
+    if spec.pooling == "partial":
+        scales["tau_a"] = draw["intercept_scale"]
+        scales["tau"] = draw["coef_scale"][spec.varying_index]
+        if spec.full:
+            scales["corr_chol"] = _small_cholesky(draw["group_correlation"])
+    return scales
+
+
+def _small_cholesky(m):
+    # Cholesky factor of one small SPD matrix, by unrolled code (no LAPACK).
+    size = m.shape[0]
+    chol = col._cholesky_entries(m)
+    zero = jnp.zeros(())
+    return jnp.stack(
+        [jnp.stack([chol.get((i, j), zero) for j in range(size)]) for i in range(size)]
+    )
+
+
+def _one_draw(spec, data, hyper, fixed, draw, eps):
+    """One posterior draw's ``phi`` and group coefficients, and the groups'
+    conditional means and covariances of ``theta`` given it (groups first).
+    """
+    scales = _draw_scales(spec, draw, hyper)
+    inv = 1.0 / scales["sigma"] ** 2
+    if fixed is None:
+        _, _, gram, xty = _statistics(spec, data, draw["x_missing"])
+    else:
+        gram, xty = fixed
+    left = _population_left(spec, data)
+    factor = _deviation_factor(spec, scales, hyper)
+    grp = _groups(inv, factor, left, gram, xty)
+    h, eta = _summed(inv, left, gram, xty, grp)
+    t_pop, _ = _population_factor(h, _prior_var(hyper))
+    phi = t_pop.T @ (t_pop @ eta + eps[0])
+    # v | phi ~ N(T'T E'(k - K P phi) inv, T'T)
+    f = factor[:, :, None]
+    base = left @ phi
+    resid = xty - _mv(gram, base[:, None])
+    w = inv * _mv(grp.t, _tmv(f, resid))
+    v_mean = _tmv(grp.t, w)
+    v_draw = v_mean + _tmv(grp.t, eps[1:].T)
+    # theta = f + A (P phi + E v), A the identity with first row [1, row]
+    row = (
+        data.on.T * (data.k if spec.pooling == "partial" else data.k - data.K)[:, None]
+    )
+
+    def theta(v):
+        x = base[:, None] + _mv(f, v)
+        first = x[0] + jnp.sum(row * x[1:], axis=0) - data.e_y
+        return jnp.concatenate([first[None], x[1:]]).T
+
+    ce = _mm(f, _tr(grp.t))  # E T'
+    ce = jnp.concatenate([ce[:1] + jnp.sum(row[:, None] * ce[1:], axis=0), ce[1:]])
+    cov = jnp.moveaxis(_mm(ce, _tr(ce)), -1, 0)
+    return phi, theta(v_draw), theta(v_mean), cov
+
+
+def _tr(a):
+    return jnp.swapaxes(a, 0, 1)
+
+
+def general_conditional(
+    spec, rng_key, draws, data, hyper, chunk=None, first_chunk=0, n_valid=None
+):
+    """Exact draws of the population and group coefficients, one per draw.
+
+    The return structure of :func:`hiermask._collapsed.conditional_draws`,
+    and its chunks: the draws go ``chunk`` at a time, each chunk's normals
+    from one call of XLA's generator keyed by the chunk's index
+    (``first_chunk`` plus its position), so a run over consecutive parts of
+    the draws, each starting at a whole chunk, gives the same draws as one
+    run over all of them.
+
+    Parameters
+    ----------
+    spec : GeneralSpec
+    rng_key : jax.random.PRNGKey
+        Raw key data (uint32) or a typed key.
+    draws : dict of arrays with leading dimension D
+        Posterior draws of the sampled sites (``group_correlation`` under
+        ``spec.full``).
+    data : CollapsedData
+    hyper : Hyper
+    chunk : int, optional
+        Draws per chunk (static); by default
+        :func:`hiermask._collapsed.conditional_chunk`.
+    first_chunk : int or int array, default=0
+    n_valid : int or int array, optional
+        The first ``n_valid`` draws are real, the rest padding (excluded
+        from the moments); by default all ``D``.
+
+    Returns
+    -------
+    out : dict
+        ``group_coef_internal`` (D, G, q) and, under partial pooling,
+        ``intercept_at_means`` (D,) and ``coef_mean`` (D, p).
+    mean : array of shape (G, q)
+    cov : array of shape (G, q, q)
+    """
+    n_draws = draws["noise"].shape[0]
+    n_groups, p = data.on.shape
+    q = p + 1
+    if chunk is None:
+        chunk = col.conditional_chunk(n_draws, n_groups, q)
+    chunk = max(1, min(chunk, n_draws))
+    n_chunks = -(-n_draws // chunk)
+    n_valid = n_draws if n_valid is None else n_valid
+    fixed = None
+    if not data.miss_row.shape[0]:
+        fixed = _statistics(spec, data, jnp.zeros(0))[2:]
+    sites = ("noise", "intercept_scale", "coef_scale", "group_correlation", "x_missing")
+
+    def chunked(x):
+        # (D, ...) -> (n_chunks, chunk, ...), padded by repeating the last
+        x = jnp.asarray(x)
+        x = jnp.concatenate([x, jnp.repeat(x[-1:], n_chunks * chunk - n_draws, 0)])
+        return x.reshape(n_chunks, chunk, *x.shape[1:])
+
+    per_draw = {k: chunked(draws[k]) for k in sites if k in draws}
+    weight = (jnp.arange(n_chunks * chunk) < n_valid).astype(float) / n_valid
+    zeros = (jnp.zeros((n_groups, q)), jnp.zeros((n_groups, q, q)))
+
+    def one_chunk(acc, xs):
+        index, chunk_draws, w = xs
+        key_data = col._chunk_key_data(rng_key, index)
+        eps = normal(uniform(key_data, (chunk, n_groups + 1, q)))
+        phi, coef, mean, cov = jax.vmap(
+            lambda d, e: _one_draw(spec, data, hyper, fixed, d, e)
+        )(chunk_draws, eps)
+        second = cov + mean[..., :, None] * mean[..., None, :]
+        acc = (
+            acc[0] + jnp.einsum("d,dgi->gi", w, mean),
+            acc[1] + jnp.einsum("d,dgij->gij", w, second),
+        )
+        return acc, (phi, coef)
+
+    index = jnp.arange(n_chunks) + first_chunk
+    (rb_mean, second), (phi, coef) = col._loop(
+        one_chunk, zeros, (index, per_draw, weight.reshape(n_chunks, chunk)), n_chunks
+    )
+    phi = phi.reshape(-1, q)[:n_draws]
+    coef = coef.reshape(-1, n_groups, q)[:n_draws]
+    rb_cov = second - rb_mean[:, :, None] * rb_mean[:, None, :]
+    onq = jnp.concatenate([jnp.ones((n_groups, 1)), data.on], axis=1)
+    out = {"group_coef_internal": coef * onq}
+    if spec.pooling == "partial":
+        out["intercept_at_means"] = phi[:, 0]
+        out["coef_mean"] = phi[:, 1:]
+    return out, rb_mean * onq, rb_cov * onq[:, :, None] * onq[:, None, :]
