@@ -528,7 +528,9 @@ BAD_INPUTS = [
     ("one_row_per_group", case_one_row_per_group, None, None,
      "UserWarning: 1 (group, feature) pair(s) are switched off on the evidence"),
     ("constant_within_group", case_constant_within_group, None, None, None),
-    ("collinear_features", case_collinear_features, None, None, None),
+    # x1 = 2 x0 where it applies: named, not fitted silently (#14)
+    ("collinear_features", case_collinear_features, None, None,
+     "UserWarning: Columns 'x0', 'x1' are exactly collinear within"),
     ("scales_1e-12_1e12", case_extreme_scales, None, None, None),
     # its check predicts a new group: the one note of that call (#15)
     ("one_group_partial_pooling", case_one_group_partial_pooling, None, None,
