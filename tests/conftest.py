@@ -18,3 +18,25 @@ OLD_MODEL = {"varying": "all", "group_covariance": "diagonal"}
 def fast():
     """Keyword arguments for a quick, seeded fit."""
     return dict(FAST)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop the compiled programs it left behind.
+
+    One pytest process compiles thousands of XLA programs; each keeps memory
+    maps until it is released, and a process may hold at most
+    ``vm.max_map_count`` (65,530 by default) of them: the full suite crashed
+    in XLA's compiler past that point. Programs are cached per module only.
+    """
+    yield
+    import gc
+
+    import jax
+
+    from hiermask import _fit, _runner
+
+    _runner._CACHE.programs.clear()
+    _fit._CONDITIONAL_COMPILED.clear()
+    jax.clear_caches()
+    gc.collect()
