@@ -64,6 +64,7 @@ __all__ = [
     "collapsed_density",
     "conditional_chunk",
     "conditional_draws",
+    "imputation_sites",
     "marginal_loglik",
     "residual_sd_guess",
 ]
@@ -994,6 +995,32 @@ class _Layout(NamedTuple):
         }
 
 
+def imputation_sites(data):
+    """The imputation model's sampled sites, first in the flat vector.
+
+    ``(name, shape, positive, prior scale)`` as in :func:`_layout`; none
+    without latent cells. The general model (:mod:`hiermask._general`)
+    lays out the same sites.
+
+    Parameters
+    ----------
+    data : CollapsedData
+
+    Returns
+    -------
+    list of tuple
+    """
+    n_cells = data.miss_row.shape[0]
+    if not n_cells:
+        return []
+    n_groups, n_cols = data.on.shape[0], data.impute_cols.shape[0]
+    return [
+        ("x_loc", (n_groups, n_cols), False, IMPUTE_LOC_SCALE),
+        ("x_scale", (n_cols,), True, IMPUTE_SCALE_SCALE),
+        ("x_missing", (n_cells,), False, None),
+    ]
+
+
 def _layout(data, hyper, pooling):
     """The sampled sites of the collapsed model, in the flat vector's order.
 
@@ -1001,16 +1028,8 @@ def _layout(data, hyper, pooling):
     (HalfNormal when positive) of that scale; None for the latent cells,
     whose prior is the imputation model.
     """
-    n_groups, n_features = data.on.shape
-    n_cells = data.miss_row.shape[0]
-    n_cols = data.impute_cols.shape[0]
-    sites = []
-    if n_cells:
-        sites += [
-            ("x_loc", (n_groups, n_cols), False, IMPUTE_LOC_SCALE),
-            ("x_scale", (n_cols,), True, IMPUTE_SCALE_SCALE),
-            ("x_missing", (n_cells,), False, None),
-        ]
+    n_features = data.on.shape[1]
+    sites = imputation_sites(data)
     sites.append(("noise", (), True, hyper.noise))
     if pooling == "partial":
         sites += [

@@ -57,7 +57,6 @@ from numpyro.distributions.transforms import CorrCholeskyTransform
 
 from . import _collapsed as col
 from ._density import FlatDensity
-from ._model import IMPUTE_LOC_SCALE, IMPUTE_SCALE_SCALE
 from ._nuts import normal, uniform
 
 __all__ = [
@@ -423,16 +422,7 @@ def _layout(spec, data, hyper):
     :func:`hiermask._collapsed._layout`); ``coef_scale`` holds the varying
     features only and ``group_correlation`` the unconstrained vector of
     :class:`~numpyro.distributions.transforms.CorrCholeskyTransform`."""
-    n_groups, _ = data.on.shape
-    n_cells = data.miss_row.shape[0]
-    n_cols = data.impute_cols.shape[0]
-    sites = []
-    if n_cells:
-        sites += [
-            ("x_loc", (n_groups, n_cols), False, IMPUTE_LOC_SCALE),
-            ("x_scale", (n_cols,), True, IMPUTE_SCALE_SCALE),
-            ("x_missing", (n_cells,), False, None),
-        ]
+    sites = col.imputation_sites(data)
     sites.append(("noise", (), True, hyper.noise))
     if spec.pooling == "partial":
         idx = spec.varying_index
