@@ -196,7 +196,14 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         with covariance ``diag(tau) Omega diag(tau)``, ``Omega ~
         LKJ(lkj_concentration)`` (lme4's ``(1 + x | g)``); a group where a
         feature is off follows the marginal on the features that apply.
-        ``"diagonal"``: independent deviations (lme4's ``(1 + x || g)``).
+        With ``standardize`` the model places them at the feature means, so
+        a shift of a feature's origin leaves predictions unchanged (the
+        priors of the intercept's sd and of ``Omega`` apply there);
+        ``group_intercept_scale_`` and ``group_correlation_`` are reported
+        at ``x = 0``, as lme4 reports them.
+        ``"diagonal"``: independent deviations at ``x = 0`` (lme4's ``(1 +
+        x || g)``), so, as in lme4, the fit depends on where each feature's
+        zero lies.
         Partial pooling only.
     lkj_concentration : float, default=2.0
         Concentration of the LKJ prior on the group correlation matrix
@@ -270,14 +277,15 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
     group_coef_scale_ : ndarray of shape (n_features,)
         Posterior-mean between-group sd of each slope (partial pooling).
     group_intercept_scale_ : float
-        Posterior-mean between-group sd of the intercept (partial pooling).
+        Posterior-mean between-group sd of the intercept at ``x = 0``
+        (partial pooling), lme4's convention.
     varying_ : pandas.Series of bool
         Indexed by feature name: True where the feature has a group-specific
         slope (False for features off in every group).
     group_correlation_ : pandas.DataFrame
         Posterior-mean correlation matrix of the group effects, labelled
-        ``intercept`` and the varying features (partial pooling with
-        ``group_covariance="full"``).
+        ``intercept`` (at ``x = 0``, lme4's convention) and the varying
+        features (partial pooling with ``group_covariance="full"``).
     noise_scale_ : float
         Posterior-mean residual sd.
     posterior_ : dict of ndarray

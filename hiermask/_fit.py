@@ -497,19 +497,49 @@ def _population(draws, flat, config, scaling, ref, active, varying):
         draws["group_coef_scale"] = _expand(tau, active)
         scales = np.concatenate([tau_a[:, None], tau], axis=1)
         if config.group_covariance == "full":
-            # over [intercept, varying features]: E[diag(tau) Omega diag(tau)]
+            # over [intercept, varying features]
             keep = np.concatenate([[True], varying[active]])
             n_kept = int(keep.sum())
             corr = np.asarray(flat["group_correlation"]).reshape(-1, n_kept, n_kept)
-            draws["group_correlation"] = corr
-            kept = scales[:, keep]
+            cov = _covariance_at_zero(scales[:, keep], corr, ref[2][keep[1:]])
+            sd = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+            draws["group_intercept_scale"] = sd[:, 0]
+            draws["group_correlation"] = cov / (sd[:, :, None] * sd[:, None, :])
             between = np.zeros((both.shape[1], both.shape[1]))
-            between[np.ix_(keep, keep)] = np.mean(
-                kept[:, :, None] * corr * kept[:, None, :], axis=0
-            )
+            between[np.ix_(keep, keep)] = np.mean(cov, axis=0)
             return unseen_mean, unseen_cov + between
         unseen_cov = unseen_cov + np.diag(np.mean(scales**2, axis=0))
     return unseen_mean, unseen_cov
+
+
+def _covariance_at_zero(scales, corr, reference):
+    """Each draw's covariance of a group's intercept at ``x = 0`` and its
+    varying slopes, in data units (lme4's convention).
+
+    Under ``group_covariance="full"`` the model places the correlated
+    effects at the reference point (the feature means when ``standardize``;
+    ``scales`` and ``corr`` are theirs there): the intercept at ``x = 0`` is
+    ``d_0 - sum_j d_j M_j``, so the covariance is ``R Sigma R'`` with ``R``
+    the identity with first row ``[1, -M]``.
+
+    Parameters
+    ----------
+    scales : array of shape (n_draws, r)
+        Between-group sds of the intercept (at the reference point) and of
+        the varying slopes.
+    corr : array of shape (n_draws, r, r)
+        Their correlation matrices.
+    reference : array of shape (r - 1,)
+        The reference point of the varying features.
+
+    Returns
+    -------
+    array of shape (n_draws, r, r)
+    """
+    cov = scales[:, :, None] * corr * scales[:, None, :]
+    r = np.eye(cov.shape[1])
+    r[0, 1:] = -np.asarray(reference, dtype=float)
+    return np.einsum("ij,djk,lk->dil", r, cov, r)
 
 
 def _expand_moments(mean, cov, unseen_mean, unseen_cov, active):

@@ -16,10 +16,15 @@ Cholesky factor of the correlation matrix ``Omega`` placed on the intercept
 and the varying features (the identity under ``covariance="diagonal"``), so
 ``E_g E_g'`` is the prior covariance of the group's deviations restricted to
 the coefficients that apply to it (0 elsewhere): the marginal of the joint
-normal on the features that are on. Under partial pooling ``P_g phi`` are the
-population means (``phi = (ell, mu)``, ``P_g = A_g^-1 F_g``); under no pooling
-``phi`` holds the shared slopes of the features that do not vary (the
-intercept and the varying slopes are ``E_g v_g`` with the fixed prior sds).
+normal on the features that are on. Under ``"full"`` the correlated effects
+sit at the reference point ``K`` (the feature means when ``standardize``),
+so ``E`` has first row ``[1, -K] diag(s) L`` (:func:`_deviation_factor`) and
+the model does not depend on where a feature's zero lies.
+
+Under partial pooling ``P_g phi`` are the population means (``phi = (ell,
+mu)``, ``P_g = A_g^-1 F_g``); under no pooling ``phi`` holds the shared
+slopes of the features that do not vary (the intercept and the varying
+slopes are ``E_g v_g`` with the fixed prior sds).
 
 With ``K = A'SA`` and ``k = A'r`` (the group's statistics of
 :mod:`hiermask._collapsed`), ``M = I + E'KE / sigma^2 = L_M L_M'`` (>= I: no
@@ -155,9 +160,18 @@ def general_spec(pooling, varying, covariance, n_features):
 # The model's pieces.
 
 
-def _deviation_factor(spec, scales, hyper):
-    """``diag(s) L`` (q, q): the factor of the deviations' prior covariance
-    before the mask (rows of non-varying features are 0)."""
+def _deviation_factor(spec, scales, hyper, data):
+    """``E`` (q, q): the factor of the deviations' prior covariance before
+    the mask (rows of non-varying features are 0).
+
+    ``diag(s) L``, except under ``spec.full`` where the correlated effects
+    sit at the reference point (``K``; the feature means when
+    ``standardize``): ``E = R diag(s) L`` with ``R`` the identity with first
+    row ``[1, -K]`` maps them to the intercept at ``x = 0`` and the slopes.
+    Then a shift of a feature's origin leaves the model unchanged in
+    internal units. (A feature that is off in a group enters as ``x = 0``
+    there, for the deviations as for the population means.)
+    """
     vary = np.concatenate([[1.0], np.asarray(spec.varying, dtype=float)])
     q = vary.shape[0]
     if spec.pooling == "partial":
@@ -168,9 +182,9 @@ def _deviation_factor(spec, scales, hyper):
         s = jnp.concatenate([jnp.atleast_1d(hyper.intercept), hyper.coef]) * vary
     if spec.full and spec.n_correlated > 1:
         idx = np.concatenate([[0], 1 + spec.varying_index])
-        factor = jnp.eye(q).at[np.ix_(idx, idx)].set(scales["corr_chol"])
-        return s[:, None] * factor
-    return jnp.diag(s)
+        factor = s[:, None] * jnp.eye(q).at[np.ix_(idx, idx)].set(scales["corr_chol"])
+        return factor.at[0].add(-data.K @ factor[1:])
+    return jnp.diag(s)  # under "full" with one effect too: s is 0 on slopes
 
 
 def _population_left(spec, data):
@@ -387,7 +401,7 @@ def _loglik_of(spec, scales, data, hyper, stats, hand_written=True):
     inv = 1.0 / scales["sigma"] ** 2
     n, yty, gram, xty = stats
     left = _population_left(spec, data)
-    factor = _deviation_factor(spec, scales, hyper)
+    factor = _deviation_factor(spec, scales, hyper, data)
     if hand_written:
         want_stats = data.miss_row.shape[0] > 0
         logdets, aa, bb, ba = _group_sums(want_stats, inv, factor, left, gram, xty)
@@ -577,7 +591,7 @@ def _one_draw(spec, data, hyper, fixed, draw, eps):
     else:
         gram, xty = fixed
     left = _population_left(spec, data)
-    factor = _deviation_factor(spec, scales, hyper)
+    factor = _deviation_factor(spec, scales, hyper, data)
     grp = _groups(inv, factor, left, gram, xty)
     h, eta = _summed(inv, left, gram, xty, grp)
     t_pop, _ = _population_factor(h, _prior_var(hyper))

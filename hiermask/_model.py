@@ -150,7 +150,9 @@ def sample_population(pooling, n_features, hyper, varying=None):
     return out
 
 
-def sample_group_deviations(n_groups, n_features, pop, hyper, varying, covariance):
+def sample_group_deviations(
+    n_groups, n_features, pop, hyper, varying, covariance, reference=None
+):
     """Each group's deviations from the population (partial pooling).
 
     Non-centred: under ``"diagonal"`` a deviation is ``tau * z``; under
@@ -159,7 +161,12 @@ def sample_group_deviations(n_groups, n_features, pop, hyper, varying, covarianc
     matrix ``Omega ~ LKJ(hyper.lkj)``, so they are jointly normal with
     covariance ``diag(tau) Omega diag(tau)``. Every group gets the whole
     vector; the caller uses only the features that apply to it, which is
-    exactly the marginal on them.
+    exactly the marginal on them. Under ``"full"`` the correlated effects
+    sit at ``reference`` (the internal reference point ``K``: the feature
+    means when ``standardize``), so that where a feature's zero lies does
+    not change the model; the intercept's deviation returned is the one at
+    ``x = 0``, ``d_0 - sum_j d_j K_j`` (over all features: one that is off
+    in a group enters as ``x = 0`` there).
 
     Parameters
     ----------
@@ -169,6 +176,8 @@ def sample_group_deviations(n_groups, n_features, pop, hyper, varying, covarianc
     hyper : Hyper
     varying : tuple of bool or None
     covariance : {"diagonal", "full"}
+    reference : array of shape (n_features,), optional
+        ``K`` of :class:`DirectData` (None: 0, effects at ``x = 0``).
 
     Returns
     -------
@@ -205,6 +214,8 @@ def sample_group_deviations(n_groups, n_features, pop, hyper, varying, covarianc
             numpyro.deterministic("group_correlation", jnp.ones((1, 1)))
     dev = z * scales
     dev_b = jnp.zeros((n_groups, n_features)).at[:, cols].set(dev[:, 1:])
+    if covariance == "full" and reference is not None:
+        return dev[:, 0] - dev_b @ reference, dev_b
     return dev[:, 0], dev_b
 
 
@@ -324,7 +335,7 @@ def direct_model(
         intercept = pop["ell"] - data.e_y - jnp.sum(pop["mu"] * data.K)
         if pooling == "partial":
             dev_a, dev_b = sample_group_deviations(
-                n_groups, n_features, pop, hyper, varying, covariance
+                n_groups, n_features, pop, hyper, varying, covariance, data.K
             )
             slopes = (pop["mu"] + dev_b) * on
             intercept = intercept + dev_a

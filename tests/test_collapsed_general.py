@@ -104,7 +104,10 @@ def _correlation(size, seed=5):
 
 def _latent_map(pooling, varying, omega, data, hyper, rows, tau_a=TAU_A, tau=TAU):
     """The linear map from standard normals to (u, theta): ``u = m_u + J xi +
-    noise``, ``theta_g = m_t + T_g xi`` (internal basis), xi ~ N(0, I)."""
+    noise``, ``theta_g = m_t + T_g xi`` (internal basis), xi ~ N(0, I).
+
+    ``omega``: the correlation of the group effects under "full", which sit
+    at the reference point ``K``; None: "diagonal", effects at ``x = 0``."""
     xs, group_idx, on = rows["xs"], rows["group_idx"], rows["on"]
     n, p = xs.shape
     n_groups, q = len(SIZES), p + 1
@@ -125,14 +128,19 @@ def _latent_map(pooling, varying, omega, data, hyper, rows, tau_a=TAU_A, tau=TAU
             alpha[0] = int_sd
             alpha[1:q] = -K * coef_sd
             b[:, 1:q] = np.diag(coef_sd)
-            cov_factor = np.linalg.cholesky(omega)
             sds = np.concatenate([[tau_a], tau[vary]])
             idx = np.concatenate([[0], 1 + np.flatnonzero(vary)])
             dev = np.zeros((q, n_latent))
-            dev[np.ix_(idx, z + idx)] = sds[:, None] * cov_factor
+            if omega is None:
+                dev[np.ix_(idx, z + idx)] = np.diag(sds)
+                alpha = alpha + dev[0]
+            else:
+                dev[np.ix_(idx, z + idx)] = sds[:, None] * np.linalg.cholesky(omega)
+                # effects at the reference point K: the intercept at x = 0
+                # (an off feature enters as x = 0)
+                alpha = alpha + dev[0] - K @ dev[1:]
             # the marginal on what applies to g: deviations of off features 0
             dev[1:][~on_g[g]] = 0.0
-            alpha = alpha + dev[0]
             b = b + dev[1:]
         else:
             alpha[z] = int_sd  # ell_g, the intercept at the reference point
@@ -199,9 +207,7 @@ def test_marginal_matches_dense_gaussian(pooling, varying, covariance, standardi
     data, hyper, rows = _problem(standardize)
     spec = general_spec(pooling, varying, covariance, 3)
     assert spec.full == (covariance == "full" and pooling == "partial")
-    omega = _correlation(1 + sum(varying))
-    if not spec.full:
-        omega = np.eye(omega.shape[0])
+    omega = _correlation(1 + sum(varying)) if spec.full else None
     mean, cov = _dense(pooling, varying, omega, data, hyper, rows)
     expected = multivariate_normal(mean, cov).logpdf(rows["u"])
     expected += _weight_term(rows["w"])
@@ -413,7 +419,7 @@ def test_conditional_draws_match_closed_form(pooling, varying, covariance):
     data, hyper, rows = _problem(latent=False)
     engine = CollapsedEngine(pooling, varying=varying, covariance=covariance)
     spec = general_spec(pooling, varying, covariance, 3)
-    omega = _correlation(1 + sum(varying)) if spec.full else np.eye(1 + sum(varying))
+    omega = _correlation(1 + sum(varying)) if spec.full else None
     n_draws = 4000
     draws = {"noise": jnp.full(n_draws, SIGMA)}
     if pooling == "partial":
