@@ -197,7 +197,11 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         LKJ(lkj_concentration)`` (lme4's ``(1 + x | g)``); a group where a
         feature is off follows the marginal on the features that apply.
         ``"diagonal"``: independent deviations (lme4's ``(1 + x || g)``).
-        Partial pooling only.
+        Partial pooling only. With fewer groups than correlated effects (the
+        intercept and the varying slopes: 2 groups for 4 effects), the
+        groups cannot inform the correlations beyond their prior: ``"full"``
+        is then fitted as ``"diagonal"`` (no ``group_correlation_``), with a
+        warning that gives the counts.
     lkj_concentration : float, default=2.0
         Concentration of the LKJ prior on the group correlation matrix
         (``"full"``): 1 is uniform over correlation matrices, larger values
@@ -854,7 +858,8 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         """Posterior-mean correlation of the group effects (``"full"``).
 
         Labelled ``intercept`` and the varying features; set under partial
-        pooling with ``group_covariance="full"``.
+        pooling with ``group_covariance="full"`` when there are at least as
+        many groups as correlated effects.
 
         Examples
         --------
@@ -876,7 +881,8 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         ):
             raise AttributeError(
                 "group_correlation_ is set by fit under pooling='partial' with "
-                "group_covariance='full'."
+                "group_covariance='full' and at least as many groups as correlated "
+                "effects."
             )
         labels = ["intercept"] + [n for n, v in self.varying_.items() if v]
         mean = np.mean(self.posterior_["group_correlation"], axis=0)

@@ -354,6 +354,42 @@ def _population_factor(h, prior_var):
     return t[:, :, 0], logdet[0]
 
 
+def _population_terms(h, eta, prior_var):
+    # -log|lam| / 2 + eta' lam^-1 eta / 2: phi integrated out.
+    t, logdet = _population_factor(h, prior_var)
+    w = t @ eta
+    return -0.5 * logdet + 0.5 * jnp.sum(w**2)
+
+
+# _population_terms with its closed-form gradient (the sampler's): jax.grad
+# through the unrolled factorization of lam (up to UNROLL_MAX_SIZE_POPULATION)
+# made a fit at 11 coefficients compile about 5x and sample about 5x slower
+# (docs/performance.md, "The general model's gradient"). With v = lam^-1 eta,
+# d/d lam = -(lam^-1 + v v') / 2 and d/d eta = v.
+
+
+@jax.custom_vjp
+def _population_terms_hand(h, eta, prior_var):
+    return _population_terms(h, eta, prior_var)
+
+
+def _population_terms_fwd(h, eta, prior_var):
+    t, logdet = _population_factor(h, prior_var)
+    w = t @ eta
+    lam_inv = t.T @ t
+    v = t.T @ w
+    return -0.5 * logdet + 0.5 * jnp.sum(w**2), (lam_inv, v, prior_var)
+
+
+def _population_terms_bwd(residuals, g):
+    lam_inv, v, prior_var = residuals
+    lam_bar = -0.5 * (lam_inv + jnp.outer(v, v))
+    return g * lam_bar, g * v, -g * jnp.diag(lam_bar) / prior_var**2
+
+
+_population_terms_hand.defvjp(_population_terms_fwd, _population_terms_bwd)
+
+
 def general_loglik(spec, scales, data, hyper, cells, hand_written=True):
     """Log marginal likelihood with group coefficients and population out.
 
@@ -400,16 +436,14 @@ def _loglik_of(spec, scales, data, hyper, stats, hand_written=True):
     h = 0.5 * (h + h.T)
     eta = inv * left.T @ jnp.sum(xty, axis=-1) - inv**2 * ba
     prior_var = _prior_var(hyper)
-    t, logdet = _population_factor(h, prior_var)
-    w = t @ eta
+    population = _population_terms_hand if hand_written else _population_terms
     return (
         0.5 * jnp.sum(n) * jnp.log(inv / (2.0 * jnp.pi))
         - 0.5 * inv * jnp.sum(yty)
         - 0.5 * logdets
         + 0.5 * inv**2 * aa
         - 0.5 * jnp.sum(jnp.log(prior_var))
-        - 0.5 * logdet
-        + 0.5 * jnp.sum(w**2)
+        + population(h, eta, prior_var)
     )
 
 
