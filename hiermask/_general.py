@@ -591,13 +591,23 @@ def _draw_scales(spec, draw, hyper):
 
 
 def _small_cholesky(m):
-    # Cholesky factor of one small SPD matrix, by unrolled code (no LAPACK).
+    # Cholesky factor of one small SPD matrix, a column per iteration of a
+    # loop (no LAPACK, whose batched calls run under the LAPACK lock). The
+    # unrolled factorization compiled in 7 s at size 11 and 86 s at 21,
+    # vmapped over draws (docs/performance.md): at 31 the conditional draws'
+    # program took minutes to compile.
     size = m.shape[0]
-    chol = col._cholesky_entries(m)
-    zero = jnp.zeros(())
-    return jnp.stack(
-        [jnp.stack([chol.get((i, j), zero) for j in range(size)]) for i in range(size)]
-    )
+    index = jnp.arange(size)
+
+    def column(j, chol):
+        # m[:, j] - sum_{k < j} L[:, k] L[j, k]: columns >= j are still 0
+        s = m[:, j] - chol @ chol[j]
+        d = jnp.sqrt(s[j])
+        return chol.at[:, j].set(
+            jnp.where(index > j, s / d, jnp.where(index == j, d, 0.0))
+        )
+
+    return jax.lax.fori_loop(0, size, column, jnp.zeros_like(m))
 
 
 def _one_draw(spec, data, hyper, fixed, draw, eps):
