@@ -47,7 +47,10 @@ Benchmarks (targets of issue 3 in brackets):
                  first fit in a fresh process (2 chains x (300 + 300)), also
                  for the checkout given by --baseline DIR: CPU seconds
                  (process_time), compile and sampling time, mean leapfrog
-                 steps per draw, divergences (issue 14).
+                 steps per draw, divergences (issue 14); and the compile
+                 time of the conditional draws' factorization of an 11 x 11
+                 and a 21 x 21 correlation matrix (100 draws), unrolled
+                 against a loop over columns.
 
 The profile columns split a fit into: ``validate_s`` (input checks, masks,
 everything of the estimator outside the engine), ``stats_s`` (scaling and the
@@ -814,9 +817,39 @@ print(json.dumps({
 """
 
 
+CHOLESKY_CODE = """
+import json, sys, time
+import jax, jax.numpy as jnp, numpy as np
+from hiermask import _collapsed, _general
+from hiermask._xla import compiler_options
+q = int(sys.argv[1])
+
+def unrolled(m):  # the conditional draws' factorization before issue 14's fix
+    chol = _collapsed._cholesky_entries(m)
+    zero = jnp.zeros(())
+    return jnp.stack([jnp.stack([chol.get((i, j), zero) for j in range(q)])
+                      for i in range(q)])
+
+a = np.random.default_rng(0).normal(size=(100, q, q))
+m = a @ np.swapaxes(a, 1, 2) + q * np.eye(q)
+out = {}
+with jax.enable_x64(True):
+    for name, fn in (("unrolled", unrolled), ("loop", _general._small_cholesky)):
+        start = time.perf_counter()
+        jax.jit(jax.vmap(fn)).lower(m).compile(compiler_options())
+        out[f"{name}_compile_s"] = time.perf_counter() - start
+print(json.dumps(out))
+"""
+
+
 def bench_fewgroups(quick, baseline=None):
-    """Covariance "full" against "diagonal": few groups, 11 correlated effects."""
+    """Covariance "full" against "diagonal": few groups, 11 correlated effects;
+    and the compile time of the conditional draws' factorization of the
+    correlation matrix (one per draw, 100 draws), unrolled against a loop."""
     rows = []
+    for q in (11,) if quick else (11, 21):
+        _, out = _fresh(CHOLESKY_CODE, HERE.parent, q)
+        rows.append({"checkout": "this", "case": f"factorize {q} x {q}", **out})
     for label, root in _checkouts(baseline):
         for n_groups in (1, 2) if quick else (1, 2, 20):
             for covariance in ("diagonal", "full"):
