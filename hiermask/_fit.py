@@ -356,13 +356,13 @@ def covariance_for_groups(config: FitConfig, n_varying, n_groups):
 
     Under partial pooling with ``group_covariance="full"``, the intercept and
     the ``n_varying`` varying slopes (``q = n_varying + 1`` effects) share a
-    q x q correlation matrix. Fewer than q groups span fewer dimensions than
-    it has (their deviations from the population mean span at most
-    ``n_groups - 1``): its ``q (q - 1) / 2`` correlations are then the LKJ
-    prior's, and the sampler explores that prior over many coordinates (one
-    group of 15 rows with 30 features: 465 correlations). The correlations
-    are then not estimated: the effects are independent, as under
-    ``"diagonal"``, and a warning gives the counts.
+    q x q correlation matrix. Fewer than q groups give fewer effect vectors
+    than the matrix has dimensions (even with the population mean known):
+    the data leave directions of it, and so its ``q (q - 1) / 2``
+    correlations, to the LKJ prior, whose many coordinates the sampler then
+    explores (one group of 15 rows with 30 features: 465 correlations). The
+    correlations are then not estimated: the effects are independent, as
+    under ``"diagonal"``, and a warning gives the counts.
 
     Parameters
     ----------
