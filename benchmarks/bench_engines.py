@@ -292,6 +292,7 @@ def _fresh(code, root, *args, env=None):
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-c", code, *map(str, args)],
+        cwd=root,  # python -c puts the working folder first on sys.path
         env=env,
         capture_output=True,
         text=True,
