@@ -593,9 +593,9 @@ def _draw_scales(spec, draw, hyper):
 def _small_cholesky(m):
     # Cholesky factor of one small SPD matrix, a column per iteration of a
     # loop (no LAPACK, whose batched calls run under the LAPACK lock). The
-    # unrolled factorization compiled in 7 s at size 11 and 86 s at 21,
-    # vmapped over draws (docs/performance.md): at 31 the conditional draws'
-    # program took minutes to compile.
+    # unrolled factorization's compilation grew about as the size to the
+    # fourth power (docs/performance.md, "'full' with few groups and many
+    # effects").
     size = m.shape[0]
     index = jnp.arange(size)
 
