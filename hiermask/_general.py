@@ -363,9 +363,9 @@ def _population_terms(h, eta, prior_var):
 
 # _population_terms with its closed-form gradient (the sampler's): jax.grad
 # through the unrolled factorization of lam (up to UNROLL_MAX_SIZE_POPULATION)
-# made a fit at 11 coefficients compile about 5x and sample about 5x slower
-# (docs/performance.md, "The general model's gradient"). With v = lam^-1 eta,
-# d/d lam = -(lam^-1 + v v') / 2 and d/d eta = v.
+# made "full" at 11 coefficients slow to compile and to sample
+# (docs/performance.md, "'full' with few groups and many effects"). With
+# v = lam^-1 eta, d/d lam = -(lam^-1 + v v') / 2 and d/d eta = v.
 
 
 @jax.custom_vjp
