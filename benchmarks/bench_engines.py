@@ -42,6 +42,15 @@ Benchmarks (targets of issue 3 in brackets):
                  process through the estimator: fit time and min bulk ESS
                  (over every diagnosed parameter) per second of the fit
                  [full within 2x of diagonal on both].
+--fewgroups      1, 2 and 20 groups of 20 rows x 10 features (11 correlated
+                 effects): group_covariance "full" against "diagonal", each
+                 first fit in a fresh process (2 chains x (300 + 300)), also
+                 for the checkout given by --baseline DIR: CPU seconds
+                 (process_time), compile and sampling time, mean leapfrog
+                 steps per draw, divergences (issue 14); and the compile
+                 time of the conditional draws' factorization of an 11 x 11
+                 and a 21 x 21 correlation matrix (100 draws), unrolled
+                 against a loop over columns.
 
 The profile columns split a fit into: ``validate_s`` (input checks, masks,
 everything of the estimator outside the engine), ``stats_s`` (scaling and the
@@ -84,6 +93,7 @@ BENCHMARKS = (
     "scaling",
     "datapass",
     "covariance",
+    "fewgroups",
 )
 PHASES = (
     "validate_s",
@@ -282,6 +292,7 @@ def _fresh(code, root, *args, env=None):
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-c", code, *map(str, args)],
+        cwd=root,  # python -c puts the working folder first on sys.path
         env=env,
         capture_output=True,
         text=True,
@@ -769,6 +780,92 @@ def bench_covariance(quick):
     return rows
 
 
+FEWGROUPS_CODE = """
+import json, sys, time, warnings
+import numpy as np, pandas as pd
+cpu0 = time.process_time()
+from hiermask import MaskedHierarchicalRegressor
+n_groups, covariance = int(sys.argv[1]), sys.argv[2]
+p, n = 10, 20
+rng = np.random.default_rng(0)
+names = [f"x{j}" for j in range(p)]
+X = pd.DataFrame(rng.normal(size=(n_groups * n, p)), columns=names)
+X["g"] = np.repeat(np.arange(n_groups), n)
+coef = rng.normal(size=(n_groups, p))
+y = np.sum(X.drop(columns="g").to_numpy() * coef[X["g"]], axis=1)
+y = y + rng.normal(size=n_groups * n)
+est = MaskedHierarchicalRegressor(
+    group_col="g", group_covariance=covariance, num_warmup=300, num_samples=300,
+    num_chains=2, random_state=0, on_bad_convergence="ignore",
+)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    cpu = time.process_time()
+    est.fit(X, y)
+    cpu = time.process_time() - cpu
+post = est._posterior
+print(json.dumps({
+    "fit_cpu_s": cpu,
+    "process_cpu_s": time.process_time() - cpu0,
+    **{f"{k}_s": post.timings[k] for k in ("trace", "compile", "run")},
+    "mean_steps": float(np.mean(post.tree_steps)),
+    "divergences": int(np.sum(post.diverging)),
+    "max_r_hat": est.convergence_["max_r_hat"],
+    "min_ess_bulk": est.convergence_["min_ess_bulk"],
+    "correlation": "group_correlation" in est.posterior_,
+    "warnings": len({str(w.message) for w in caught}),
+}))
+"""
+
+
+CHOLESKY_CODE = """
+import json, sys, time
+import jax, jax.numpy as jnp, numpy as np
+from hiermask import _collapsed, _general
+from hiermask._xla import compiler_options
+q = int(sys.argv[1])
+
+def unrolled(m):  # the conditional draws' factorization before issue 14's fix
+    chol = _collapsed._cholesky_entries(m)
+    zero = jnp.zeros(())
+    return jnp.stack([jnp.stack([chol.get((i, j), zero) for j in range(q)])
+                      for i in range(q)])
+
+a = np.random.default_rng(0).normal(size=(100, q, q))
+m = a @ np.swapaxes(a, 1, 2) + q * np.eye(q)
+out = {}
+with jax.enable_x64(True):
+    for name, fn in (("unrolled", unrolled), ("loop", _general._small_cholesky)):
+        start = time.perf_counter()
+        jax.jit(jax.vmap(fn)).lower(m).compile(compiler_options())
+        out[f"{name}_compile_s"] = time.perf_counter() - start
+print(json.dumps(out))
+"""
+
+
+def bench_fewgroups(quick, baseline=None):
+    """Covariance "full" against "diagonal": few groups, 11 correlated effects;
+    and the compile time of the conditional draws' factorization of the
+    correlation matrix (one per draw, 100 draws), unrolled against a loop."""
+    rows = []
+    for q in (11,) if quick else (11, 21):
+        _, out = _fresh(CHOLESKY_CODE, HERE.parent, q)
+        rows.append({"checkout": "this", "case": f"factorize {q} x {q}", **out})
+    for label, root in _checkouts(baseline):
+        for n_groups in (1, 2) if quick else (1, 2, 20):
+            for covariance in ("diagonal", "full"):
+                wall, out = _fresh(FEWGROUPS_CODE, root, n_groups, covariance)
+                rows.append(
+                    {
+                        "checkout": label,
+                        "case": f"{n_groups} groups, {covariance}",
+                        "wall_s": wall,
+                        **out,
+                    }
+                )
+    return rows
+
+
 RUNNERS = {
     "manufacturing": bench_manufacturing,
     "coldstart": bench_coldstart,
@@ -779,6 +876,7 @@ RUNNERS = {
     "scaling": bench_scaling,
     "datapass": bench_datapass,
     "covariance": bench_covariance,
+    "fewgroups": bench_fewgroups,
 }
 
 
@@ -844,7 +942,8 @@ def main(argv=None):
     parser.add_argument(
         "--baseline",
         metavar="DIR",
-        help="--coldstart: also run the checkout in DIR (e.g. main), in the same run",
+        help="--coldstart, --fewgroups: also run the checkout in DIR (e.g. main), "
+        "in the same run",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

@@ -204,7 +204,11 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         ``"diagonal"``: independent deviations at ``x = 0`` (lme4's ``(1 +
         x || g)``), so, as in lme4, the fit depends on where each feature's
         zero lies.
-        Partial pooling only.
+        Partial pooling only. With fewer groups than correlated effects (the
+        intercept and the varying slopes: 2 groups for 4 effects), the
+        groups cannot inform the correlations beyond their prior: ``"full"``
+        is then fitted as ``"diagonal"`` (no ``group_correlation_``), with a
+        warning that gives the counts.
     lkj_concentration : float, default=2.0
         Concentration of the LKJ prior on the group correlation matrix
         (``"full"``): 1 is uniform over correlation matrices, larger values
@@ -862,7 +866,8 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         """Posterior-mean correlation of the group effects (``"full"``).
 
         Labelled ``intercept`` and the varying features; set under partial
-        pooling with ``group_covariance="full"``.
+        pooling with ``group_covariance="full"`` when there are at least as
+        many groups as correlated effects.
 
         Examples
         --------
@@ -884,7 +889,8 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         ):
             raise AttributeError(
                 "group_correlation_ is set by fit under pooling='partial' with "
-                "group_covariance='full'."
+                "group_covariance='full' and at least as many groups as correlated "
+                "effects."
             )
         labels = ["intercept"] + [n for n, v in self.varying_.items() if v]
         mean = np.mean(self.posterior_["group_correlation"], axis=0)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 
 import jax
 import numpy as np
@@ -318,6 +319,7 @@ def _sample(statistics, cells, config: FitConfig) -> Posterior:
     _identify.warn_unidentified(
         config, varying, cells, mask, scaling, _group_grams(statistics)
     )
+    config = covariance_for_groups(config, int(np.sum(varying & active)), len(mask))
     engine = make_engine(config, varying[active])
     data = engine.prepare(statistics, ref)
     hyper = _hyper(config, scaling)
@@ -346,6 +348,50 @@ def _sample(statistics, cells, config: FitConfig) -> Posterior:
         timings=run.timings,
         varying=varying & active,
     )
+
+
+def covariance_for_groups(config: FitConfig, n_varying, n_groups):
+    """The fit's settings, with ``"full"`` fitted as ``"diagonal"`` when
+    there are fewer groups than correlated effects (warns).
+
+    Under partial pooling with ``group_covariance="full"``, the intercept and
+    the ``n_varying`` varying slopes (``q = n_varying + 1`` effects) share a
+    q x q correlation matrix. Fewer than q groups give fewer effect vectors
+    than the matrix has dimensions (even with the population mean known):
+    the data leave directions of it, and so its ``q (q - 1) / 2``
+    correlations, to the LKJ prior, whose many coordinates the sampler then
+    explores (one group of 15 rows with 30 features: 465 correlations). The
+    correlations are then not estimated: the effects are independent, as
+    under ``"diagonal"``, and a warning gives the counts.
+
+    Parameters
+    ----------
+    config : FitConfig
+    n_varying : int
+        Active features with a group-specific slope.
+    n_groups : int
+
+    Returns
+    -------
+    FitConfig
+    """
+    q = n_varying + 1
+    if config.pooling != "partial" or config.group_covariance != "full":
+        return config
+    if q < 2 or n_groups >= q:
+        return config
+    warnings.warn(
+        f"group_covariance='full' with {n_groups} group(s) for {q} correlated "
+        f"group effects (the intercept and {n_varying} varying slope(s)): fewer "
+        f"groups than effects leave their {q * (q - 1) // 2} correlations to the "
+        "LKJ prior, so they are not estimated and the group effects are fitted "
+        "as independent (group_covariance='diagonal'). Fit at least "
+        f"{q} groups, fewer varying slopes (varying=...), or "
+        "group_covariance='diagonal' to choose this yourself.",
+        UserWarning,
+        stacklevel=6,
+    )
+    return replace(config, group_covariance="diagonal")
 
 
 def make_engine(config: FitConfig, varying_active):

@@ -368,6 +368,42 @@ def _population_factor(h, prior_var):
     return t[:, :, 0], logdet[0]
 
 
+def _population_terms(h, eta, prior_var):
+    # -log|lam| / 2 + eta' lam^-1 eta / 2: phi integrated out.
+    t, logdet = _population_factor(h, prior_var)
+    w = t @ eta
+    return -0.5 * logdet + 0.5 * jnp.sum(w**2)
+
+
+# _population_terms with its closed-form gradient (the sampler's): jax.grad
+# through the unrolled factorization of lam (up to UNROLL_MAX_SIZE_POPULATION)
+# made "full" at 11 coefficients slow to compile and to sample
+# (docs/performance.md, "'full' with few groups and many effects"). With
+# v = lam^-1 eta, d/d lam = -(lam^-1 + v v') / 2 and d/d eta = v.
+
+
+@jax.custom_vjp
+def _population_terms_hand(h, eta, prior_var):
+    return _population_terms(h, eta, prior_var)
+
+
+def _population_terms_fwd(h, eta, prior_var):
+    t, logdet = _population_factor(h, prior_var)
+    w = t @ eta
+    lam_inv = t.T @ t
+    v = t.T @ w
+    return -0.5 * logdet + 0.5 * jnp.sum(w**2), (lam_inv, v, prior_var)
+
+
+def _population_terms_bwd(residuals, g):
+    lam_inv, v, prior_var = residuals
+    lam_bar = -0.5 * (lam_inv + jnp.outer(v, v))
+    return g * lam_bar, g * v, -g * jnp.diag(lam_bar) / prior_var**2
+
+
+_population_terms_hand.defvjp(_population_terms_fwd, _population_terms_bwd)
+
+
 def general_loglik(spec, scales, data, hyper, cells, hand_written=True):
     """Log marginal likelihood with group coefficients and population out.
 
@@ -414,16 +450,14 @@ def _loglik_of(spec, scales, data, hyper, stats, hand_written=True):
     h = 0.5 * (h + h.T)
     eta = inv * left.T @ jnp.sum(xty, axis=-1) - inv**2 * ba
     prior_var = _prior_var(hyper)
-    t, logdet = _population_factor(h, prior_var)
-    w = t @ eta
+    population = _population_terms_hand if hand_written else _population_terms
     return (
         0.5 * jnp.sum(n) * jnp.log(inv / (2.0 * jnp.pi))
         - 0.5 * inv * jnp.sum(yty)
         - 0.5 * logdets
         + 0.5 * inv**2 * aa
         - 0.5 * jnp.sum(jnp.log(prior_var))
-        - 0.5 * logdet
-        + 0.5 * jnp.sum(w**2)
+        + population(h, eta, prior_var)
     )
 
 
@@ -571,13 +605,23 @@ def _draw_scales(spec, draw, hyper):
 
 
 def _small_cholesky(m):
-    # Cholesky factor of one small SPD matrix, by unrolled code (no LAPACK).
+    # Cholesky factor of one small SPD matrix, a column per iteration of a
+    # loop (no LAPACK, whose batched calls run under the LAPACK lock). The
+    # unrolled factorization's compilation grew about as the size to the
+    # fourth power (docs/performance.md, "'full' with few groups and many
+    # effects").
     size = m.shape[0]
-    chol = col._cholesky_entries(m)
-    zero = jnp.zeros(())
-    return jnp.stack(
-        [jnp.stack([chol.get((i, j), zero) for j in range(size)]) for i in range(size)]
-    )
+    index = jnp.arange(size)
+
+    def column(j, chol):
+        # m[:, j] - sum_{k < j} L[:, k] L[j, k]: columns >= j are still 0
+        s = m[:, j] - chol @ chol[j]
+        d = jnp.sqrt(s[j])
+        return chol.at[:, j].set(
+            jnp.where(index > j, s / d, jnp.where(index == j, d, 0.0))
+        )
+
+    return jax.lax.fori_loop(0, size, column, jnp.zeros_like(m))
 
 
 def _one_draw(spec, data, hyper, fixed, draw, eps):

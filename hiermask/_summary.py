@@ -191,6 +191,13 @@ def varying_note(est):
         line += "; population slope only for " + ", ".join(no) + why
     if est.pooling == "partial":
         line += f"; group_covariance={est.group_covariance!r}"
+        if est.group_covariance == "full" and "group_correlation" not in (
+            est.posterior_
+        ):
+            line += (
+                " (fitted as 'diagonal': fewer groups than correlated effects, "
+                "see the fit's warning)"
+            )
     return line + "."
 
 

@@ -339,6 +339,46 @@ def test_full_covariance_with_one_varying_effect():
     assert list(est.group_correlation_.index) == ["intercept"]
 
 
+@pytest.mark.parametrize("n_groups", [2, 3])
+def test_full_needs_as_many_groups_as_correlated_effects(n_groups):
+    # _frame's effects: intercept, x and z vary (u is a group-level
+    # predictor): q = 3. Three groups estimate the correlation; two are fewer
+    # than the effects: "full" is fitted as "diagonal" (the same draws as an
+    # explicit "diagonal" fit, bit for bit) and a warning gives the counts.
+    X, y = _frame(n_groups=n_groups)
+    settings = {"group_col": "g", "on_bad_convergence": "ignore", **TINY}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        est = MaskedHierarchicalRegressor(**settings).fit(X, y)
+    assert est.varying_.to_dict() == {"x": True, "u": False, "z": True}
+    notes = [m for m in _messages(record) if "group_covariance='full'" in m]
+    summary_line = est.summary().attrs["varying"]
+    if n_groups == 3:
+        assert notes == []
+        assert est.group_correlation_.shape == (3, 3)
+        assert "fitted as 'diagonal'" not in summary_line
+        return
+    (note,) = notes
+    assert note.startswith(
+        "group_covariance='full' with 2 group(s) for 3 correlated group effects "
+        "(the intercept and 2 varying slope(s))"
+    )
+    assert "their 3 correlations" in note
+    assert "group_correlation" not in est.posterior_
+    assert not hasattr(est, "group_correlation_")
+    assert est.get_params()["group_covariance"] == "full"  # not changed
+    assert "group_covariance='full' (fitted as 'diagonal'" in summary_line
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        diagonal = MaskedHierarchicalRegressor(
+            **settings, group_covariance="diagonal"
+        ).fit(X, y)
+    assert not [m for m in _messages(record) if "group_covariance='full'" in m]
+    assert set(diagonal.posterior_) == set(est.posterior_)
+    for name, draws in diagonal.posterior_.items():
+        np.testing.assert_array_equal(est.posterior_[name], draws, err_msg=name)
+
+
 def test_lkj_concentration_is_traced():
     # a refit with another concentration reuses the compiled sampler
     from hiermask._runner import cache_info
