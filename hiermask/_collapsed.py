@@ -1078,21 +1078,22 @@ def imputation_loglik(data, scale, cells):
     )
 
 
-def loc_moments(data, scale, cells, chunk=256):
+def loc_moments(data, scale, cells, chunk=None):
     """Posterior mean and variance of ``x_loc`` from its exact conditional.
 
     Given a draw's ``scale`` and latent cells, ``loc_gj ~ Normal(S / (N +
     s^2/L^2), s^2 / (N + s^2/L^2))`` (see :func:`imputation_loglik`); over
     the draws, the mean of the conditional means and the mean conditional
     variance plus the variance of the conditional means
-    (Rao-Blackwellized: no random numbers). Draws go ``chunk`` at a time.
+    (Rao-Blackwellized: no random numbers). Draws go ``chunk`` at a time
+    (by default as many as make about 2**22 pairs).
 
     Parameters
     ----------
     data : CollapsedData
     scale : ndarray of shape (D, P)
     cells : ndarray of shape (D, M)
-    chunk : int, default=256
+    chunk : int, optional
 
     Returns
     -------
@@ -1102,6 +1103,8 @@ def loc_moments(data, scale, cells, chunk=256):
     lam = IMPUTE_LOC_SCALE**2
     scale, cells = np.asarray(scale), np.asarray(cells)
     n_draws = scale.shape[0]
+    if chunk is None:
+        chunk = max(1, (1 << 22) // max(1, data.x_count.size))
 
     def conditional(lo):
         hi = min(lo + chunk, n_draws)
