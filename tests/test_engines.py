@@ -109,14 +109,15 @@ def test_collapsed_matches_direct(pooling, missing, model):
         # collapsed engine integrates x_loc out and takes its moments from the
         # exact conditional, the direct engine samples it. Means within a
         # tenth of the cell's predictive sd (Monte Carlo error about 0.02 here:
-        # sd / sqrt(40 rows x ESS)), variances within 10%.
+        # sd / sqrt(40 rows x ESS); observed 0.009), variances within 5%
+        # (observed 0.9%).
         # (Where a feature is off, G0's b, x_loc has only its prior: left out.)
         pc, pd_ = c._posterior, d._posterior
         on = np.ones(pc.x_fill.shape, bool)
         on[0, 1] = False
         sd = np.sqrt(pd_.x_var[on])
         assert np.all(np.abs(pc.x_fill[on] - pd_.x_fill[on]) < 0.1 * sd)
-        np.testing.assert_allclose(pc.x_var[on], pd_.x_var[on], rtol=0.1)
+        np.testing.assert_allclose(pc.x_var[on], pd_.x_var[on], rtol=0.05)
 
 
 def test_refit_reuses_compiled_program():
