@@ -47,9 +47,10 @@ Benchmarks (targets of issue 3 in brackets):
                  with 0.1% of the feature cells NaN (400 latent cells,
                  imputed), at the default group_covariance ("full", the
                  general model) and at "diagonal", all first fits in one
-                 process: first fit and sampling time, leapfrog steps, time
-                 per step, and their ratios to the complete data
-                 [missing within 2x of complete].
+                 process: first fit and sampling time (warmup included),
+                 leapfrog steps of the kept draws, sampling time over those
+                 steps, and the ratios to the complete data [missing within
+                 2x of complete].
 
 The profile columns split a fit into: ``validate_s`` (input checks, masks,
 everything of the estimator outside the engine), ``stats_s`` (scaling and the
