@@ -348,6 +348,24 @@ def benchmark_pages(out: Path, results: Path) -> None:
                 for r in bench["covariance"]["rows"]
             ],
         )
+    if "missing" in bench:
+        section(
+            "missing",
+            "Latent cells: 50,000 rows, 200 groups, 8 features, 0.1% of cells NaN",
+            "missing",
+            ["case", "latent cells", "first fit (s)", "compile", "sample"]
+            + ["steps (kept draws)", "fit / complete", "sample / complete"],
+            [
+                [r["case"], r["latent_cells"]]
+                + [_s(r[k]) for k in ("first_fit_s", "compile_s", "sample_s")]
+                + [r["steps"]]
+                + [
+                    f"{r[k]:.2f}" if k in r else ""
+                    for k in ("first_fit_vs_complete", "sample_vs_complete")
+                ]
+                for r in bench["missing"]["rows"]
+            ],
+        )
     section(
         "gridsearch",
         "GridSearchCV, 5 folds x 4 prior scales, 10,000 rows",

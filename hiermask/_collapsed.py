@@ -50,7 +50,6 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
-import numpyro.distributions as dist
 
 from . import _limits
 from ._density import INIT_RADIUS, FlatDensity
@@ -396,39 +395,6 @@ def _deviation_parts(pooling, data):
     return jnp.broadcast_to(jnp.eye(q), (on.shape[0], q, q)).at[:, 0, 1:].set(row)
 
 
-def add_incomplete_rows(data, cells):
-    """Statistics of every group with the rows holding latent cells added.
-
-    Parameters
-    ----------
-    data : CollapsedData
-        Data.
-    cells : array of shape (M,)
-        Values of the latent cells (internal units).
-
-    Returns
-    -------
-    n, gram, xty, yty : arrays
-        As in :class:`CollapsedData`, now over all rows.
-    """
-    if data.inc_group.shape[0] == 0:
-        return data.n, data.gram, data.xty, data.yty
-    n_groups = data.on.shape[0]
-    design = data.inc_design.at[data.miss_row, data.miss_col].set(cells)
-    xt = jnp.concatenate([jnp.ones((design.shape[0], 1)), design], axis=1)
-    wxt = xt * data.inc_w[:, None]
-
-    def seg(v):
-        return jax.ops.segment_sum(v, data.inc_group, num_segments=n_groups)
-
-    return (
-        data.n + seg(data.inc_w),
-        data.gram + seg(wxt[:, :, None] * xt[:, None, :]),
-        data.xty + seg(wxt * data.inc_y[:, None]),
-        data.yty + seg(data.inc_w * data.inc_y**2),
-    )
-
-
 class _Prepared(NamedTuple):
     # Statistics shifted by f (so that b0 = F phi) and mapped by A and F;
     # groups last.
@@ -461,6 +427,92 @@ def _prepare(pooling, data, stats):
     dev_gram = jnp.einsum("gki,gkl,glj->ijg", A, gram, A)
     dev_xty = jnp.einsum("gki,gk->ig", A, xty)
     return _Prepared(n, yty, dev_gram, dev_xty, None, None)
+
+
+# The rows holding latent cells. _prepare is linear in the statistics, and a
+# row's share of them is an outer product: with xt = [1, x] the row's design,
+# u = y + e_y and a = L'xt (L = A_g, or F_g under complete pooling), the row
+# adds w to n, w u^2 to u'Wu, w a a' to A'SA (F'SF) and w u a to A'r (F'r).
+# The complete rows are prepared once, outside the density, with the n and
+# u'Wu of the incomplete rows (which do not depend on the latent cells); each
+# evaluation adds only the incomplete rows' outer products, into the groups
+# that hold them: its cost grows with the number of these rows, not with the
+# number of groups (docs/performance.md, "Latent cells").
+
+
+class _Rows(NamedTuple):
+    # The rows holding latent cells, prepared: see above.
+    group: jnp.ndarray  # (R,)
+    left_xt: jnp.ndarray  # (R, q) a = L'xt with 0 at the row's latent cells
+    w: jnp.ndarray  # (R,)
+    u: jnp.ndarray  # (R,) y + e_y
+
+
+def split_prepared(pooling, data):
+    """The prepared statistics of the complete rows, and the incomplete rows.
+
+    Parameters
+    ----------
+    pooling : {"partial", "none", "complete"}
+    data : CollapsedData
+
+    Returns
+    -------
+    prep : _Prepared
+        :func:`_prepare` of the complete rows' statistics, with the ``n``
+        and ``u'Wu`` of the rows holding latent cells added.
+    rows : _Rows
+        Those rows, for :func:`row_statistics`.
+    """
+    n_groups = data.on.shape[0]
+    w, u = data.inc_w, data.inc_y + data.e_y
+
+    def seg(v):
+        return jax.ops.segment_sum(v, data.inc_group, num_segments=n_groups)
+
+    prep = _prepare(pooling, data, (data.n + seg(w), data.gram, data.xty, data.yty))
+    prep = prep._replace(yty=prep.yty + seg(w * u**2))
+    if pooling == "complete":
+        left = _population_map(data)[data.inc_group]
+    else:
+        left = _deviation_parts(pooling, data)[data.inc_group]
+    xt = jnp.concatenate([jnp.ones((w.shape[0], 1)), data.inc_design], axis=1)
+    return prep, _Rows(data.inc_group, jnp.einsum("rki,rk->ri", left, xt), w, u)
+
+
+def row_statistics(data, rows, cells):
+    """Each incomplete row's prepared ``w a a'`` and ``w u a`` given its cells.
+
+    A latent cell of feature ``j`` is the entry ``1 + j`` of the row's
+    ``xt``; row ``1 + j`` of ``L`` is the unit vector there (``A`` is the
+    identity but for its first row; ``F``'s diagonal is ``on``, 1 where a
+    cell can be latent), so the cell adds itself to ``a``'s entry ``1 + j``.
+
+    Parameters
+    ----------
+    data : CollapsedData
+    rows : _Rows
+        From :func:`split_prepared`.
+    cells : array of shape (M,)
+        The latent cells (internal units).
+
+    Returns
+    -------
+    gram : array of shape (R, q, q)
+    xty : array of shape (R, q)
+    """
+    a = rows.left_xt.at[data.miss_row, 1 + data.miss_col].add(cells)
+    wa = rows.w[:, None] * a
+    return wa[:, :, None] * a[:, None, :], wa * rows.u[:, None]
+
+
+def _blocks_with_rows(blocks, rows, gram, xty):
+    # Add the rows' prepared statistics into the blocks of their groups.
+    size = blocks.onq.shape[-1]
+    b, j = rows.group // size, rows.group % size
+    return blocks._replace(
+        gram=blocks.gram.at[b, :, :, j].add(gram), xty=blocks.xty.at[b, :, j].add(xty)
+    )
 
 
 def _pop_left(data):
@@ -950,29 +1002,125 @@ def marginal_loglik(pooling, values, data, hyper, cells):
     -------
     scalar
     """
-    prep = _prepare(pooling, data, add_incomplete_rows(data, cells))
-    blocks = base = None
-    if pooling != "complete":
-        blocks = _group_blocks(prep, data.on)
-        base = _base_sd(pooling, values, hyper)
+    prep, blocks = _prepared_stats(pooling, data, _fixed_stats(pooling, data), cells)
+    base = None if pooling == "complete" else _base_sd(pooling, values, hyper)
     stats_grad = data.miss_row.shape[0] > 0
     return _prepared_loglik(
         pooling, prep, blocks, _pop_left(data), values["sigma"], base, hyper, stats_grad
     )
 
 
-def _imputation_loglik(data, loc, scale, cells):
-    # x_observed factor and the latent cells' prior, as in direct_model.
-    quad = data.x_sumsq - 2.0 * loc * data.x_sum + data.x_count * loc**2
-    observed = jnp.sum(
-        -0.5 * data.x_count * jnp.log(2.0 * jnp.pi * scale**2) - 0.5 * quad / scale**2
+def cell_sums(data, cells):
+    """Count, sum and sum of squares of each (group, imputed column)'s cells.
+
+    Observed cells weighted as in the statistics, each latent cell once.
+
+    Parameters
+    ----------
+    data : CollapsedData
+    cells : array of shape (..., M)
+        Latent cells (internal units); leading axes are draws.
+
+    Returns
+    -------
+    count, total, sumsq : arrays of shape (..., G, P)
+    """
+    n_groups, n_cols = data.x_count.shape
+    pair = data.inc_group[data.miss_row] * n_cols + data.miss_slot
+    lead = cells.shape[:-1]
+
+    def seg(v):
+        # (..., M) -> (..., G, P): a sum into the pairs of the last axis
+        v = jnp.moveaxis(v, -1, 0)
+        out = jax.ops.segment_sum(v, pair, num_segments=n_groups * n_cols)
+        return jnp.moveaxis(out, 0, -1).reshape(*lead, n_groups, n_cols)
+
+    return (
+        data.x_count + seg(jnp.ones_like(cells)),
+        data.x_sum + seg(cells),
+        data.x_sumsq + seg(cells**2),
     )
-    miss_group = data.inc_group[data.miss_row]
-    return observed + jnp.sum(
-        dist.Normal(loc[miss_group, data.miss_slot], scale[data.miss_slot]).log_prob(
-            cells
-        )
+
+
+def imputation_loglik(data, scale, cells):
+    """The imputation model's log density with ``x_loc`` integrated out.
+
+    In :func:`hiermask._model.direct_model` the cells (observed and latent)
+    of feature ``j`` in group ``g`` are ``Normal(loc_gj, scale_j)`` given
+    ``loc_gj ~ Normal(0, L)`` (``L`` = ``IMPUTE_LOC_SCALE``). ``loc_gj``
+    integrates out of each pair exactly: with ``N``, ``S`` and ``Q`` the
+    pair's (weighted) count, sum and sum of squares and ``s = scale_j``,
+
+        -N/2 log(2 pi s^2) - (Q - S^2 / (N + s^2/L^2)) / (2 s^2)
+        - log(1 + N L^2/s^2) / 2,
+
+    for unit weights the normal density of the pair's cells with covariance
+    ``s^2 I + L^2 11'``. Its conditional is :func:`loc_moments`'.
+
+    Parameters
+    ----------
+    data : CollapsedData
+    scale : array of shape (P,)
+    cells : array of shape (M,)
+
+    Returns
+    -------
+    scalar
+    """
+    count, total, sumsq = cell_sums(data, cells)
+    s2 = scale**2
+    lam = IMPUTE_LOC_SCALE**2
+    quad = sumsq - total**2 / (count + s2 / lam)
+    return jnp.sum(
+        -0.5 * count * jnp.log(2.0 * jnp.pi * s2)
+        - 0.5 * quad / s2
+        - 0.5 * jnp.log1p(count * (lam / s2))
     )
+
+
+def loc_moments(data, scale, cells, chunk=None):
+    """Posterior mean and variance of ``x_loc`` from its exact conditional.
+
+    Given a draw's ``scale`` and latent cells, ``loc_gj ~ Normal(S / (N +
+    s^2/L^2), s^2 / (N + s^2/L^2))`` (see :func:`imputation_loglik`); over
+    the draws, the mean of the conditional means and the mean conditional
+    variance plus the variance of the conditional means
+    (Rao-Blackwellized: no random numbers). Draws go ``chunk`` at a time
+    (by default as many as make about 2**22 pairs).
+
+    Parameters
+    ----------
+    data : CollapsedData
+    scale : ndarray of shape (D, P)
+    cells : ndarray of shape (D, M)
+    chunk : int, optional
+
+    Returns
+    -------
+    mean, var : ndarray of shape (G, P)
+        Internal units.
+    """
+    lam = IMPUTE_LOC_SCALE**2
+    scale, cells = np.asarray(scale), np.asarray(cells)
+    n_draws = scale.shape[0]
+    if chunk is None:
+        chunk = max(1, (1 << 22) // max(1, data.x_count.size))
+
+    def conditional(lo):
+        hi = min(lo + chunk, n_draws)
+        with jax.enable_x64(True):
+            count, total, _ = cell_sums(data, jnp.asarray(cells[lo:hi]))
+        count, total = np.asarray(count), np.asarray(total)
+        denom = count + (scale[lo:hi, None, :] ** 2) / lam
+        return total / denom, scale[lo:hi, None, :] ** 2 / denom
+
+    starts = range(0, n_draws, chunk)
+    mean = sum(conditional(lo)[0].sum(axis=0) for lo in starts) / n_draws
+    var = 0.0
+    for lo in starts:
+        m, v = conditional(lo)
+        var = var + v.sum(axis=0) + ((m - mean) ** 2).sum(axis=0)
+    return mean, var / n_draws
 
 
 class _Layout(NamedTuple):
@@ -1013,9 +1161,9 @@ def imputation_sites(data):
     n_cells = data.miss_row.shape[0]
     if not n_cells:
         return []
-    n_groups, n_cols = data.on.shape[0], data.impute_cols.shape[0]
+    n_cols = data.impute_cols.shape[0]
+    # x_loc is integrated out (imputation_loglik)
     return [
-        ("x_loc", (n_groups, n_cols), False, IMPUTE_LOC_SCALE),
         ("x_scale", (n_cols,), True, IMPUTE_SCALE_SCALE),
         ("x_missing", (n_cells,), False, None),
     ]
@@ -1057,11 +1205,27 @@ def _layout_of(sites):
     )
 
 
-def _prepared_stats(pooling, data, cells):
-    # The statistics given the latent cells, and in blocks (None under
-    # complete pooling).
-    prep = _prepare(pooling, data, add_incomplete_rows(data, cells))
-    return prep, None if pooling == "complete" else _group_blocks(prep, data.on)
+def _fixed_stats(pooling, data):
+    # What _prepared_stats adds the latent cells' rows to: the complete
+    # rows prepared (split_prepared), in blocks (only onq under complete
+    # pooling), and the incomplete rows.
+    prep, rows = split_prepared(pooling, data)
+    return prep, _group_blocks(prep, data.on), rows
+
+
+def _prepared_stats(pooling, data, fixed, cells):
+    # The prepared statistics and blocks given the latent cells: the fixed
+    # ones plus the incomplete rows' (row_statistics), in their groups.
+    prep, blocks, rows = fixed
+    if not data.miss_row.shape[0]:
+        return prep, blocks
+    gram, xty = row_statistics(data, rows, cells)
+    if pooling == "complete":
+        return prep._replace(
+            pop_gram=prep.pop_gram + jnp.sum(gram, axis=0),
+            pop_xty=prep.pop_xty + jnp.sum(xty, axis=0),
+        ), blocks
+    return prep, _blocks_with_rows(blocks, rows, gram, xty)
 
 
 def collapsed_density(data: CollapsedData, hyper: Hyper, pooling: str = "partial"):
@@ -1090,7 +1254,9 @@ def collapsed_density(data: CollapsedData, hyper: Hyper, pooling: str = "partial
     """
     layout = _layout(data, hyper, pooling)
     n_cells = data.miss_row.shape[0]
-    fixed = None if n_cells else _prepared_stats(pooling, data, ())
+    # prepared once, outside the gradient (the latent cells' rows are added
+    # in each evaluation)
+    fixed = _fixed_stats(pooling, data)
 
     def log_density(z):
         x = layout.transform(z)
@@ -1105,11 +1271,10 @@ def collapsed_density(data: CollapsedData, hyper: Hyper, pooling: str = "partial
         if pooling == "partial":
             scales["tau_a"] = values["intercept_scale"]
             scales["tau"] = values["coef_scale"]
-        stats = fixed
+        cells = values.get("x_missing")
         if n_cells:
-            loc, scale, cells = values["x_loc"], values["x_scale"], values["x_missing"]
-            logp = logp + _imputation_loglik(data, loc, scale, cells)
-            stats = _prepared_stats(pooling, data, cells)
+            logp = logp + imputation_loglik(data, values["x_scale"], cells)
+        stats = _prepared_stats(pooling, data, fixed, cells)
         base = None if pooling == "complete" else _base_sd(pooling, scales, hyper)
         return logp + _prepared_loglik(
             pooling,
@@ -1305,7 +1470,7 @@ class _DrawConsts(NamedTuple):
     prior_var: jnp.ndarray  # (q,)
     pop_left: jnp.ndarray  # (q, q)
     consts: tuple  # e_y, k, -K and the first row of A (over the slopes)
-    fixed: tuple  # (prep, blocks) without latent cells, else None
+    fixed: tuple  # _fixed_stats
 
 
 def _draw_plan(n_draws, data, pooling, chunk):
@@ -1373,22 +1538,16 @@ def _draw_statistics(plan, c, cells):
     # The tile's statistics and blocks, and the vmap axis of the blocks
     # (0: one per draw, given its latent cells; None: shared).
     if not plan.n_cells:
-        return (*c.fixed, None)
-    prep, blocks = jax.vmap(functools.partial(_prepared_blocks, plan.pooling, c.data))(
-        cells
-    )
+        return (*c.fixed[:2], None)
+    prep, blocks = jax.vmap(
+        lambda x: _prepared_stats(plan.pooling, c.data, c.fixed, x)
+    )(cells)
     # blocks by draw -> draws inside each block
     blocks = _Blocks(
         *(None if a is None else jnp.moveaxis(a, 0, 1) for a in blocks[:3]),
         blocks.unit[0],
     )
     return prep, blocks, 0
-
-
-def _prepared_blocks(pooling, data, cells):
-    # statistics given one draw's latent cells, and in blocks
-    prep = _prepare(pooling, data, add_incomplete_rows(data, cells))
-    return prep, _group_blocks(prep, data.on)
 
 
 def _vmapped(axis, fn, *args):
@@ -1579,7 +1738,7 @@ def conditional_draws(
         prior_var=prior_var,
         pop_left=_pop_left(data),
         consts=(data.e_y, data.k, -data.K, a_row),
-        fixed=None if plan.n_cells else _prepared_blocks(pooling, data, jnp.zeros(0)),
+        fixed=_fixed_stats(pooling, data),
     )
 
     def one_chunk(acc, args):

@@ -17,7 +17,12 @@ import jax
 import numpy as np
 
 from . import _identify, _limits
-from ._collapsed import CollapsedData, CollapsedEngine, conditional_chunk
+from ._collapsed import (
+    CollapsedData,
+    CollapsedEngine,
+    conditional_chunk,
+    loc_moments,
+)
 from ._diagnostics import parameter_diagnostics
 from ._model import DirectEngine, Hyper, varying_index
 from ._runner import map_parts, run_nuts
@@ -227,20 +232,26 @@ def _expand(values, active, axis=-1):
     return out
 
 
-def _impute_moments(draws, data_cols, cells, mask, scaling):
-    """E[x] and Var[x] for NaN in applicable cells, per group and for new ones."""
+def _impute_moments(draws, data_cols, cells, mask, scaling, loc=None):
+    """E[x] and Var[x] for NaN in applicable cells, per group and for new ones.
+
+    ``loc``: the posterior mean and variance of ``x_loc`` (internal units),
+    when it was integrated out (:func:`hiermask._collapsed.loc_moments`);
+    else from its draws, when there are any.
+    """
     n_groups, p = mask.shape
     count = np.where(mask, cells.count, 0.0)
     fill = np.where(count > 0, cells.mean, scaling.x_mean)
     dof = np.maximum(count.sum(axis=0) - (count > 0).sum(axis=0), 1.0)
     pooled_var = np.where(mask, cells.m2, 0.0).sum(axis=0) / dof
     var = np.broadcast_to(pooled_var, (n_groups, p)).copy()
-    if "x_loc" in draws and len(data_cols):
+    if loc is None and "x_loc" in draws:
+        loc = draws["x_loc"].mean(axis=0), draws["x_loc"].var(axis=0)  # (G, P)
+    if loc is not None and len(data_cols):
         s = scaling.x_scale[data_cols]
-        loc = scaling.x_mean[data_cols] + s * draws["x_loc"]  # (D, G, P)
         scale2 = (s * draws["x_scale"]) ** 2  # (D, P)
-        fill[:, data_cols] = loc.mean(axis=0)
-        var[:, data_cols] = scale2.mean(axis=0) + loc.var(axis=0)
+        fill[:, data_cols] = scaling.x_mean[data_cols] + s * loc[0]
+        var[:, data_cols] = scale2.mean(axis=0) + s**2 * loc[1]
     return fill, var, scaling.x_mean.copy(), scaling.x_scale**2
 
 
@@ -334,7 +345,10 @@ def _sample(statistics, cells, config: FitConfig) -> Posterior:
     draws["noise"] = flat["noise"] * scaling.y_scale
     unseen = _population(draws, flat, config, scaling, ref, active, varying)
     cols = np.asarray(data.impute_cols)
-    fill = _impute_moments(flat, cols, cells, mask[:, active], scaling)
+    loc = None
+    if "x_missing" in flat and "x_loc" not in flat:  # integrated out
+        loc = loc_moments(data, flat["x_scale"], flat["x_missing"])
+    fill = _impute_moments(flat, cols, cells, mask[:, active], scaling, loc)
     return Posterior(
         draws=draws,
         n_chains=config.num_chains,

@@ -204,16 +204,26 @@ def _prior_var(hyper):
     return jnp.concatenate([jnp.atleast_1d(hyper.intercept) ** 2, hyper.coef**2])
 
 
-def _statistics(spec, data, cells):
+def _statistics(spec, data, cells, fixed=None):
     """``n``, ``u'Wu``, ``K = A'SA`` (q, q, G) and ``k = A'r`` (q, G).
 
     Groups last: the algebra below is elementwise over the groups, unrolled
     over the small matrix size (one fused loop per operation, as in
     :mod:`hiermask._collapsed`). ``K`` and ``k`` vanish at the features
-    that are off in a group.
+    that are off in a group. ``fixed``: the complete rows prepared and the
+    rows holding latent cells (:func:`hiermask._collapsed.split_prepared`,
+    computed here when None); only those rows' statistics, which depend on
+    ``cells``, are added here, into their groups.
     """
-    prep = col._prepare(spec.pooling, data, col.add_incomplete_rows(data, cells))
-    return prep.n, prep.yty, prep.dev_gram, prep.dev_xty
+    if fixed is None:
+        fixed = col.split_prepared(spec.pooling, data)
+    prep, rows = fixed
+    gram, xty = prep.dev_gram, prep.dev_xty
+    if data.miss_row.shape[0]:
+        row_gram, row_xty = col.row_statistics(data, rows, cells)
+        gram = gram.at[:, :, rows.group].add(jnp.moveaxis(row_gram, 0, -1))
+        xty = xty.at[:, rows.group].add(row_xty.T)
+    return prep.n, prep.yty, gram, xty
 
 
 def _unit(x):
@@ -554,8 +564,8 @@ def general_density(spec, data, hyper):
     n_cells = data.miss_row.shape[0]
     n_features = data.on.shape[1]
     names = [site[0] for site in layout.sites]
-    # statistics without latent cells: prepared once, outside the gradient
-    fixed = None if n_cells else _statistics(spec, data, jnp.zeros(0))
+    # the complete rows' statistics: prepared once, outside the gradient
+    fixed = col.split_prepared(spec.pooling, data)
 
     def log_density(z):
         x = layout.transform(z)
@@ -569,13 +579,10 @@ def general_density(spec, data, hyper):
             logp = logp + lkj_log_density(
                 values["group_correlation"], hyper.lkj, spec.n_correlated
             )
-        stats = fixed
+        cells = values.get("x_missing")
         if n_cells:
-            cells = values["x_missing"]
-            logp = logp + col._imputation_loglik(
-                data, values["x_loc"], values["x_scale"], cells
-            )
-            stats = _statistics(spec, data, cells)
+            logp = logp + col.imputation_loglik(data, values["x_scale"], cells)
+        stats = _statistics(spec, data, cells, fixed)
         return logp + _loglik_of(spec, scales, data, hyper, stats)
 
     def constrain(z):
@@ -630,10 +637,7 @@ def _one_draw(spec, data, hyper, fixed, draw, eps):
     """
     scales = _draw_scales(spec, draw, hyper)
     inv = 1.0 / scales["sigma"] ** 2
-    if fixed is None:
-        _, _, gram, xty = _statistics(spec, data, draw["x_missing"])
-    else:
-        gram, xty = fixed
+    _, _, gram, xty = _statistics(spec, data, draw.get("x_missing"), fixed)
     left = _population_left(spec, data)
     factor = _deviation_factor(spec, scales, hyper, data)
     grp = _groups(inv, factor, left, gram, xty)
@@ -713,9 +717,7 @@ def general_conditional(
     chunk = max(1, min(chunk, n_draws))
     n_chunks = -(-n_draws // chunk)
     n_valid = n_draws if n_valid is None else n_valid
-    fixed = None
-    if not data.miss_row.shape[0]:
-        fixed = _statistics(spec, data, jnp.zeros(0))[2:]
+    fixed = col.split_prepared(spec.pooling, data)
     sites = ("noise", "intercept_scale", "coef_scale", "group_correlation", "x_missing")
 
     def chunked(x):
