@@ -27,9 +27,9 @@ from scipy.stats import multivariate_normal
 
 from hiermask import _general, _limits
 from hiermask._collapsed import CollapsedEngine, marginal_loglik
-from hiermask._fit import FitConfig, _collapsed_data, _hyper, _prior_units
 from hiermask._general import general_spec
-from hiermask._stats import compute_scaling
+
+from ._fitted import engine_data
 
 # compiled once per spec and shape (faster than op by op)
 general_loglik = jax.jit(_general.general_loglik, static_argnums=0)
@@ -44,23 +44,7 @@ TAU = np.array([0.5, 0.3, 0.6])
 SIGMA, TAU_A = 0.7, 0.8
 LATENT = (0, 1)  # row, feature of the latent cell
 CELL = 0.3  # its value in the centred internal design
-
-
-def _config():
-    return FitConfig(
-        pooling="partial",
-        engine="collapsed",
-        standardize=True,
-        coef_prior_scale=1.3,
-        intercept_prior_scale=0.9,
-        group_scale_prior=1.0,
-        noise_prior_scale=1.0,
-        num_warmup=1,
-        num_samples=1,
-        num_chains=1,
-        target_accept_prob=0.8,
-        seed=0,
-    )
+PRIORS = {"coef_prior_scale": 1.3, "intercept_prior_scale": 0.9}
 
 
 def _problem(standardize=True, latent=True):
@@ -76,10 +60,9 @@ def _problem(standardize=True, latent=True):
     if latent:
         X[LATENT] = np.nan
     w = rng.uniform(0.5, 2.0, size=n)
-    scaling = compute_scaling(X, y, w, mask[group_idx])
-    ref = _prior_units(scaling, standardize)
-    data = _collapsed_data(X, y, w, group_idx, mask, scaling, ref)
-    hyper = _hyper(_config(), scaling)
+    data, hyper, scaling = engine_data(
+        X, y, w, group_idx, mask, standardize=standardize, **PRIORS
+    )
     # x / s in internal units (0 where off), the latent cell filled in
     xs = np.where(mask[group_idx], X, 0.0) / scaling.x_scale
     if latent:

@@ -23,6 +23,8 @@ from hiermask._identify import (
 from hiermask._predict import _unseen_draws
 from hiermask._stats import cell_moments, compute_scaling, group_statistics
 
+from ._fitted import fit_config
+
 TINY = {"num_warmup": 60, "num_samples": 60, "num_chains": 2, "random_state": 0}
 
 
@@ -353,7 +355,6 @@ def test_lkj_concentration_is_traced():
 def test_indicator_through_the_mask_is_not_a_single_value():
     # 1.0 where it applies, off elsewhere: identified by the groups where it
     # is off, so only the group-level warning (when its slope varies) fires
-    from hiermask._fit import FitConfig
     from hiermask._identify import warn_unidentified
 
     rng = np.random.default_rng(0)
@@ -362,12 +363,7 @@ def test_indicator_through_the_mask_is_not_a_single_value():
     mask[3:, 1] = False
     X = np.column_stack([rng.normal(size=48), np.where(g < 3, 1.0, np.nan)])
     cells, scaling = _cells(X, g, mask)
-    config = FitConfig(
-        pooling="partial", engine="direct", standardize=True, coef_prior_scale=1.0,
-        intercept_prior_scale=1.0, group_scale_prior=1.0, noise_prior_scale=1.0,
-        num_warmup=1, num_samples=1, num_chains=1, target_accept_prob=0.8, seed=0,
-        feature_names=("x", "ind"),
-    )  # fmt: skip
+    config = fit_config(engine="direct", feature_names=("x", "ind"))
     gram = _gram(X, g, mask)
 
     def messages(varying):
