@@ -17,6 +17,8 @@ diag(tau))`` on them. Under no pooling ``u_i = ell_g - e_y + sum_j on coef_gj
 shared ``coef_j`` for each non-varying feature, all with their fixed prior sds.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -482,14 +484,14 @@ def test_unroll_limits(unroll, unroll_population, monkeypatch):
     data, hyper, rows = _problem()
     spec = general_spec("partial", (True, False, True), "full", 3)
 
-    def loglik(x):
+    def loglik(x, program=general_loglik):
         values = {
             "sigma": x[0],
             "tau_a": x[1],
             "tau": x[2:4],
             "corr_chol": jnp.asarray(np.linalg.cholesky(_correlation(3))),
         }
-        return general_loglik(spec, values, data, hyper, x[4:])
+        return program(spec, values, data, hyper, x[4:])
 
     with jax.enable_x64(True):
         x = jnp.array([SIGMA, TAU_A, TAU[0], TAU[2], CELL])
@@ -497,7 +499,15 @@ def test_unroll_limits(unroll, unroll_population, monkeypatch):
         monkeypatch.setattr(_limits, "UNROLL_MAX_SIZE", unroll)
         monkeypatch.setattr(_limits, "UNROLL_MAX_SIZE_POPULATION", unroll_population)
         assert _general.col._unrolled(4) == (unroll >= 4)
-        value, grad = loglik(x), jax.grad(loglik)(x)
+        # traced anew under the patched limits: the module's jitted function
+        # would reuse the program traced above with the default ones
+        patched = functools.partial(
+            loglik,
+            program=jax.jit(
+                functools.partial(_general.general_loglik), static_argnums=0
+            ),
+        )
+        value, grad = patched(x), jax.grad(patched)(x)
     np.testing.assert_allclose(float(value), float(reference[0]), rtol=1e-10)
     np.testing.assert_allclose(np.asarray(grad), np.asarray(reference[1]), rtol=1e-10)
     mean, cov = _dense("partial", spec.varying, _correlation(3), data, hyper, rows)
