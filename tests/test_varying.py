@@ -56,6 +56,13 @@ def _fit(X, y, **params):
         return MaskedHierarchicalRegressor(**settings).fit(X, y)
 
 
+@pytest.fixture(scope="module")
+def direct_fit():
+    """The default model on ``_frame()``, direct engine (shared: do not modify)."""
+    X, y = _frame()
+    return _fit(X, y, engine="direct"), X, y
+
+
 # ------------------------------------------------------------- parameters
 def test_defaults_are_auto_and_full():
     est = MaskedHierarchicalRegressor()
@@ -181,9 +188,8 @@ def test_constant_within_groups_threshold_both_sides():
     assert constant_within_groups(cells, np.ones((4, 1), bool), scaling).all()
 
 
-def test_auto_is_said_in_summary_and_plot():
-    X, y = _frame()
-    est = _fit(X, y, engine="direct")
+def test_auto_is_said_in_summary_and_plot(direct_fit):
+    est, _, _ = direct_fit
     note = est.summary().attrs["varying"]
     assert "group-specific slopes for x, z" in note
     assert "population slope only for u (constant within every group" in note
@@ -277,9 +283,8 @@ def test_unseen_draws_follow_the_correlated_population():
     np.testing.assert_allclose(sd[2], pop, rtol=0.05)
 
 
-def test_unseen_group_uses_its_own_group_level_value():
-    X, y = _frame()
-    est = _fit(X, y, engine="direct")
+def test_unseen_group_uses_its_own_group_level_value(direct_fit):
+    est, X, _ = direct_fit
     row = X.iloc[:1].assign(g="new")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -289,9 +294,8 @@ def test_unseen_group_uses_its_own_group_level_value():
 
 
 # ------------------------------------------------------------------ layout
-def test_correlation_layout(tmp_path):
-    X, y = _frame()
-    est = _fit(X, y, engine="direct")
+def test_correlation_layout(direct_fit, tmp_path):
+    est, X, _ = direct_fit
     corr = est.posterior_["group_correlation"]
     assert corr.shape == (120, 3, 3)
     np.testing.assert_allclose(np.diagonal(corr, axis1=1, axis2=2), 1.0)
@@ -377,14 +381,13 @@ def test_indicator_through_the_mask_is_not_a_single_value():
     assert only.startswith("Feature(s) 'ind' are constant within every group")
 
 
-def test_plots_say_what_varies(tmp_path):
+def test_plots_say_what_varies(direct_fit, tmp_path):
     from matplotlib.figure import Figure
     from matplotlib.patches import Ellipse
 
     from hiermask import plotting
 
-    X, y = _frame()
-    est = _fit(X, y, engine="direct")
+    est, X, y = direct_fit
     ax = plotting.plot_mask(est, ax=Figure().subplots())
     ticks = [t.get_text() for t in ax.get_xticklabels()]
     assert ticks == ["x", "u (population slope)", "z"]
