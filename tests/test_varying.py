@@ -258,9 +258,9 @@ def test_identified_design_gives_no_warning():
 
 
 # ----------------------------------------------------------- unseen groups
-def test_unseen_draws_follow_the_correlated_population():
-    X, y = _frame(n_groups=8)
-    est = _fit(X, y, engine="direct", varying=["x", "z"])
+def test_unseen_draws_follow_the_correlated_population(direct_fit):
+    est, _, _ = direct_fit
+    assert est.varying_.to_dict() == {"x": True, "u": False, "z": True}
     post = est._posterior
     n_draws = post.draws["noise"].shape[0]
     on = np.array([True, True, True])
