@@ -17,6 +17,8 @@ diag(tau))`` on them. Under no pooling ``u_i = ell_g - e_y + sum_j on coef_gj
 shared ``coef_j`` for each non-varying feature, all with their fixed prior sds.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,9 +29,9 @@ from scipy.stats import multivariate_normal
 
 from hiermask import _general, _limits
 from hiermask._collapsed import CollapsedEngine, marginal_loglik
-from hiermask._fit import FitConfig, _collapsed_data, _hyper, _prior_units
 from hiermask._general import general_spec
-from hiermask._stats import compute_scaling
+
+from ._fitted import engine_data
 
 # compiled once per spec and shape (faster than op by op)
 general_loglik = jax.jit(_general.general_loglik, static_argnums=0)
@@ -44,23 +46,7 @@ TAU = np.array([0.5, 0.3, 0.6])
 SIGMA, TAU_A = 0.7, 0.8
 LATENT = (0, 1)  # row, feature of the latent cell
 CELL = 0.3  # its value in the centred internal design
-
-
-def _config():
-    return FitConfig(
-        pooling="partial",
-        engine="collapsed",
-        standardize=True,
-        coef_prior_scale=1.3,
-        intercept_prior_scale=0.9,
-        group_scale_prior=1.0,
-        noise_prior_scale=1.0,
-        num_warmup=1,
-        num_samples=1,
-        num_chains=1,
-        target_accept_prob=0.8,
-        seed=0,
-    )
+PRIORS = {"coef_prior_scale": 1.3, "intercept_prior_scale": 0.9}
 
 
 def _problem(standardize=True, latent=True):
@@ -76,10 +62,9 @@ def _problem(standardize=True, latent=True):
     if latent:
         X[LATENT] = np.nan
     w = rng.uniform(0.5, 2.0, size=n)
-    scaling = compute_scaling(X, y, w, mask[group_idx])
-    ref = _prior_units(scaling, standardize)
-    data = _collapsed_data(X, y, w, group_idx, mask, scaling, ref)
-    hyper = _hyper(_config(), scaling)
+    data, hyper, scaling = engine_data(
+        X, y, w, group_idx, mask, standardize=standardize, **PRIORS
+    )
     # x / s in internal units (0 where off), the latent cell filled in
     xs = np.where(mask[group_idx], X, 0.0) / scaling.x_scale
     if latent:
@@ -241,9 +226,10 @@ def test_everything_varying_diagonal_equals_hand_written(pooling):
         x = jnp.concatenate(
             [jnp.array([SIGMA, TAU_A]), jnp.asarray(TAU), jnp.array([CELL])]
         )
-        general, hand = both(x)
-        g_general = jax.grad(lambda x: both(x)[0])(x)
-        g_hand = jax.grad(lambda x: both(x)[1])(x)
+        # each side compiled as one program (op by op, every operation of
+        # the hand-written path compiles apart: minutes on 2 CPUs)
+        general, g_general = jax.jit(jax.value_and_grad(lambda x: both(x)[0]))(x)
+        hand, g_hand = jax.jit(jax.value_and_grad(lambda x: both(x)[1]))(x)
     np.testing.assert_allclose(float(general), float(hand), rtol=1e-10)
     if pooling == "none":
         # no sds are sampled: their gradients are 0 on both sides
@@ -505,14 +491,14 @@ def test_unroll_limits(unroll, unroll_population, monkeypatch):
     data, hyper, rows = _problem()
     spec = general_spec("partial", (True, False, True), "full", 3)
 
-    def loglik(x):
+    def loglik(x, program=general_loglik):
         values = {
             "sigma": x[0],
             "tau_a": x[1],
             "tau": x[2:4],
             "corr_chol": jnp.asarray(np.linalg.cholesky(_correlation(3))),
         }
-        return general_loglik(spec, values, data, hyper, x[4:])
+        return program(spec, values, data, hyper, x[4:])
 
     with jax.enable_x64(True):
         x = jnp.array([SIGMA, TAU_A, TAU[0], TAU[2], CELL])
@@ -520,7 +506,15 @@ def test_unroll_limits(unroll, unroll_population, monkeypatch):
         monkeypatch.setattr(_limits, "UNROLL_MAX_SIZE", unroll)
         monkeypatch.setattr(_limits, "UNROLL_MAX_SIZE_POPULATION", unroll_population)
         assert _general.col._unrolled(4) == (unroll >= 4)
-        value, grad = loglik(x), jax.grad(loglik)(x)
+        # traced anew under the patched limits: the module's jitted function
+        # would reuse the program traced above with the default ones
+        patched = functools.partial(
+            loglik,
+            program=jax.jit(
+                functools.partial(_general.general_loglik), static_argnums=0
+            ),
+        )
+        value, grad = patched(x), jax.grad(patched)(x)
     np.testing.assert_allclose(float(value), float(reference[0]), rtol=1e-10)
     np.testing.assert_allclose(np.asarray(grad), np.asarray(reference[1]), rtol=1e-10)
     mean, cov = _dense("partial", spec.varying, _correlation(3), data, hyper, rows)

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hiermask import _collapsed, _limits
-from hiermask._fit import FitConfig, _collapsed_data, _hyper, _prior_units
-from hiermask._stats import compute_scaling
+
+from ._fitted import engine_data
 
 #: Sizes up to which unrolled factorizations are compiled in this test.
 _UNROLL_CAP = 8
@@ -43,25 +43,8 @@ def _problem(n_groups, n_features, pooling, seed):
     mask[:, 0] = True
     X[~mask[group_idx]] = np.nan
     X[rng.integers(0, n_rows, rng.integers(0, 4)), 0] = np.nan  # latent cells
-    scaling = compute_scaling(X, y, w, mask[group_idx])
-    config = FitConfig(
-        pooling=pooling,
-        engine="collapsed",
-        standardize=True,
-        coef_prior_scale=1.0,
-        intercept_prior_scale=1.0,
-        group_scale_prior=1.0,
-        noise_prior_scale=1.0,
-        num_warmup=1,
-        num_samples=1,
-        num_chains=1,
-        target_accept_prob=0.8,
-        seed=0,
-    )
-    ref = _prior_units(scaling, True)
-    data = _collapsed_data(X, y, w, group_idx, mask, scaling, ref)
-    as_jax = jax.tree_util.tree_map(jnp.asarray, (data, _hyper(config, scaling)))
-    return as_jax
+    data, hyper, _ = engine_data(X, y, w, group_idx, mask, pooling)
+    return jax.tree_util.tree_map(jnp.asarray, (data, hyper))
 
 
 def _forward(static, *args):

@@ -5,7 +5,6 @@ design, standardized target), where the model's priors are written down
 independently here from the model equations of ``hiermask._model``.
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -17,40 +16,15 @@ from scipy.stats import multivariate_normal
 from hiermask import _collapsed as collapsed
 from hiermask import _fit, _limits
 from hiermask._collapsed import conditional_draws, marginal_loglik
-from hiermask._fit import FitConfig, _collapsed_data, _hyper, _prior_units
-from hiermask._stats import compute_scaling
 
-
-def _config(pooling, **priors):
-    base = {
-        "coef_prior_scale": 1.0,
-        "intercept_prior_scale": 1.0,
-        "group_scale_prior": 1.0,
-        "noise_prior_scale": 1.0,
-    }
-    base.update(priors)
-    return FitConfig(
-        pooling=pooling,
-        engine="collapsed",
-        standardize=True,
-        num_warmup=1,
-        num_samples=1,
-        num_chains=1,
-        target_accept_prob=0.8,
-        seed=0,
-        **base,
-    )
+from ._fitted import engine_data, fit_config
 
 
 def _prepare(X, y, group_idx, n_groups, pooling, w=None, mask=None, **priors):
     # Engine data of (X, y); by default unit weights and every feature on.
     w = np.ones(len(y)) if w is None else w
     mask = np.ones((n_groups, X.shape[1]), bool) if mask is None else mask
-    scaling = compute_scaling(X, y, w, mask[group_idx])
-    config = _config(pooling, **priors)
-    ref = _prior_units(scaling, True)
-    data = _collapsed_data(X, y, w, group_idx, mask, scaling, ref)
-    hyper = _hyper(config, scaling)
+    data, hyper, scaling = engine_data(X, y, w, group_idx, mask, pooling, **priors)
     design = np.column_stack([np.ones(len(y)), (X - scaling.x_mean) / scaling.x_scale])
     u = (y - scaling.y_mean) / scaling.y_scale
     return data, hyper, design, u
@@ -314,7 +288,7 @@ def test_conditional_draws_in_parts_match_one_run(pooling, monkeypatch):
             key, draws, _as_jax(data), _as_jax(hyper), pooling, chunk=2
         )
         # the fit's program: compiled for one part's length
-        config = dataclasses.replace(_config(pooling), num_chains=7)
+        config = fit_config(pooling, num_chains=7)
         program = _fit._conditional_program(config, data, hyper).result()
         parts = _fit._conditional(program, key, draws, data, hyper)
     whole = jax.tree_util.tree_map(np.asarray, whole)

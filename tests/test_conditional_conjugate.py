@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 from hiermask._collapsed import conditional_draws
-from hiermask._fit import FitConfig, _collapsed_data, _hyper, _prior_units
-from hiermask._stats import compute_scaling
+
+from ._fitted import engine_data
 
 N_DRAWS = 20_000
 SIGMA, TAU_A, TAU = 0.6, 0.5, np.array([0.4, 0.3])
@@ -38,24 +38,7 @@ def conditional_coefficients(X, y, w, group_idx, mask, pooling, seed):
     fixed SIGMA (and TAU_A, TAU under partial pooling), in internal units,
     with its Rao-Blackwellized mean (G, q) and covariance (G, q, q); and the
     engine's data and prior scales."""
-    scaling = compute_scaling(X, y, w, mask[group_idx])
-    config = FitConfig(
-        pooling=pooling,
-        engine="collapsed",
-        standardize=True,
-        coef_prior_scale=1.0,
-        intercept_prior_scale=1.0,
-        group_scale_prior=1.0,
-        noise_prior_scale=1.0,
-        num_warmup=1,
-        num_samples=1,
-        num_chains=1,
-        target_accept_prob=0.8,
-        seed=seed,
-    )
-    ref = _prior_units(scaling, True)
-    data = _collapsed_data(X, y, w, group_idx, mask, scaling, ref)
-    hyper = _hyper(config, scaling)
+    data, hyper, scaling = engine_data(X, y, w, group_idx, mask, pooling, seed=seed)
     fixed = {"noise": np.full(N_DRAWS, SIGMA)}
     if pooling == "partial":
         fixed["intercept_scale"] = np.full(N_DRAWS, TAU_A)

@@ -21,7 +21,6 @@ from numpyro.infer import MCMC, NUTS
 from hiermask._diagnostics import parameter_diagnostics
 from hiermask._fit import (
     ENGINES,
-    FitConfig,
     FitRows,
     FitStatistics,
     LatentRows,
@@ -30,6 +29,8 @@ from hiermask._fit import (
 )
 from hiermask._runner import run_nuts
 from hiermask._stats import cell_moments, compute_scaling, group_statistics
+
+from ._fitted import fit_config
 
 #: Both samplers' runs: compilation (NumPyro's especially) dominates the time.
 RUN = {"num_warmup": 200, "num_samples": 400, "num_chains": 2}
@@ -47,18 +48,7 @@ def _engine_data(engine_name, pooling):
     X[~mask[group_idx]] = np.nan
     X[3, 0] = np.nan
     scaling = compute_scaling(X, y, w, mask[group_idx])
-    config = FitConfig(
-        pooling=pooling,
-        engine=engine_name,
-        standardize=True,
-        coef_prior_scale=1.0,
-        intercept_prior_scale=1.0,
-        group_scale_prior=1.0,
-        noise_prior_scale=1.0,
-        seed=0,
-        target_accept_prob=0.8,
-        **RUN,
-    )
+    config = fit_config(pooling, engine_name, **RUN)
     engine = ENGINES[engine_name](pooling)
     if engine_name == "direct":
         statistics = FitRows(mask, scaling, LatentRows(X, y, w, group_idx))

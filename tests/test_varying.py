@@ -23,6 +23,8 @@ from hiermask._identify import (
 from hiermask._predict import _unseen_draws
 from hiermask._stats import cell_moments, compute_scaling, group_statistics
 
+from ._fitted import fit_config
+
 TINY = {"num_warmup": 60, "num_samples": 60, "num_chains": 2, "random_state": 0}
 
 
@@ -52,6 +54,13 @@ def _fit(X, y, **params):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return MaskedHierarchicalRegressor(**settings).fit(X, y)
+
+
+@pytest.fixture(scope="module")
+def direct_fit():
+    """The default model on ``_frame()``, direct engine (shared: do not modify)."""
+    X, y = _frame()
+    return _fit(X, y, engine="direct"), X, y
 
 
 # ------------------------------------------------------------- parameters
@@ -179,9 +188,8 @@ def test_constant_within_groups_threshold_both_sides():
     assert constant_within_groups(cells, np.ones((4, 1), bool), scaling).all()
 
 
-def test_auto_is_said_in_summary_and_plot():
-    X, y = _frame()
-    est = _fit(X, y, engine="direct")
+def test_auto_is_said_in_summary_and_plot(direct_fit):
+    est, _, _ = direct_fit
     note = est.summary().attrs["varying"]
     assert "group-specific slopes for x, z" in note
     assert "population slope only for u (constant within every group" in note
@@ -250,9 +258,9 @@ def test_identified_design_gives_no_warning():
 
 
 # ----------------------------------------------------------- unseen groups
-def test_unseen_draws_follow_the_correlated_population():
-    X, y = _frame(n_groups=8)
-    est = _fit(X, y, engine="direct", varying=["x", "z"])
+def test_unseen_draws_follow_the_correlated_population(direct_fit):
+    est, _, _ = direct_fit
+    assert est.varying_.to_dict() == {"x": True, "u": False, "z": True}
     post = est._posterior
     n_draws = post.draws["noise"].shape[0]
     on = np.array([True, True, True])
@@ -275,9 +283,8 @@ def test_unseen_draws_follow_the_correlated_population():
     np.testing.assert_allclose(sd[2], pop, rtol=0.05)
 
 
-def test_unseen_group_uses_its_own_group_level_value():
-    X, y = _frame()
-    est = _fit(X, y, engine="direct")
+def test_unseen_group_uses_its_own_group_level_value(direct_fit):
+    est, X, _ = direct_fit
     row = X.iloc[:1].assign(g="new")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -287,9 +294,8 @@ def test_unseen_group_uses_its_own_group_level_value():
 
 
 # ------------------------------------------------------------------ layout
-def test_correlation_layout(tmp_path):
-    X, y = _frame()
-    est = _fit(X, y, engine="direct")
+def test_correlation_layout(direct_fit, tmp_path):
+    est, X, _ = direct_fit
     corr = est.posterior_["group_correlation"]
     assert corr.shape == (120, 3, 3)
     np.testing.assert_allclose(np.diagonal(corr, axis1=1, axis2=2), 1.0)
@@ -393,7 +399,6 @@ def test_lkj_concentration_is_traced():
 def test_indicator_through_the_mask_is_not_a_single_value():
     # 1.0 where it applies, off elsewhere: identified by the groups where it
     # is off, so only the group-level warning (when its slope varies) fires
-    from hiermask._fit import FitConfig
     from hiermask._identify import warn_unidentified
 
     rng = np.random.default_rng(0)
@@ -402,12 +407,7 @@ def test_indicator_through_the_mask_is_not_a_single_value():
     mask[3:, 1] = False
     X = np.column_stack([rng.normal(size=48), np.where(g < 3, 1.0, np.nan)])
     cells, scaling = _cells(X, g, mask)
-    config = FitConfig(
-        pooling="partial", engine="direct", standardize=True, coef_prior_scale=1.0,
-        intercept_prior_scale=1.0, group_scale_prior=1.0, noise_prior_scale=1.0,
-        num_warmup=1, num_samples=1, num_chains=1, target_accept_prob=0.8, seed=0,
-        feature_names=("x", "ind"),
-    )  # fmt: skip
+    config = fit_config(engine="direct", feature_names=("x", "ind"))
     gram = _gram(X, g, mask)
 
     def messages(varying):
@@ -421,14 +421,13 @@ def test_indicator_through_the_mask_is_not_a_single_value():
     assert only.startswith("Feature(s) 'ind' are constant within every group")
 
 
-def test_plots_say_what_varies(tmp_path):
+def test_plots_say_what_varies(direct_fit, tmp_path):
     from matplotlib.figure import Figure
     from matplotlib.patches import Ellipse
 
     from hiermask import plotting
 
-    X, y = _frame()
-    est = _fit(X, y, engine="direct")
+    est, X, y = direct_fit
     ax = plotting.plot_mask(est, ax=Figure().subplots())
     ticks = [t.get_text() for t in ax.get_xticklabels()]
     assert ticks == ["x", "u (population slope)", "z"]
