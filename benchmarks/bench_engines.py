@@ -385,6 +385,7 @@ def bench_coldstart(quick, baseline=None):
                 start = time.perf_counter()
                 subprocess.run(
                     [sys.executable, *command],
+                    cwd=root,  # python -m, too, puts the working folder first
                     env={**os.environ, **env},
                     check=True,
                     capture_output=True,
