@@ -286,8 +286,14 @@ from hiermask import MaskedHierarchicalRegressor
 from hiermask.datasets import make_grouped_regression
 n_rows, n_groups, n_features, warmup, samples = map(int, sys.argv[1:6])
 X, y = make_grouped_regression(n_rows, n_groups, n_features, random_state=0)
+# version 0.1's model on every checkout (a baseline from before issue 14 has
+# no such parameters), so that only the sampler's code differs
+old_model = {"varying": "all", "group_covariance": "diagonal"}
+if "varying" not in MaskedHierarchicalRegressor().get_params():
+    old_model = {}
 est = MaskedHierarchicalRegressor(
-    group_col="group", random_state=0, num_warmup=warmup, num_samples=samples
+    group_col="group", random_state=0, num_warmup=warmup, num_samples=samples,
+    **old_model,
 ).fit(X, y)
 timings = {f"{k}_s": v for k, v in est._posterior.timings.items()}
 means = {k: float(v.mean()) for k, v in est.posterior_.items()}
