@@ -335,11 +335,12 @@ def benchmark_pages(out: Path, results: Path) -> None:
             "covariance",
             'group_covariance "full" against "diagonal", 100,000 rows, 100 groups',
             "covariance",
-            ["case", "first fit (s)", "trace", "compile", "sample", "draws"]
+            ["effects at", "case", "first fit (s)", "trace", "compile", "sample"]
+            + ["draws"]
             + ["min ESS", "ESS/s", "ESS/s sampling", "max r_hat"]
             + ["fit / diagonal", "ESS/s / diagonal"],
             [
-                [r["case"]]
+                [r.get("effects_at", "zero"), r["case"]]
                 + [_s(r[k]) for k in ("first_fit_s", "trace_s", "compile_s")]
                 + [_s(r["sample_s"]), _s(r["draws_s"]), f"{r['min_ess_bulk']:.0f}"]
                 + [f"{r['ess_per_s']:.1f}", f"{r['ess_per_sample_s']:.0f}"]
