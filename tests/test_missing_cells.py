@@ -28,9 +28,10 @@ from scipy.stats import multivariate_normal
 
 from hiermask import _collapsed as col
 from hiermask import _fit, _general, _limits
-from hiermask._fit import FitConfig, _collapsed_data, _hyper, _prior_units
 from hiermask._model import IMPUTE_LOC_SCALE
 from hiermask._stats import compute_scaling
+
+from ._fitted import engine_data
 
 
 def _problem(weights=True):
@@ -49,25 +50,8 @@ def _problem(weights=True):
     X[~mask[group_idx]] = np.nan
     X[[0, 0, 2, 20, 50, 51], [1, 2, 1, 1, 2, 2]] = np.nan
     w = rng.uniform(0.5, 2.0, size=n) if weights else np.ones(n)
-    scaling = compute_scaling(X, y, w, mask[group_idx])
-    config = FitConfig(
-        pooling="partial",
-        engine="collapsed",
-        standardize=True,
-        coef_prior_scale=1.0,
-        intercept_prior_scale=1.0,
-        group_scale_prior=1.0,
-        noise_prior_scale=1.0,
-        num_warmup=1,
-        num_samples=1,
-        num_chains=1,
-        target_accept_prob=0.8,
-        seed=0,
-    )
-    ref = _prior_units(scaling, True)
-    data = _collapsed_data(X, y, w, group_idx, mask, scaling, ref)
+    data, hyper, scaling = engine_data(X, y, w, group_idx, mask)
     assert data.miss_row.shape[0] == 6 and data.inc_group.shape[0] == 5
-    hyper = _hyper(config, scaling)
     design = np.where(mask[group_idx], (X - scaling.x_mean) / scaling.x_scale, 0.0)
     return data, hyper, (design, group_idx, w, mask)
 
