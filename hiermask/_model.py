@@ -151,7 +151,7 @@ def sample_population(pooling, n_features, hyper, varying=None):
 
 
 def sample_group_deviations(
-    n_groups, n_features, pop, hyper, varying, covariance, reference=None
+    n_groups, n_features, pop, hyper, varying, covariance, reference
 ):
     """Each group's deviations from the population (partial pooling).
 
@@ -176,8 +176,9 @@ def sample_group_deviations(
     hyper : Hyper
     varying : tuple of bool or None
     covariance : {"diagonal", "full"}
-    reference : array of shape (n_features,), optional
-        ``K`` of :class:`DirectData` (None: 0, effects at ``x = 0``).
+    reference : array of shape (n_features,)
+        ``K`` of :class:`DirectData` (0 when ``standardize=False``: the
+        effects at ``x = 0``).
 
     Returns
     -------
@@ -214,7 +215,7 @@ def sample_group_deviations(
             numpyro.deterministic("group_correlation", jnp.ones((1, 1)))
     dev = z * scales
     dev_b = jnp.zeros((n_groups, n_features)).at[:, cols].set(dev[:, 1:])
-    if covariance == "full" and reference is not None:
+    if covariance == "full":
         return dev[:, 0] - dev_b @ reference, dev_b
     return dev[:, 0], dev_b
 
