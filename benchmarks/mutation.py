@@ -247,6 +247,15 @@ MUTANTS = [
         ("tests/test_estimator.py::test_unseen_group_uses_population",),
         "the same bug, seen by the estimator's unseen-group test",
     ),
+    # ------------------------------------------------ the dense metric (#14)
+    Mutant(
+        "dense_momentum_factor_untransposed",
+        "hiermask/_nuts.py",
+        "return jnp.swapaxes(inverse_chol, -1, -2)",
+        "return inverse_chol",
+        (TARGETS,),
+        "dense metric: momenta drawn with L^-1 instead of L^-T (wrong covariance)",
+    ),
 ]
 
 

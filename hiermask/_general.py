@@ -61,8 +61,9 @@ import numpyro.distributions as dist
 from numpyro.distributions.transforms import CorrCholeskyTransform
 
 from . import _collapsed as col
+from . import _limits
 from ._density import FlatDensity
-from ._nuts import normal, uniform
+from ._nuts import cholesky, normal, uniform
 
 __all__ = [
     "GeneralSpec",
@@ -518,7 +519,7 @@ def _scales(spec, values, n_features):
     return scales, reported
 
 
-def lkj_log_density(unconstrained, concentration, size):
+def lkj_log_density(unconstrained, concentration, size, chol=None):
     """LKJ prior of a correlation matrix on the unconstrained space.
 
     ``LKJCholesky(size, concentration)`` at ``CorrCholeskyTransform()(z)``
@@ -529,13 +530,17 @@ def lkj_log_density(unconstrained, concentration, size):
     unconstrained : array of shape (size (size - 1) / 2,)
     concentration : scalar
     size : int
+    chol : array of shape (size, size), optional
+        ``CorrCholeskyTransform()(unconstrained)`` where the caller has it
+        (the density: one transform to trace and differentiate, not two).
 
     Returns
     -------
     scalar
     """
     transform = CorrCholeskyTransform()
-    chol = transform(unconstrained)
+    if chol is None:
+        chol = transform(unconstrained)
     return dist.LKJCholesky(size, concentration).log_prob(
         chol
     ) + transform.log_abs_det_jacobian(unconstrained, chol)
@@ -577,7 +582,10 @@ def general_density(spec, data, hyper):
         scales, _ = _scales(spec, values, n_features)
         if "group_correlation" in names:
             logp = logp + lkj_log_density(
-                values["group_correlation"], hyper.lkj, spec.n_correlated
+                values["group_correlation"],
+                hyper.lkj,
+                spec.n_correlated,
+                scales["corr_chol"],
             )
         cells = values.get("x_missing")
         if n_cells:
@@ -588,11 +596,13 @@ def general_density(spec, data, hyper):
     def constrain(z):
         return _scales(spec, layout.unpack(layout.transform(z)), n_features)[1]
 
+    size = int(layout.offsets[-1])
     return FlatDensity(
-        int(layout.offsets[-1]),
+        size,
         lambda z: -log_density(z),
         constrain,
         *col._noise_start(data, spec.pooling, layout),
+        dense_metric=spec.full and size <= _limits.DENSE_METRIC_MAX_SIZE,
     )
 
 
@@ -607,28 +617,8 @@ def _draw_scales(spec, draw, hyper):
         scales["tau_a"] = draw["intercept_scale"]
         scales["tau"] = draw["coef_scale"][spec.varying_index]
         if spec.full:
-            scales["corr_chol"] = _small_cholesky(draw["group_correlation"])
+            scales["corr_chol"] = cholesky(draw["group_correlation"])
     return scales
-
-
-def _small_cholesky(m):
-    # Cholesky factor of one small SPD matrix, a column per iteration of a
-    # loop (no LAPACK, whose batched calls run under the LAPACK lock). The
-    # unrolled factorization's compilation grew about as the size to the
-    # fourth power (docs/performance.md, "'full' with few groups and many
-    # effects").
-    size = m.shape[0]
-    index = jnp.arange(size)
-
-    def column(j, chol):
-        # m[:, j] - sum_{k < j} L[:, k] L[j, k]: columns >= j are still 0
-        s = m[:, j] - chol @ chol[j]
-        d = jnp.sqrt(s[j])
-        return chol.at[:, j].set(
-            jnp.where(index > j, s / d, jnp.where(index == j, d, 0.0))
-        )
-
-    return jax.lax.fori_loop(0, size, column, jnp.zeros_like(m))
 
 
 def _one_draw(spec, data, hyper, fixed, draw, eps):

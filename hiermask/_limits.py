@@ -71,6 +71,11 @@ DASK_SPLIT_EVERY = 8
 #: parameters (``_fit``).
 MAX_GROUP_PARAMS_DIAGNOSED = 2000
 
+#: The collapsed engine's density under ``group_covariance="full"`` asks for a
+#: dense warmup metric while its flat vector has at most this many
+#: coordinates, a diagonal one above (``_general.general_density``).
+DENSE_METRIC_MAX_SIZE = 200
+
 _NAMES = (
     "UNROLL_MAX_SIZE",
     "UNROLL_MAX_SIZE_POPULATION",
@@ -85,6 +90,7 @@ _NAMES = (
     "STATS_CHUNK_CELLS",
     "DASK_SPLIT_EVERY",
     "MAX_GROUP_PARAMS_DIAGNOSED",
+    "DENSE_METRIC_MAX_SIZE",
 )
 
 

@@ -6,7 +6,8 @@ each doubling, biased towards the new half at the top level), the
 generalized U-turn criterion (Betancourt, 2017) checked on every sub-tree
 through checkpoints (NumPyro's iterative scheme), divergence when the energy
 error exceeds 1000. Warmup adapts the step size by dual averaging and a
-diagonal mass matrix in Stan's windows (75 / 25, 50, ... / 50 iterations);
+diagonal mass matrix in Stan's windows (75 / 25, 50, ... / 50 iterations),
+or a dense one for a density that asks for it (``FlatDensity.dense_metric``);
 after each slow window dual averaging restarts from the current step size,
 which is NumPyro's default (Stan searches for a step size there instead).
 Two choices differ from NumPyro's and only change warmup, never the target:
@@ -52,6 +53,7 @@ __all__ = [
     "adaptation_update",
     "adaptation_windows",
     "checkpoint_indices",
+    "cholesky",
     "init",
     "is_iterative_turning",
     "is_turning",
@@ -59,12 +61,14 @@ __all__ = [
     "key_data",
     "leapfrog",
     "make_point",
+    "momentum_factor",
     "normal",
     "segment_length",
     "segments",
     "start",
     "step",
     "uniform",
+    "velocity",
     "warmup_schedule",
 ]
 
@@ -170,14 +174,43 @@ def make_point(z, r, grad, potential):
     return Point(jnp.concatenate([z, r, grad, potential[:, None]], axis=1))
 
 
+def _is_dense(inv_mass):
+    # (C, dim, dim) dense against (C, dim) diagonal inverse masses
+    return inv_mass.ndim == 3
+
+
+def velocity(inv_mass, r):
+    """``M^-1 r`` per chain: the inverse mass ``M^-1`` diagonal (C, dim) or
+    dense (C, dim, dim); the momenta ``r`` (C, dim) or (C, k, dim)."""
+    if _is_dense(inv_mass):
+        return jnp.einsum("cij,c...j->c...i", inv_mass, r)
+    if r.ndim == 3:
+        return inv_mass[:, None] * r
+    return inv_mass * r
+
+
 def kinetic_energy(inv_mass, r):
-    """Kinetic energy ``r' M^-1 r / 2`` for a diagonal inverse mass ``M^-1``."""
+    """Kinetic energy ``r' M^-1 r / 2`` (``inv_mass``: see :func:`velocity`)."""
+    if _is_dense(inv_mass):
+        return 0.5 * jnp.sum(r * velocity(inv_mass, r), axis=-1)
     return 0.5 * jnp.sum(inv_mass * r**2, axis=-1)
 
 
 def is_turning(inv_mass, r_left, r_right, r_sum):
-    """Generalized U-turn criterion (Betancourt, 2017), NumPyro's form."""
+    """Generalized U-turn criterion (Betancourt, 2017), NumPyro's form.
+
+    ``inv_mass``: see :func:`velocity`; the momenta (C, dim), or (C, k,
+    dim) for ``k`` sub-trees at once. With a dense metric ``M^-1`` is
+    applied once, to ``rho`` (``r' M^-1 rho = rho' M^-1 r``).
+    """
     rho = r_sum - 0.5 * (r_left + r_right)
+    if _is_dense(inv_mass):
+        v_rho = velocity(inv_mass, rho)
+        return (jnp.sum(r_left * v_rho, axis=-1) <= 0) | (
+            jnp.sum(r_right * v_rho, axis=-1) <= 0
+        )
+    if rho.ndim == 3:
+        inv_mass = inv_mass[:, None]
     return (jnp.sum(inv_mass * r_left * rho, axis=-1) <= 0) | (
         jnp.sum(inv_mass * r_right * rho, axis=-1) <= 0
     )
@@ -186,7 +219,10 @@ def is_turning(inv_mass, r_left, r_right, r_sum):
 def leapfrog(value_and_grad, point, step, inv_mass):
     """One leapfrog step of size ``step`` (C, 1), negative to go left."""
     r = point.r - 0.5 * step * point.grad
-    z = point.z + step * inv_mass * r
+    if _is_dense(inv_mass):
+        z = point.z + step * velocity(inv_mass, r)
+    else:
+        z = point.z + step * inv_mass * r
     potential, grad = value_and_grad(z)
     r = r - 0.5 * step * grad
     return make_point(z, r, grad, potential)
@@ -212,7 +248,7 @@ def is_iterative_turning(inv_mass, r, r_sum, ckpt_r, ckpt_r_sum, idx_min, idx_ma
     """
     levels = jnp.arange(ckpt_r.shape[1])
     turns = is_turning(
-        inv_mass[:, None], ckpt_r, r[:, None], r_sum[:, None] - ckpt_r_sum + ckpt_r
+        inv_mass, ckpt_r, r[:, None], r_sum[:, None] - ckpt_r_sum + ckpt_r
     )
     in_range = (levels >= idx_min[:, None]) & (levels <= idx_max[:, None])
     return jnp.any(turns & in_range, axis=1)
@@ -235,7 +271,7 @@ class Trajectory(NamedTuple):
     """What stays fixed while one transition builds its trajectory."""
 
     value_and_grad: Callable  # (C, dim) -> ((C,), (C, dim))
-    inv_mass: jnp.ndarray  # (C, dim) diagonal inverse mass matrices
+    inv_mass: jnp.ndarray  # (C, dim) diagonal or (C, dim, dim) dense
     step_size: jnp.ndarray  # (C,)
     energy0: jnp.ndarray  # (C,) energy at the start
     going_right: jnp.ndarray  # (C, max_depth) direction of each doubling
@@ -497,7 +533,14 @@ def init(z):
 
 
 def step(
-    value_and_grad, state, key_data, step_size, inv_mass, max_depth, first_gradient
+    value_and_grad,
+    state,
+    key_data,
+    step_size,
+    inv_mass,
+    max_depth,
+    first_gradient,
+    mass_factor=None,
 ):
     """One NUTS transition of every chain, in lockstep.
 
@@ -509,11 +552,14 @@ def step(
     key_data : array of shape (n_blocks + 1, 4), uint32
         Key material of the transition's random numbers (see :func:`uniform`).
     step_size : array of shape (C,)
-    inv_mass : array of shape (C, dim)
-        Diagonal inverse mass matrices.
+    inv_mass : array of shape (C, dim) or (C, dim, dim)
+        Diagonal or dense inverse mass matrices ``M^-1``.
     max_depth : int
     first_gradient : bool scalar
         Only evaluate the gradient at ``state.z`` (see :func:`init`).
+    mass_factor : array of shape (C, dim, dim), optional
+        With a dense ``inv_mass`` (and only then): ``F`` with ``F F' = M``,
+        which turns standard normals into momenta (:func:`momentum_factor`).
 
     Returns
     -------
@@ -521,7 +567,10 @@ def step(
     """
     n_chains, dim = state.z.shape
     u = uniform(key_data[0], (n_chains, dim + 2 * max_depth + _limits.LEAF_BLOCK))
-    r0 = normal(u[:, :dim]) / jnp.sqrt(inv_mass)
+    if mass_factor is None:
+        r0 = normal(u[:, :dim]) / jnp.sqrt(inv_mass)
+    else:
+        r0 = velocity(mass_factor, normal(u[:, :dim]))
     traj = Trajectory(
         value_and_grad=value_and_grad,
         inv_mass=inv_mass,
@@ -600,37 +649,82 @@ def warmup_schedule(num_warmup, num_samples):
 
 
 class AdaptState(NamedTuple):
-    """Per chain: step size, diagonal inverse mass matrix, dual averaging
-    (iterate, its weighted average, mean statistic, count, centre) and the
-    Welford mean, sum of squares and count of the current slow window."""
+    """Per chain: step size, inverse mass matrix (diagonal, or dense with the
+    factor that draws its momenta), dual averaging (iterate, its weighted
+    average, mean statistic, count, centre) and the Welford mean, sums of
+    squares (and of cross products, dense) and count of the current slow
+    window."""
 
     step_size: jnp.ndarray  # (C,)
-    inv_mass: jnp.ndarray  # (C, dim)
+    inv_mass: jnp.ndarray  # (C, dim) diagonal or (C, dim, dim) dense
     log_step: jnp.ndarray  # (C,)
     log_step_avg: jnp.ndarray
     stat_avg: jnp.ndarray
     count: jnp.ndarray
     center: jnp.ndarray
     w_mean: jnp.ndarray  # (C, dim)
-    w_m2: jnp.ndarray
+    w_m2: jnp.ndarray  # the shape of inv_mass
     w_n: jnp.ndarray  # (C,)
+    mass_factor: jnp.ndarray | None = None  # (C, dim, dim) when dense
 
 
-def adaptation_init(n_chains, dim):
-    """Step size 1, identity metric, dual averaging centred at log 10."""
+def adaptation_init(n_chains, dim, dense=False):
+    """Step size 1, identity metric (dense: a full matrix, whose off-diagonal
+    elements warmup estimates too), dual averaging centred at log 10."""
     ones, zeros = jnp.ones(n_chains), jnp.zeros(n_chains)
+    shape = (n_chains, dim, dim) if dense else (n_chains, dim)
+    identity = jnp.broadcast_to(jnp.eye(dim), shape) if dense else jnp.ones(shape)
     return AdaptState(
         step_size=ones,
-        inv_mass=jnp.ones((n_chains, dim)),
+        inv_mass=identity,
         log_step=zeros,
         log_step_avg=zeros,
         stat_avg=zeros,
         count=zeros,
         center=jnp.full(n_chains, jnp.log(10.0)),
         w_mean=jnp.zeros((n_chains, dim)),
-        w_m2=jnp.zeros((n_chains, dim)),
+        w_m2=jnp.zeros(shape),
         w_n=zeros,
+        mass_factor=identity if dense else None,
     )
+
+
+def cholesky(m):
+    """Lower Cholesky factor of one small SPD matrix, a column per iteration
+    of a loop: no LAPACK, whose batched calls run under the LAPACK lock
+    (:mod:`hiermask._xla`), and a program that does not grow with the size
+    (the unrolled factorization's compile time grew about as its fourth
+    power)."""
+    size = m.shape[0]
+    index = jnp.arange(size)
+
+    def column(j, chol):
+        # m[:, j] - sum_{k < j} L[:, k] L[j, k]: columns >= j are still 0
+        s = m[:, j] - chol @ chol[j]
+        d = jnp.sqrt(s[j])
+        return chol.at[:, j].set(
+            jnp.where(index > j, s / d, jnp.where(index == j, d, 0.0))
+        )
+
+    return jax.lax.fori_loop(0, size, column, jnp.zeros_like(m))
+
+
+def momentum_factor(inv_mass):
+    """``F = L^-T`` for dense inverse mass matrices ``M^-1 = L L'`` (C, dim,
+    dim): ``F F' = M``, so ``F`` times standard normals are momenta. ``L^-1``
+    by forward substitution, a row per iteration of a loop."""
+    dim = inv_mass.shape[-1]
+    identity = jnp.eye(dim)
+
+    def inverse(chol):
+        def row(i, inv):
+            # row i of L^-1: (e_i - L[i] L^-1) / L[i, i]; rows >= i are 0
+            return inv.at[i].set((identity[i] - chol[i] @ inv) / chol[i, i])
+
+        return jax.lax.fori_loop(0, dim, row, jnp.zeros_like(chol))
+
+    inverse_chol = jax.vmap(lambda m: inverse(cholesky(m)))(inv_mass)
+    return jnp.swapaxes(inverse_chol, -1, -2)
 
 
 def adaptation_start(state, grad, known_variance):
@@ -644,9 +738,18 @@ def adaptation_start(state, grad, known_variance):
     precedence: near the mode of a narrow coordinate the gradient is small.
     """
     steep = jnp.where(jnp.isfinite(grad), jnp.clip(1.0 / jnp.abs(grad), 1e-8, 1.0), 1.0)
+    variance = jnp.where(jnp.isnan(known_variance), steep, known_variance)
+    if state.mass_factor is None:
+        return state._replace(inv_mass=variance)
     return state._replace(
-        inv_mass=jnp.where(jnp.isnan(known_variance), steep, known_variance)
+        inv_mass=_diagonal_matrix(variance),
+        mass_factor=_diagonal_matrix(1.0 / jnp.sqrt(variance)),
     )
+
+
+def _diagonal_matrix(d):
+    # (C, dim) -> (C, dim, dim) with d on the diagonals
+    return d[..., None] * jnp.eye(d.shape[-1])
 
 
 def _dual_averaging(state, accept, target_accept_prob):
@@ -671,8 +774,26 @@ def _welford(state, z, collect):
     w_n = state.w_n + collect
     delta = z - state.w_mean
     w_mean = jnp.where(collect, state.w_mean + delta / w_n[:, None], state.w_mean)
-    w_m2 = jnp.where(collect, state.w_m2 + delta * (z - w_mean), state.w_m2)
+    if state.mass_factor is None:
+        products = delta * (z - w_mean)
+    else:
+        products = delta[:, :, None] * (z - w_mean)[:, None, :]
+    w_m2 = jnp.where(collect, state.w_m2 + products, state.w_m2)
     return w_mean, w_m2, w_n
+
+
+def _dense_estimate(covariance, n):
+    """A window's covariance estimate, made symmetric and shrunk towards its
+    own diagonal with weight ``dim / (n + dim)`` (``n`` draws): with fewer
+    draws than dimensions the sample covariance is singular, and its
+    noisiest directions would get the smallest steps (Stan's rule alone,
+    10-d to 50-d: trajectories of 1023 steps after a first window of 25
+    draws)."""
+    dim = covariance.shape[-1]
+    covariance = 0.5 * (covariance + jnp.swapaxes(covariance, -1, -2))
+    weight = dim / (n + dim)
+    diagonal = _diagonal_matrix(jnp.diagonal(covariance, axis1=-2, axis2=-1))
+    return (1.0 - weight) * covariance + weight * diagonal
 
 
 def adaptation_update(state, accept, z, target_accept_prob, flags):
@@ -691,10 +812,20 @@ def adaptation_update(state, accept, z, target_accept_prob, flags):
     )
     step_size = _clipped_exp(log_step)
     w_mean, w_m2, w_n = _welford(state, z, flags.collect)
-    n = w_n[:, None]
+    dense = state.mass_factor is not None
+    n = w_n[:, None, None] if dense else w_n[:, None]
     variance = w_m2 / jnp.maximum(n - 1.0, 1.0)
-    shrunk = (n / (n + 5.0)) * variance + 1e-3 * (5.0 / (n + 5.0)) * state.inv_mass
+    previous = state.inv_mass
+    if dense:
+        variance = _dense_estimate(variance, n)
+        previous = _diagonal_matrix(jnp.diagonal(previous, axis1=-2, axis2=-1))
+    shrunk = (n / (n + 5.0)) * variance + 1e-3 * (5.0 / (n + 5.0)) * previous
     restart = jnp.where(flags.window_end, 0.0, 1.0)
+    factor = state.mass_factor
+    if dense:  # factorized only where a window ends
+        factor = jax.lax.cond(
+            flags.window_end, momentum_factor, lambda _: state.mass_factor, shrunk
+        )
     updated = AdaptState(
         step_size=step_size,
         inv_mass=jnp.where(flags.window_end, shrunk, state.inv_mass),
@@ -706,6 +837,7 @@ def adaptation_update(state, accept, z, target_accept_prob, flags):
         w_mean=w_mean * restart,
         w_m2=w_m2 * restart,
         w_n=w_n * restart,
+        mass_factor=factor,
     )
     return jax.tree_util.tree_map(
         lambda a, b: jnp.where(flags.warm, a, b), updated, state
@@ -822,7 +954,8 @@ def start(density, key_data, n_chains):
     ChainState
     """
     z0 = density.initial_points(uniform(key_data, (n_chains, density.size)))
-    return ChainState(init(z0), adaptation_init(n_chains, density.size))
+    adapt = adaptation_init(n_chains, density.size, density.dense_metric)
+    return ChainState(init(z0), adapt)
 
 
 def _select(flag, new, old):
@@ -870,6 +1003,7 @@ def iterate(density, state, iterations, *, target_accept_prob, max_tree_depth):
             adapt.inv_mass,
             max_tree_depth,
             first,
+            adapt.mass_factor,
         )
         adapt = adaptation_update(
             adapt, info.accept_prob, kernel.z, target_accept_prob, xs.flags

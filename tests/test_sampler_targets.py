@@ -41,21 +41,26 @@ from hiermask._runner import run_nuts
 class _Target(NamedTuple):
     # run_nuts takes an engine whose density(data, hyper) builds the flat
     # density; the engine is a static argument of the compiled program (one
-    # per target).
+    # per target and metric).
     log_density: Callable
     dim: int
+    dense: bool = False
 
     def density(self, data, hyper):
         return FlatDensity(
-            self.dim, lambda z: -self.log_density(z, data), lambda z: {"z": z}
+            self.dim,
+            lambda z: -self.log_density(z, data),
+            lambda z: {"z": z},
+            dense_metric=self.dense,
         )
 
 
-def sample(log_density, dim, data, *, seed, num_samples, num_chains=4):
+def sample(log_density, dim, data, *, seed, num_samples, num_chains=4, dense=False):
     """Draws ``(num_chains, num_samples, dim)`` of ``exp(log_density(z, data))``
-    by hiermask's NUTS (500 warmup iterations, target acceptance 0.8)."""
+    by hiermask's NUTS (500 warmup iterations, target acceptance 0.8), with a
+    diagonal or a ``dense`` metric; and the run's statistics."""
     run = run_nuts(
-        _Target(log_density, dim),
+        _Target(log_density, dim, dense),
         data,
         {},
         seed_value=seed,
@@ -64,7 +69,7 @@ def sample(log_density, dim, data, *, seed, num_samples, num_chains=4):
         num_chains=num_chains,
         target_accept_prob=0.8,
     )
-    return run.values["z"], run.stats["diverging"]
+    return run.values["z"], run.stats
 
 
 # --------------------------------------------------------------- the targets
@@ -134,13 +139,19 @@ def _check_ranks(draws, n_bins=5, limit=4.5):
     assert worst < limit, f"a chain's quintile share is {worst:.1f} se off"
 
 
+@pytest.mark.parametrize("metric", ["diagonal", "dense"])
 @pytest.mark.parametrize("name", list(TARGETS))
-def test_nuts_draws_have_the_targets_moments(name):
+def test_nuts_draws_have_the_targets_moments(name, metric):
     log_density, dim, data, mean, var, kurtosis = TARGETS[name]
-    draws, diverging = sample(
-        log_density, dim, data, seed=1, num_samples=NUM_SAMPLES.get(name, 2000)
+    draws, stats = sample(
+        log_density,
+        dim,
+        data,
+        seed=1,
+        num_samples=NUM_SAMPLES.get(name, 2000),
+        dense=metric == "dense",
     )
-    assert not diverging.any()
+    assert not stats["diverging"].any()
     flat = draws.reshape(-1, dim)
     r_hat, ess = split_gelman_rubin(draws), _ess(draws)
     assert np.all(r_hat < 1.01), r_hat.max()
@@ -156,3 +167,45 @@ def test_nuts_draws_have_the_targets_moments(name):
     ratio = flat.var(axis=0) / var
     assert np.all(np.abs(ratio - 1) < tolerance), (ratio.min(), ratio.max())
     _check_ranks(draws)
+
+
+def test_dense_metric_learns_the_covariance():
+    # A 10-d Gaussian with correlations 0.95^|i - j| and scales 0.1-10: a
+    # dense metric adapted to its covariance whitens it, so that trajectories
+    # are as short as for a standard normal (about 3-7 leapfrog steps); a
+    # diagonal one leaves the correlations, and trajectories several times
+    # longer. Measured (seed 1): 6.6 dense against 19.8 diagonal steps per
+    # draw, and the dense run's moments pass the checks above.
+    log_density, dim, data, mean, var, _ = _gaussian_target(
+        np.logspace(-1, 1, 10), 0.95
+    )
+    steps = {}
+    for dense in (False, True):
+        draws, stats = sample(
+            log_density, dim, data, seed=1, num_samples=1000, dense=dense
+        )
+        steps[dense] = float(np.mean(stats["n_steps"]))
+    assert steps[True] < 8.0, steps
+    assert steps[False] > 2.0 * steps[True], steps
+    flat = draws.reshape(-1, dim)
+    z = (flat.mean(axis=0) - mean) / np.sqrt(var / _ess(draws))
+    assert np.all(np.abs(z) < 4.0), np.abs(z).max()
+
+
+def test_momentum_factor_and_cholesky_are_exact():
+    # The dense metric's loops against NumPy (rtol 1e-10): F F' = M, F = L^-T
+    # with L L' = M^-1 the lower Cholesky factor.
+    import jax
+
+    from hiermask import _nuts
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 6, 6))
+    inv_mass = a @ np.swapaxes(a, 1, 2) + 0.1 * np.eye(6)
+    with jax.enable_x64(True):
+        factor = np.asarray(_nuts.momentum_factor(jnp.asarray(inv_mass)))
+        chol = np.asarray(_nuts.cholesky(jnp.asarray(inv_mass[0])))
+    np.testing.assert_allclose(chol, np.linalg.cholesky(inv_mass[0]), rtol=1e-10)
+    mass = factor @ np.swapaxes(factor, 1, 2)
+    np.testing.assert_allclose(mass, np.linalg.inv(inv_mass), rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(np.tril(factor, -1), 0.0)  # upper: L^-T

@@ -171,6 +171,29 @@ def test_leaf_block(leaf_block, monkeypatch):
     _fit_and_check(*_data(3, 2))
 
 
+@pytest.mark.parametrize("dense_max", [0, _limits.DENSE_METRIC_MAX_SIZE])
+def test_dense_metric_size(dense_max, monkeypatch):
+    # group_covariance="full" with 2 varying features: a flat vector of 7
+    # coordinates (noise, 3 scales, 3 correlations), under the default limit
+    # a dense warmup metric, at 0 a diagonal one.
+    from hiermask import _general
+
+    monkeypatch.setattr(_limits, "DENSE_METRIC_MAX_SIZE", dense_max)
+    built = []
+    real = _general.general_density
+
+    def spy(*args, **kwargs):
+        density = real(*args, **kwargs)
+        built.append((density.size, density.dense_metric))
+        return density
+
+    monkeypatch.setattr(_general, "general_density", spy)
+    _fit_and_check(*_data(7, 2), group_covariance="full", varying="all")
+    assert built, "the fit reused a program: the spy saw no density"
+    assert {b[0] for b in built} == {7}
+    assert {b[1] for b in built} == {dense_max >= 7}
+
+
 @pytest.fixture(scope="module")
 def fitted():
     X, y, groups = _data(3, 2, rows_per_group=10)
