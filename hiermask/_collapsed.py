@@ -60,11 +60,19 @@ from ._stats import centred_design, latent_layout
 __all__ = [
     "CollapsedData",
     "CollapsedEngine",
+    "cholesky_rows",
+    "chunk_key_data",
     "collapsed_density",
     "conditional_chunk",
     "conditional_draws",
     "imputation_sites",
+    "inverse_cholesky",
+    "is_unrolled",
+    "layout_of",
     "marginal_loglik",
+    "materialize",
+    "maybe_scan",
+    "noise_start",
     "residual_sd_guess",
 ]
 
@@ -75,7 +83,7 @@ __all__ = [
 # sizes, measured: docs/performance.md, "Unroll limits".
 
 
-def _unrolled(q):
+def is_unrolled(q):
     # Whether the groups' q x q matrices are factorized by unrolled code.
     return q <= _limits.UNROLL_MAX_SIZE
 
@@ -337,7 +345,7 @@ def _triangular_inverse_entries(chol, size):
     return inv
 
 
-def _inverse_cholesky(m):
+def inverse_cholesky(m):
     """``T = L^-1`` (lower, ``m = L L'``) and ``log|m|``; batch axes last."""
     size = m.shape[0]
     if size <= _limits.UNROLL_MAX_SIZE_POPULATION:
@@ -358,7 +366,7 @@ def _inverse_cholesky(m):
 
 
 def _lapack_inverse_cholesky(m):
-    # _inverse_cholesky by LAPACK, one call per matrix.
+    # inverse_cholesky by LAPACK, one call per matrix.
     size = m.shape[0]
     front = jnp.moveaxis(m, (0, 1), (-2, -1))
     chol = jnp.linalg.cholesky(front)
@@ -595,7 +603,7 @@ class _Blocks(NamedTuple):
     gram: jnp.ndarray  # (nb, q, q, B) A'SA
     xty: jnp.ndarray  # (nb, q, B) A'r
     onq: jnp.ndarray  # (nb, q, B) 1 where d takes the base sd, else d = 1
-    unit: jnp.ndarray  # () 1.0, unknown to the compiler (see _keep)
+    unit: jnp.ndarray  # () 1.0, unknown to the compiler (see materialize)
 
 
 def _group_blocks(prep, on):
@@ -618,7 +626,7 @@ def _group_blocks(prep, on):
     )
 
 
-def _keep(x, unit):
+def materialize(x, unit):
     # Materialize x. XLA's CPU fusion duplicates cheap producers into every
     # consumer and every reuse (a row of a factor read by each entry of a
     # product would be recomputed for each), and optimization barriers do
@@ -628,11 +636,11 @@ def _keep(x, unit):
     return x / unit
 
 
-def _cholesky_rows(m, unit, unroll):
+def cholesky_rows(m, unit, unroll):
     """``T = L^-1`` and ``log|m|`` for SPD ``m = L L'``; batch axes last.
 
     Column ``j`` of ``L`` (left-looking) and then row ``i`` of ``T`` are
-    one kernel each: divisions, so materialized (see :func:`_keep`).
+    one kernel each: divisions, so materialized (see :func:`materialize`).
 
     Returns
     -------
@@ -651,7 +659,7 @@ def _cholesky_rows(m, unit, unroll):
         # the pivot's square root for every entry (s[0] + 0 s: not a
         # broadcast, which XLA would compute in a kernel of its own): one
         # kernel per column
-        cols.append(_keep(s / jnp.sqrt(s[0] + 0.0 * s), unit))
+        cols.append(materialize(s / jnp.sqrt(s[0] + 0.0 * s), unit))
     logdet = 2.0 * sum(jnp.log(c[0]) for c in cols)
     rows = []
     for i in range(size):
@@ -666,23 +674,25 @@ def _cholesky_rows(m, unit, unroll):
 
 def _tri_mm(t, x, unit):
     # t x for t (q, q, ...) and x (q, n, ...), one kernel.
-    return _keep(sum(t[:, k][:, None] * x[k][None] for k in range(t.shape[1])), unit)
+    return materialize(
+        sum(t[:, k][:, None] * x[k][None] for k in range(t.shape[1])), unit
+    )
 
 
 def _tri_tmm(t, x, unit):
     # t' x for t (q, q, ...) and x (q, n, ...).
-    return _keep(sum(t[k][:, None] * x[k][None] for k in range(t.shape[0])), unit)
+    return materialize(sum(t[k][:, None] * x[k][None] for k in range(t.shape[0])), unit)
 
 
 def _tri_gram(t, unit):
     # t't for t (q, q, ...).
-    return _keep(sum(t[k][:, None] * t[k][None] for k in range(t.shape[0])), unit)
+    return materialize(sum(t[k][:, None] * t[k][None] for k in range(t.shape[0])), unit)
 
 
 def _mmt_small(a, b, unit):
     # a b' for batches of small dense matrices (matrix axes first).
     out = sum(a[:, j][:, None] * b[:, j][None] for j in range(a.shape[1]))
-    return _keep(out, unit)
+    return materialize(out, unit)
 
 
 class _Factors(NamedTuple):
@@ -700,7 +710,7 @@ def _block_chol(inv, base, blk, unroll):
     q = d.shape[0]
     eye = jnp.eye(q).reshape(q, q, *([1] * (blk.gram.ndim - 2)))
     m = eye + inv * d[:, None] * blk.gram * d[None]
-    rows, logdet = _cholesky_rows(m, blk.unit, unroll)
+    rows, logdet = cholesky_rows(m, blk.unit, unroll)
     return d, rows, logdet
 
 
@@ -761,7 +771,7 @@ def _block_grads(pooling, want, inv, blk, f, cot):
         g_dr = n[:, q] + 2.0 * c_s * zt  # ... to D r
     else:
         g_dr = 2.0 * c_s * zt
-    g_m = _keep(g_m, unit)
+    g_m = materialize(g_m, unit)
     dsd = d[:, None] * gram * d[None]
     grad_inv = jnp.sum(g_m * dsd)
     grad_base = grad_blk = None
@@ -810,7 +820,7 @@ def _population_terms(inv, total, prior_var):
     q = total.shape[0] - 1
     lam = 0.5 * inv * (total[:q, :q] + total[:q, :q].T) + jnp.diag(1.0 / prior_var)
     h = inv * total[:q, q]
-    t, logdet = _inverse_cholesky(lam[:, :, None])
+    t, logdet = inverse_cholesky(lam[:, :, None])
     t = t[:, :, 0]
     lam_inv = t.T @ t
     v = lam_inv @ h
@@ -941,7 +951,7 @@ def _pooled_loglik(static, inv, base, blocks, pop_left, prior_var):
     # no pooling, comes with the first. static = (pooling,
     # want, unroll): want, the gradients to form besides inv's ("base": the
     # between-group sds; "stats": the statistics, when they depend on latent
-    # cells); unroll, how to factorize (see _unrolled).
+    # cells); unroll, how to factorize (see is_unrolled).
     return _pooled_loglik_fwd(static, inv, base, blocks, pop_left, prior_var)[0]
 
 
@@ -973,7 +983,7 @@ def _prepared_loglik(
         want = ("base",) if pooling == "partial" else ()
         want = want + (("stats",) if stats_grad else ())
         return logp + _pooled_loglik(
-            (pooling, want, _unrolled(base.shape[0])),
+            (pooling, want, is_unrolled(base.shape[0])),
             inv,
             base,
             blocks,
@@ -1184,10 +1194,10 @@ def _layout(data, hyper, pooling):
             ("intercept_scale", (), True, hyper.group_intercept),
             ("coef_scale", (n_features,), True, hyper.group_coef),
         ]
-    return _layout_of(sites)
+    return layout_of(sites)
 
 
-def _layout_of(sites):
+def layout_of(sites):
     # The _Layout of a list of sites (name, shape, positive, prior scale).
     sizes = [math.prod(shape) for _, shape, _, _ in sites]
     prior_scale = jnp.concatenate(
@@ -1293,11 +1303,11 @@ def collapsed_density(data: CollapsedData, hyper: Hyper, pooling: str = "partial
         int(layout.offsets[-1]),
         lambda z: -log_density(z),
         constrain,
-        *_noise_start(data, pooling, layout),
+        *noise_start(data, pooling, layout),
     )
 
 
-def _noise_start(data, pooling, layout):
+def noise_start(data, pooling, layout):
     """Where chains start, and the first metric: ``(center, radius, variance)``.
 
     The residual sd starts within 4 standard errors of the least-squares
@@ -1341,7 +1351,7 @@ def _population_draw(inv, lam_total, h_total, prior_var, eps):
     # phi ~ N(lam^-1 h, lam^-1), lam = inv sym(lam_total) + diag(1 /
     # prior_var), h = inv h_total: phi = t' (t h + eps), lam^-1 = t't.
     lam = 0.5 * inv * (lam_total + lam_total.T) + jnp.diag(1.0 / prior_var)
-    t, _ = _inverse_cholesky(lam[:, :, None])
+    t, _ = inverse_cholesky(lam[:, :, None])
     t = t[:, :, 0]
     return t.T @ (t @ (inv * h_total) + eps)
 
@@ -1403,7 +1413,7 @@ def _fmix32(h):
     return h ^ (h >> 16)
 
 
-def _chunk_key_data(rng_key, chunk):
+def chunk_key_data(rng_key, chunk):
     # Key material of XLA's native generator for one chunk, mixed from the
     # caller's key and the chunk index (no threefry in the program: each
     # threefry call site costs a large share of a small program's compile).
@@ -1425,7 +1435,7 @@ def _draw_tiling(chunk, n_groups, q):
     return -(-chunk // n_sub), n_sub
 
 
-def _loop(body, carry, xs, n):
+def maybe_scan(body, carry, xs, n):
     # lax.scan over n steps; no loop for one step.
     if n == 1:
         carry, ys = body(carry, jax.tree_util.tree_map(lambda a: a[0], xs))
@@ -1492,7 +1502,7 @@ def _draw_plan(n_draws, data, pooling, chunk):
         n_blocks=n_blocks,
         tile=tile,
         n_sub=n_sub,
-        unroll=_unrolled(q),
+        unroll=is_unrolled(q),
         n_cells=data.miss_row.shape[0],
     )
 
@@ -1577,7 +1587,7 @@ def _tile_population(plan, c, tile_stats, inv, base, eps_pop, first):
     q = plan.q
     xs = (blocks.gram, blocks.xty, blocks.onq)
     zeros = (jnp.zeros((plan.tile, q, q)), jnp.zeros((plan.tile, q)))
-    (y, z), _ = _loop(sums, zeros, xs, plan.n_blocks)
+    (y, z), _ = maybe_scan(sums, zeros, xs, plan.n_blocks)
     total_y = jnp.einsum("ki,dkl,lj->dij", c.pop_left, y, c.pop_left)
     total_z = z @ c.pop_left
     return jax.vmap(_population_draw, (0, 0, 0, None, 0))(
@@ -1618,7 +1628,7 @@ def _tile_groups(plan, c, tile_stats, inv, base, phi, weight, first, eps_group, 
         return carry, (jnp.swapaxes(coef, 1, 2), acc_b)
 
     xs = (blocks.gram, blocks.xty, blocks.onq, eps_group, acc)
-    _, (coef, acc) = _loop(groups, None, xs, plan.n_blocks)
+    _, (coef, acc) = maybe_scan(groups, None, xs, plan.n_blocks)
     # coef (n_blocks, tile, size, q) -> (tile, G, q)
     coef = jnp.moveaxis(coef, 0, 1).reshape(tile, plan.n_blocks * plan.size, q)
     return acc, coef[:, : plan.n_groups]
@@ -1656,7 +1666,7 @@ def _chunk_normals(plan, rng_key, index):
     """A chunk's standard normals: population (n_sub, tile, q) and groups
     (n_sub, n_blocks, tile, q, size); the stream depends on ``index`` only."""
     q, chunk, tile, n_sub = plan.q, plan.chunk, plan.tile, plan.n_sub
-    key_data = _chunk_key_data(rng_key, index)
+    key_data = chunk_key_data(rng_key, index)
     normals = normal(uniform(key_data, (chunk, q * (plan.n_groups + 1))))
     normals = jnp.concatenate(
         [normals, jnp.zeros((n_sub * tile - chunk, normals.shape[1]))]
@@ -1744,7 +1754,7 @@ def conditional_draws(
     def one_chunk(acc, args):
         index, sigma, base, cells, weight = args
         eps_pop, eps_group = _chunk_normals(plan, rng_key, index)
-        return _loop(
+        return maybe_scan(
             functools.partial(_one_tile, plan, c),
             acc,
             (sigma, base, cells, weight, eps_pop, eps_group),
@@ -1759,5 +1769,5 @@ def conditional_draws(
     )
     index = jnp.arange(plan.n_chunks) + first_chunk
     per_draw = _per_draw(plan, draws, hyper, n_valid)
-    acc, (phi, coef) = _loop(one_chunk, acc, (index, *per_draw), plan.n_chunks)
+    acc, (phi, coef) = maybe_scan(one_chunk, acc, (index, *per_draw), plan.n_chunks)
     return _draw_results(plan, c, phi, coef, acc, n_valid)

@@ -50,11 +50,11 @@ from ._stats import (
     vector_moments,
 )
 from ._validation import (
-    _describe_rows,
-    _label_is_missing,
     check_target,
     check_unseen,
     check_weights,
+    describe_rows,
+    label_is_missing,
     lookup_groups,
     split_groups,
 )
@@ -210,11 +210,11 @@ def _parse(X, y, groups, w, group_col):
     n = parsed.features.shape[0]
     labels = parsed.labels
     if labels is not None:
-        missing = _label_is_missing(labels)
+        missing = label_is_missing(labels)
         if missing.any():
             raise ValueError(
                 "Group labels contain NaN/None at "
-                f"{_describe_rows(np.flatnonzero(missing))}. Every row used for "
+                f"{describe_rows(np.flatnonzero(missing))}. Every row used for "
                 "fitting needs a group."
             )
     if n == 0:

@@ -228,7 +228,7 @@ def _statistics(spec, data, cells, fixed=None):
 
 
 def _unit(x):
-    # 1.0 at run time, unknown to the compiler (see _collapsed._keep).
+    # 1.0 at run time, unknown to the compiler (see _collapsed.materialize).
     return jax.lax.stop_gradient(1.0 + 0.0 * jnp.sum(x[:1]))
 
 
@@ -270,12 +270,12 @@ def _groups(inv, factor, left, gram, xty):
     q = factor.shape[0]
     unit = _unit(xty)
     f = factor[:, :, None]
-    ke = col._keep(_mm(gram, f), unit)
+    ke = col.materialize(_mm(gram, f), unit)
     eye = jnp.eye(q)[:, :, None]
-    m = col._keep(eye + inv * _tmm(f, ke), unit)
-    t, logdet = col._cholesky_rows(m, unit, col._unrolled(q))
-    a = col._keep(_mv(t, col._keep(_tmv(f, xty), unit)), unit)
-    b = col._keep(_mm(t, col._keep(_tmm(ke, left[:, :, None]), unit)), unit)
+    m = col.materialize(eye + inv * _tmm(f, ke), unit)
+    t, logdet = col.cholesky_rows(m, unit, col.is_unrolled(q))
+    a = col.materialize(_mv(t, col.materialize(_tmv(f, xty), unit)), unit)
+    b = col.materialize(_mm(t, col.materialize(_tmm(ke, left[:, :, None]), unit)), unit)
     return _Groups(t, logdet, a, b)
 
 
@@ -308,15 +308,15 @@ def _group_forms(inv, factor, left, gram, xty):
     q = factor.shape[0]
     unit = _unit(xty)
     f = factor[:, :, None]
-    ke = col._keep(_mm(gram, f), unit)
+    ke = col.materialize(_mm(gram, f), unit)
     eye = jnp.eye(q)[:, :, None]
-    m = col._keep(eye + inv * _tmm(f, ke), unit)
-    t, logdet = col._cholesky_rows(m, unit, col._unrolled(q))
-    n = col._keep(_tmm(t, t), unit)
-    w = col._keep(_mm(_mm(f, n), _tr(f)), unit)
-    kp = col._keep(_mm(gram, left[:, :, None]), unit)
-    wk = col._keep(_mv(w, xty), unit)
-    wkp = col._keep(_mm(w, kp), unit)
+    m = col.materialize(eye + inv * _tmm(f, ke), unit)
+    t, logdet = col.cholesky_rows(m, unit, col.is_unrolled(q))
+    n = col.materialize(_tmm(t, t), unit)
+    w = col.materialize(_mm(_mm(f, n), _tr(f)), unit)
+    kp = col.materialize(_mm(gram, left[:, :, None]), unit)
+    wk = col.materialize(_mv(w, xty), unit)
+    wkp = col.materialize(_mm(w, kp), unit)
     forms = (
         jnp.sum(logdet),
         jnp.sum(xty * wk),
@@ -351,9 +351,9 @@ def _group_sums_bwd(want_stats, residuals, cot):
     g = _mm(kp, _mm(c3[:, :, None], _tr(kp))) + 0.5 * (
         u[:, None] * xty[None] + xty[:, None] * u[None]
     )
-    g = col._keep(g + c2 * xty[:, None] * xty[None], unit)
-    gen = col._keep(_mm(g, _mm(f, n)), unit)  # G E N
-    r = col._keep(_mm(n, _tmm(f, gen)), unit)  # N E'G E N
+    g = col.materialize(g + c2 * xty[:, None] * xty[None], unit)
+    gen = col.materialize(_mm(g, _mm(f, n)), unit)  # G E N
+    r = col.materialize(_mm(n, _tmm(f, gen)), unit)  # N E'G E N
     grad_f = jnp.sum(
         2.0 * gen - 2.0 * inv * _mm(ke, r) + 2.0 * c1 * inv * _mm(ke, n), -1
     )
@@ -375,7 +375,7 @@ _group_sums.defvjp(_group_sums_fwd, _group_sums_bwd)
 def _population_factor(h, prior_var):
     # T_lam = L_lam^-1 and log|lam| for lam = h + diag(1 / prior_var).
     lam = h + jnp.diag(1.0 / prior_var)
-    t, logdet = col._inverse_cholesky(lam[:, :, None])
+    t, logdet = col.inverse_cholesky(lam[:, :, None])
     return t[:, :, 0], logdet[0]
 
 
@@ -492,7 +492,7 @@ def _layout(spec, data, hyper):
         q = spec.n_correlated
         if spec.full and q > 1:
             sites.append(("group_correlation", (q * (q - 1) // 2,), False, None))
-    return col._layout_of(sites)
+    return col.layout_of(sites)
 
 
 def _scales(spec, values, n_features):
@@ -555,6 +555,17 @@ def general_density(spec, data, hyper):
     and, under ``spec.full``, ``group_correlation`` with its LKJ prior
     (:func:`lkj_log_density`).
 
+    Under ``spec.full`` the density asks for a dense warmup metric
+    (``FlatDensity.dense_metric``) while it has at most
+    ``_limits.DENSE_METRIC_MAX_SIZE`` (200) coordinates: the scales and the
+    correlations correlate a posteriori, and a dense metric took NUTS from
+    10-12 to 7 leapfrog steps per draw on ``bench_engines.py --covariance``
+    (``docs/performance.md``). 200 covers up to 18 varying features (1 +
+    19 + 171 coordinates); above, the latent cells of many missing values
+    make most of the vector, nearly independent a posteriori, and the
+    metric's ``size ** 2`` per leapfrog step and ``size ** 3`` per window
+    would buy little.
+
     Parameters
     ----------
     spec : GeneralSpec
@@ -601,7 +612,7 @@ def general_density(spec, data, hyper):
         size,
         lambda z: -log_density(z),
         constrain,
-        *col._noise_start(data, spec.pooling, layout),
+        *col.noise_start(data, spec.pooling, layout),
         dense_metric=spec.full and size <= _limits.DENSE_METRIC_MAX_SIZE,
     )
 
@@ -722,7 +733,7 @@ def general_conditional(
 
     def one_chunk(acc, xs):
         index, chunk_draws, w = xs
-        key_data = col._chunk_key_data(rng_key, index)
+        key_data = col.chunk_key_data(rng_key, index)
         eps = normal(uniform(key_data, (chunk, n_groups + 1, q)))
         phi, coef, mean, cov = jax.vmap(
             lambda d, e: _one_draw(spec, data, hyper, fixed, d, e)
@@ -735,7 +746,7 @@ def general_conditional(
         return acc, (phi, coef)
 
     index = jnp.arange(n_chunks) + first_chunk
-    (rb_mean, second), (phi, coef) = col._loop(
+    (rb_mean, second), (phi, coef) = col.maybe_scan(
         one_chunk, zeros, (index, per_draw, weight.reshape(n_chunks, chunk)), n_chunks
     )
     phi = phi.reshape(-1, q)[:n_draws]

@@ -16,11 +16,11 @@ docstring of the function that uses it.
 from __future__ import annotations
 
 #: The groups' q x q matrices (q = features + 1) are factorized by unrolled
-#: code up to this size, by LAPACK above (``_collapsed._unrolled``).
+#: code up to this size, by LAPACK above (``_collapsed.is_unrolled``).
 UNROLL_MAX_SIZE = 24
 
 #: The population's single matrix is factorized by unrolled code up to this
-#: size, by LAPACK above (``_collapsed._inverse_cholesky``).
+#: size, by LAPACK above (``_collapsed.inverse_cholesky``).
 UNROLL_MAX_SIZE_POPULATION = 12
 
 #: Target bytes of one block of groups' intermediates in the collapsed

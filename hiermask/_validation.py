@@ -31,7 +31,9 @@ __all__ = [
     "check_unseen",
     "check_weights",
     "constant_target_message",
+    "describe_rows",
     "encode_groups",
+    "label_is_missing",
     "lookup_groups",
     "split_groups",
     "target_note",
@@ -89,7 +91,7 @@ class ParsedX:
     feature_names: list[str]
 
 
-def _describe_rows(rows: np.ndarray, limit: int = 5) -> str:
+def describe_rows(rows: np.ndarray, limit: int = 5) -> str:
     shown = ", ".join(str(int(r)) for r in rows[:limit])
     more = f", ... ({len(rows)} in all)" if len(rows) > limit else ""
     return f"row(s) {shown}{more}"
@@ -326,7 +328,7 @@ def _check_magnitude(features: np.ndarray, names: list) -> None:
     )
 
 
-def _label_is_missing(labels: np.ndarray) -> np.ndarray:
+def label_is_missing(labels: np.ndarray) -> np.ndarray:
     return np.asarray(pd.isna(labels), dtype=bool)
 
 
@@ -350,11 +352,11 @@ def encode_groups(labels: np.ndarray | None, n_samples: int):
     """
     if labels is None:
         return np.array([0], dtype=object), np.zeros(n_samples, dtype=np.int64)
-    missing = _label_is_missing(labels)
+    missing = label_is_missing(labels)
     if missing.any():
         rows = np.flatnonzero(missing)
         raise ValueError(
-            f"Group labels contain NaN/None at {_describe_rows(rows)}. Every row "
+            f"Group labels contain NaN/None at {describe_rows(rows)}. Every row "
             "used for fitting needs a group."
         )
     try:
@@ -396,10 +398,10 @@ def lookup_groups(groups: np.ndarray, labels: np.ndarray | None, n_samples: int)
                 "of each row at predict (group_col in X or groups=)."
             )
         return np.zeros(n_samples, dtype=np.int64)
-    missing = _label_is_missing(labels)
+    missing = label_is_missing(labels)
     if missing.any():
         rows = np.flatnonzero(missing)
-        raise ValueError(f"Group labels contain NaN/None at {_describe_rows(rows)}.")
+        raise ValueError(f"Group labels contain NaN/None at {describe_rows(rows)}.")
     if labels.dtype.kind in "iuf" and all(_is_number(g) for g in groups):
         # typed lookup, which compares numbers as Python does
         index = pd.Index(np.asarray(groups.tolist(), dtype=np.float64))
@@ -444,20 +446,20 @@ def check_target(y, n_samples: int) -> np.ndarray:
     if nan.any():
         raise ValueError(
             f"Input y contains NaN: {int(nan.sum())} value(s), at "
-            f"{_describe_rows(np.flatnonzero(nan))}. Rows with a missing target "
+            f"{describe_rows(np.flatnonzero(nan))}. Rows with a missing target "
             "are rows to predict, not to fit: drop them before fit."
         )
     inf = np.isinf(y)
     if inf.any():
         raise ValueError(
             "Input y contains infinity or a value too large for dtype('float64'): "
-            f"{int(inf.sum())} value(s), at {_describe_rows(np.flatnonzero(inf))}."
+            f"{int(inf.sum())} value(s), at {describe_rows(np.flatnonzero(inf))}."
         )
     big = np.abs(y) > MAX_ABS_VALUE
     if big.any():
         raise ValueError(
             f"Input y has values above {MAX_ABS_VALUE:g} in magnitude: "
-            f"{int(big.sum())} value(s), at {_describe_rows(np.flatnonzero(big))}; "
+            f"{int(big.sum())} value(s), at {describe_rows(np.flatnonzero(big))}; "
             "their squares overflow float64. Rescale the target."
         )
     return y

@@ -505,7 +505,7 @@ def test_unroll_limits(unroll, unroll_population, monkeypatch):
         reference = loglik(x), jax.grad(loglik)(x)
         monkeypatch.setattr(_limits, "UNROLL_MAX_SIZE", unroll)
         monkeypatch.setattr(_limits, "UNROLL_MAX_SIZE_POPULATION", unroll_population)
-        assert _general.col._unrolled(4) == (unroll >= 4)
+        assert _general.col.is_unrolled(4) == (unroll >= 4)
         # traced anew under the patched limits: the module's jitted function
         # would reuse the program traced above with the default ones
         patched = functools.partial(

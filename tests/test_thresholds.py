@@ -98,7 +98,7 @@ def test_population_unroll_limit(n_features):
 def test_group_unroll_limit(n_features, monkeypatch):
     # Groups' matrices of size 4 unrolled, of size 5 through LAPACK.
     monkeypatch.setattr(_limits, "UNROLL_MAX_SIZE", 4)
-    assert _collapsed._unrolled(n_features + 1) == (n_features == 3)
+    assert _collapsed.is_unrolled(n_features + 1) == (n_features == 3)
     _fit_and_check(*_data(4, n_features))
 
 
