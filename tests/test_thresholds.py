@@ -176,9 +176,12 @@ def test_dense_metric_size(dense_max, monkeypatch):
     # group_covariance="full" with 2 varying features: a flat vector of 7
     # coordinates (noise, 3 scales, 3 correlations), under the default limit
     # a dense warmup metric, at 0 a diagonal one.
-    from hiermask import _general
+    from hiermask import _general, _runner
 
     monkeypatch.setattr(_limits, "DENSE_METRIC_MAX_SIZE", dense_max)
+    # an empty compile cache: an earlier test's program of this shape would
+    # skip the tracing that the spy watches
+    monkeypatch.setattr(_runner, "_CACHE", _runner._ProgramCache(16))
     built = []
     real = _general.general_density
 
