@@ -255,7 +255,8 @@ X, y = make_manufacturing(500, random_state=0)
 t1 = time.perf_counter()
 est = MaskedHierarchicalRegressor(group_col="Product_Group", random_state=0).fit(X, y)
 t2 = time.perf_counter()
-timings = {f"{k}_s": v for k, v in est._posterior.timings.items()}
+post = est._fitted.posterior if hasattr(est, "_fitted") else est._posterior
+timings = {f"{k}_s": v for k, v in post.timings.items()}
 means = {k: float(v.mean()) for k, v in est.posterior_.items()}
 print(json.dumps({"import_s": t1 - t0, "fit_s": t2 - t1, **timings, "means": means}))
 """
@@ -296,7 +297,8 @@ est = MaskedHierarchicalRegressor(
     group_col="group", random_state=0, num_warmup=warmup, num_samples=samples,
     **old_model,
 ).fit(X, y)
-timings = {f"{k}_s": v for k, v in est._posterior.timings.items()}
+post = est._fitted.posterior if hasattr(est, "_fitted") else est._posterior
+timings = {f"{k}_s": v for k, v in post.timings.items()}
 means = {k: float(v.mean()) for k, v in est.posterior_.items()}
 print(json.dumps({**timings, "means": means}))
 """
@@ -836,7 +838,7 @@ with warnings.catch_warnings(record=True) as caught:
     cpu = time.process_time()
     est.fit(X, y)
     cpu = time.process_time() - cpu
-post = est._posterior
+post = est._fitted.posterior if hasattr(est, "_fitted") else est._posterior
 print(json.dumps({
     "fit_cpu_s": cpu,
     "process_cpu_s": time.process_time() - cpu0,
@@ -930,7 +932,7 @@ def bench_missing(quick):
                 group_covariance=covariance,
                 **settings,
             )
-            steps = int(np.sum(est._posterior.tree_steps))
+            steps = int(np.sum(est._fitted.posterior.tree_steps))
             rows.append(
                 {
                     "case": row["case"],

@@ -17,10 +17,11 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import r2_score
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import validate_data
 
 from . import _dask
-from ._fit import FitConfig, Posterior, fit_posterior, posterior_from_statistics
+from ._fit import FitConfig, fit_posterior, posterior_from_statistics
+from ._fitted import FILE_FIELDS, fitted_model, from_fields
 from ._masks import MIN_EVIDENCE, mask_from_counts, nan_counts, thin_evidence
 from ._predict import predictive_draws, predictive_moments, unseen_codes
 from ._validation import (
@@ -44,15 +45,13 @@ __all__ = [
     "MaskedHierarchicalRegressor",
 ]
 
-#: Attributes set by fit (some only under some pooling modes); a refit
-#: removes all of them before installing its own.
+#: Attributes set by fit (some only under some pooling modes or inputs); a
+#: refit removes those it does not set.
 _FITTED_ATTRIBUTES = frozenset(
     {
-        "_posterior",
-        "_mask",
-        "_feature_names",
-        "_seed",
-        "_fit_target",
+        "_fitted",
+        "n_features_in_",
+        "feature_names_in_",
         "groups_",
         "intercept_",
         "coef_",
@@ -256,11 +255,14 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         that applies to the row's group) that a fit brings to the client,
         where they stay rows of the sampled density; fit raises a ValueError
         beyond it. In-memory input has no such limit.
-    progress_bar : bool, default=False
+    progress_bar : bool or "auto", default="auto"
         Show a progress bar (tqdm, on stderr) over the warmup and sampling
         iterations of all chains, moved after each of the run's 16 segments;
         the segments are the same with or without the bar, so the draws are
-        the same.
+        the same. ``"auto"`` opens it only for a long run: at the end of the
+        first segment from which the sampler is projected to run for 15 s
+        or more in all (a fit with thousands of groups or many imputed
+        cells); short fits, tests and grid searches stay quiet.
     random_state : int, RandomState instance or None, default=None
         Seed of the sampler and of predictive draws.
 
@@ -365,7 +367,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         "on_bad_convergence": [_Options({"warn", "raise", "ignore"})],
         "max_posterior_bytes": [Interval(numbers.Integral, 1, None, closed="left")],
         "max_latent_rows": [Interval(numbers.Integral, 0, None, closed="left")],
-        "progress_bar": ["boolean"],
+        "progress_bar": ["boolean", _Options({"auto"})],
         "random_state": ["random_state"],
     }
 
@@ -393,7 +395,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         on_bad_convergence: Literal["warn", "raise", "ignore"] = "warn",
         max_posterior_bytes: int = 4_000_000_000,
         max_latent_rows: int = 100_000,
-        progress_bar: bool = False,
+        progress_bar: bool | Literal["auto"] = "auto",
         random_state: int | np.random.RandomState | None = None,
     ) -> None:
         self.group_col = group_col
@@ -476,30 +478,32 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         >>> float(est.coef_[0, 2])
         0.0
         """
-        saved = self.__dict__.copy()
         dask_input = any(
             _dask.is_dask_collection(v) for v in (X, y, groups, sample_weight)
         )
-        try:
-            fitter = self._fit_dask if dask_input else self._fit
-            fitted = fitter(X, y, groups, sample_weight)
-            # One assignment: drop the previous fit's attributes (those that
-            # depend on pooling included) and install the new ones.
-            state = {
-                k: v for k, v in self.__dict__.items() if k not in _FITTED_ATTRIBUTES
-            }
-            state.update(fitted)
-            self.__dict__ = state
-        except BaseException:
-            self.__dict__.clear()
-            self.__dict__.update(saved)
-            raise
+        fitter = self._fit_dask if dask_input else self._fit
+        # Everything is computed before any attribute is set, as BayesianRidge
+        # does: a fit that fails leaves the estimator as it was.
+        fitted = fitter(X, y, groups, sample_weight)
+        for name in (_FITTED_ATTRIBUTES - fitted.keys()) & vars(self).keys():
+            delattr(self, name)
+        for name, value in fitted.items():
+            setattr(self, name, value)
         return self
+
+    def _input_attributes(self, X, y="no_validation"):
+        """``n_features_in_`` and ``feature_names_in_`` of ``X`` as
+        ``validate_data(reset=True)`` sets them, set on a copy: fit installs
+        every attribute at its end."""
+        probe = copy.copy(self)
+        validate_data(probe, X, y, reset=True, skip_check_array=True)
+        names = ("n_features_in_", "feature_names_in_")
+        return {name: vars(probe)[name] for name in names if name in vars(probe)}
 
     def _fit(self, X, y, groups, sample_weight):
         """fit's work; returns the fitted attributes without setting them."""
         parsed = split_groups(X, self.group_col, groups, ensure_min_samples=2)
-        validate_data(self, X, y, reset=True, skip_check_array=True)
+        inputs = self._input_attributes(X, y)
         features = parsed.features
         n_samples = features.shape[0]
         target = check_target(y, n_samples)
@@ -517,9 +521,12 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         )
         self._warn_thin_masks(nans, mask, groups_, names)
         self._check_memory(len(groups_), features.shape[1])
-        config = self._fit_config(names, isinstance(X, pd.DataFrame))
+        config = self._fit_config(
+            names, isinstance(X, pd.DataFrame), inputs["n_features_in_"]
+        )
         posterior = fit_posterior(features, target, weights, group_idx, mask, config)
-        return self._fitted_state(posterior, mask, groups_, names, config.seed, target)
+        model = self._model(posterior, mask, groups_, names, config.seed, target)
+        return {**inputs, **self._fitted_state(model)}
 
     def _fit_dask(self, X, y, groups, sample_weight):
         """fit's work on dask input: two passes over the partitions, then the
@@ -530,7 +537,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
                 "data; use engine='collapsed' (or 'auto'), or fit on X.compute()."
             )
         names = _dask.check_fit_inputs(X, y, groups, sample_weight, self.group_col)
-        validate_data(self, X._meta, reset=True, skip_check_array=True)
+        inputs = self._input_attributes(X._meta)
         summary = _dask.summarize(X, y, groups, sample_weight, self.group_col)
         if summary.n_rows < 2:
             raise ValueError(
@@ -551,7 +558,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         )
         self._warn_thin_masks(summary.nans, mask, groups_, names)
         self._check_memory(len(groups_), len(names))
-        config = self._fit_config(names, True)
+        config = self._fit_config(names, True, inputs["n_features_in_"])
         fit_stats = _dask.fit_statistics(
             X,
             y,
@@ -563,15 +570,16 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             self.max_latent_rows,
         )
         posterior = posterior_from_statistics(fit_stats, config)
-        return self._fitted_state(posterior, mask, groups_, names, config.seed, None)
+        model = self._model(posterior, mask, groups_, names, config.seed, None)
+        return {**inputs, **self._fitted_state(model)}
 
-    def _varying_setting(self, names, frame):
+    def _varying_setting(self, names, frame, n_columns):
         """``varying`` as FitConfig takes it: "auto", "all" or one flag per
-        feature (labels for a DataFrame, positions in X for arrays)."""
+        feature (labels for a DataFrame, positions among the ``n_columns``
+        columns of X for arrays)."""
         if isinstance(self.varying, str):
             return self.varying
         flags = [False] * len(names)
-        n_columns = self.n_features_in_
         for item in list(np.asarray(self.varying, dtype=object).ravel()):
             if frame:
                 key = str(item)
@@ -600,7 +608,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             flags[list(names).index(key)] = True
         return tuple(flags)
 
-    def _fit_config(self, names=None, frame=False):
+    def _fit_config(self, names=None, frame=False, n_columns=None):
         engine = "collapsed" if self.engine == "auto" else self.engine
         seed = int(
             check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
@@ -618,31 +626,35 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             num_chains=int(self.num_chains),
             target_accept_prob=float(self.target_accept_prob),
             seed=seed,
-            progress_bar=bool(self.progress_bar),
-            varying=self._varying_setting(names, frame) if names else "all",
+            progress_bar=(
+                "auto" if self.progress_bar == "auto" else bool(self.progress_bar)
+            ),
+            varying=(
+                self._varying_setting(names, frame, n_columns) if names else "all"
+            ),
             group_covariance=self.group_covariance,
             lkj_concentration=float(self.lkj_concentration),
             feature_names=tuple(names) if names else None,
         )
 
-    def _fitted_state(self, posterior, mask, groups_, names, seed, target):
-        """The fitted attributes of a posterior (raises on bad convergence)."""
-        convergence = self._convergence(posterior, groups_, names)
-        self._gate(convergence)  # may raise: before any fitted state is set
+    def _model(self, posterior, mask, groups_, names, seed, target):
+        """The frozen fitted model of a posterior and this estimator's settings."""
+        values = (posterior, mask, names, seed, target)
+        fields = dict(zip(FILE_FIELDS, values, strict=True))
+        return from_fields({"groups_": groups_, **fields}, self.get_params(deep=False))
 
-        # Everything is computed: the caller sets the fitted state in one go.
+    def _fitted_state(self, model):
+        """The fitted attributes of a model (raises on bad convergence)."""
+        convergence = model.convergence()
+        self._gate(convergence)  # may raise: before any fitted state is set
+        posterior, draws = model.posterior, model.draws
         fitted = {
-            "_posterior": posterior,
-            "_mask": mask,
-            "_feature_names": list(names),
-            "_seed": seed,
-            "_fit_target": target,
-            "groups_": groups_,
+            "_fitted": model,
+            "groups_": model.groups,
             "intercept_": posterior.coef_mean[:, 0].copy(),
-            "coef_": posterior.coef_mean[:, 1:] * mask,
-            "noise_scale_": float(np.mean(posterior.draws["noise"])),
+            "coef_": posterior.coef_mean[:, 1:] * model.mask,
+            "noise_scale_": float(np.mean(draws["noise"])),
         }
-        draws = posterior.draws
         if "population_intercept" in draws:
             fitted["population_intercept_"] = float(
                 np.mean(draws["population_intercept"])
@@ -727,44 +739,6 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             stacklevel=4,
         )
 
-    def _convergence(self, posterior: Posterior, groups_, names):
-        diag = posterior.diagnostics
-        varying = posterior.varying
-        effects = ["intercept"] + (
-            []
-            if varying is None
-            else [n for n, v in zip(names, varying, strict=True) if v]
-        )
-        label = self._diagnostic_labeler(groups_, names, effects)
-        r_hats = {k: v[0] for k, v in diag.items() if np.isfinite(v[0])}
-        esses = {k: v[1] for k, v in diag.items() if np.isfinite(v[1])}
-        worst = max(r_hats, key=r_hats.get) if r_hats else None
-        return {
-            "max_r_hat": float(max(r_hats.values())) if r_hats else float("nan"),
-            "min_ess_bulk": float(min(esses.values())) if esses else float("nan"),
-            "n_divergences": int(np.sum(posterior.diverging)),
-            "worst_parameter": label(worst) if worst else None,
-        }
-
-    @staticmethod
-    def _diagnostic_labeler(groups_, names, effects=("intercept",)):
-        def label(key):
-            if key is None:
-                return None
-            base, _, rest = key.partition("[")
-            if not rest:
-                return base
-            idx = [int(i) for i in rest.rstrip("]").split(",")]
-            if base in ("intercept",):
-                return f"{base}[{groups_[idx[0]]}]"
-            if base == "coef":
-                return f"coef[{groups_[idx[0]]}, {names[idx[1]]}]"
-            if base == "group_correlation":
-                return f"{base}[{effects[idx[1]]}, {effects[idx[0]]}]"
-            return f"{base}[{names[idx[0]]}]"
-
-        return label
-
     def _gate(self, convergence):
         if self.on_bad_convergence == "ignore":
             return
@@ -817,12 +791,11 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         >>> est.mask_.to_numpy().tolist()
         [[True, True, False], [True, True, True]]
         """
-        if not hasattr(self, "_mask"):
-            raise AttributeError("mask_ is set by fit.")
+        model = self._model_or_raise("mask_")
         return pd.DataFrame(
-            self._mask.copy(),
-            index=pd.Index(self.groups_, name="group"),
-            columns=pd.Index(self._feature_names, name="feature"),
+            model.mask.copy(),
+            index=pd.Index(model.groups, name="group"),
+            columns=pd.Index(model.feature_names, name="feature"),
         )
 
     @property
@@ -848,16 +821,10 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         >>> est.varying_.to_dict()
         {'x0': True, 'x1': False}
         """
-        if not hasattr(self, "_posterior"):
-            raise AttributeError("varying_ is set by fit.")
-        flags = self._posterior.varying
-        if flags is None:  # a model file of version 1 without it: "all"
-            flags = self._mask.any(axis=0)
-        if self.pooling == "complete":
-            flags = np.zeros(len(self._feature_names), dtype=bool)
+        model = self._model_or_raise("varying_")
         return pd.Series(
-            np.asarray(flags, dtype=bool),
-            index=pd.Index(self._feature_names, name="feature"),
+            model.varying,
+            index=pd.Index(model.feature_names, name="feature"),
             name="varying",
         )
 
@@ -884,18 +851,23 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         >>> list(est.group_correlation_.columns)
         ['intercept', 'x0']
         """
-        if not hasattr(self, "posterior_") or "group_correlation" not in (
-            self.posterior_
-        ):
+        model = vars(self).get("_fitted")
+        if model is None or "group_correlation" not in model.draws:
             raise AttributeError(
                 "group_correlation_ is set by fit under pooling='partial' with "
                 "group_covariance='full' and at least as many groups as correlated "
                 "effects."
             )
-        labels = ["intercept"] + [n for n, v in self.varying_.items() if v]
-        mean = np.mean(self.posterior_["group_correlation"], axis=0)
-        index = pd.Index(labels, name="coefficient")
+        mean = np.mean(model.draws["group_correlation"], axis=0)
+        index = pd.Index(model.effects, name="coefficient")
         return pd.DataFrame(mean, index=index, columns=index.copy())
+
+    def _model_or_raise(self, attribute):
+        # The fitted model, or the AttributeError that hasattr expects.
+        model = vars(self).get("_fitted")
+        if model is None:
+            raise AttributeError(f"{attribute} is set by fit.")
+        return model
 
     def _prepare(self, X, groups, unseen_table=None):
         """Features, fitted group codes (-1: unseen) and unseen-group codes.
@@ -903,13 +875,13 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         ``unseen_table`` (dask partitions) numbers the unseen groups of every
         partition (checked and warned about once, at compute); without it
         they are numbered, checked and warned about here."""
-        check_is_fitted(self)
+        model = fitted_model(self)
         parsed = split_groups(X, self.group_col, groups, ensure_min_samples=0)
         validate_data(self, X, reset=False, skip_check_array=True)
-        if parsed.features.shape[1] != self._mask.shape[1]:
+        if parsed.features.shape[1] != model.mask.shape[1]:
             raise ValueError(
                 f"X has {parsed.features.shape[1]} feature columns, but the model "
-                f"was fitted with {self._mask.shape[1]}."
+                f"was fitted with {model.mask.shape[1]}."
             )
         n = parsed.features.shape[0]
         group_idx = lookup_groups(self.groups_, parsed.labels, n)
@@ -931,13 +903,13 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
 
     def _lazy(self, X, groups, what, extra=()):
         """Lazy dask DataFrame of per-row outputs (see _predict_partition)."""
-        check_is_fitted(self)
+        model = fitted_model(self)
         n_features = _dask.check_predict_inputs(X, groups, self.group_col)
         validate_data(self, X._meta, reset=False, skip_check_array=True)
-        if n_features != self._mask.shape[1]:
+        if n_features != model.mask.shape[1]:
             raise ValueError(
                 f"X has {n_features} feature columns, but the model was fitted "
-                f"with {self._mask.shape[1]}."
+                f"with {model.mask.shape[1]}."
             )
         # A snapshot: a later refit of self does not change these results.
         return _dask.lazy_predictions(
@@ -952,13 +924,14 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
     def _predict_partition(self, X, groups, unseen_table, what, extra, number):
         """One pandas partition's outputs for :meth:`_lazy`, as an ndarray."""
         features, group_idx, unseen = self._prepare(X, groups, unseen_table)
+        model = fitted_model(self)
         if what == "draws":
             n_samples, seed = extra
             return predictive_draws(
                 features,
                 group_idx,
-                self._mask,
-                self._posterior,
+                model.mask,
+                model.posterior,
                 unseen,
                 n_samples,
                 seed,
@@ -967,8 +940,8 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         mean, sd = predictive_moments(
             features,
             group_idx,
-            self._mask,
-            self._posterior,
+            model.mask,
+            model.posterior,
             return_sd=what != ("mean",),
         )
         if what == ("lower", "upper"):
@@ -1032,8 +1005,9 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             frame = self._lazy(X, groups, ("mean", "sd") if return_std else ("mean",))
             return (frame["mean"], frame["sd"]) if return_std else frame["mean"]
         features, group_idx, _ = self._prepare(X, groups)
+        model = fitted_model(self)
         mean, sd = predictive_moments(
-            features, group_idx, self._mask, self._posterior, return_sd=return_std
+            features, group_idx, model.mask, model.posterior, return_sd=return_std
         )
         return (mean, sd) if return_std else mean
 
@@ -1084,7 +1058,8 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         if self._is_dask(X, groups):
             return self._lazy(X, groups, ("lower", "upper"), (float(z),))
         features, group_idx, _ = self._prepare(X, groups)
-        mean, sd = predictive_moments(features, group_idx, self._mask, self._posterior)
+        model = fitted_model(self)
+        mean, sd = predictive_moments(features, group_idx, model.mask, model.posterior)
         return np.column_stack([mean - z * sd, mean + z * sd])
 
     def sample_y(
@@ -1141,19 +1116,18 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}.")
         dask_input = self._is_dask(X, groups)
-        if dask_input:
-            check_is_fitted(self)
-        else:
+        model = fitted_model(self)
+        if not dask_input:
             features, group_idx, unseen = self._prepare(X, groups)
         rs = self.random_state if random_state is None else random_state
         if rs is None:
-            seed = self._seed
+            seed = model.seed
         else:
             seed = int(check_random_state(rs).randint(np.iinfo(np.int32).max))
         if dask_input:
             return self._lazy(X, groups, "draws", (int(n_samples), seed))
         return predictive_draws(
-            features, group_idx, self._mask, self._posterior, unseen, n_samples, seed
+            features, group_idx, model.mask, model.posterior, unseen, n_samples, seed
         )
 
     def score(
@@ -1240,11 +1214,11 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         >>> "coef[Product_Group_1, Cutting_Wait_Time]" in table.index  # masked
         False
         """
-        check_is_fitted(self)
+        model = fitted_model(self)
         from ._summary import summary_frame
 
         return summary_frame(
-            self, coverage=coverage, long=long, group_level=group_level
+            model, coverage=coverage, long=long, group_level=group_level
         )
 
     def coefficients(self) -> pd.DataFrame:
@@ -1273,11 +1247,11 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         >>> bool(table.isna().loc["Product_Group_1", "Cutting_Wait_Time"])
         True
         """
-        check_is_fitted(self)
+        model = fitted_model(self)
         table = pd.DataFrame(
-            np.where(self._mask, self.coef_, np.nan),
-            index=pd.Index(self.groups_, name="group"),
-            columns=pd.Index(self._feature_names, name="feature"),
+            np.where(model.mask, self.coef_, np.nan),
+            index=pd.Index(model.groups, name="group"),
+            columns=pd.Index(model.feature_names, name="feature"),
         )
         table.insert(0, "intercept", self.intercept_)
         return table
@@ -1327,8 +1301,8 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         >>> "posterior" in idata.groups()
         True
         """
-        check_is_fitted(self)
-        if self._fit_target is None:
+        model = fitted_model(self)
+        if model.target is None:
             raise ValueError(
                 "to_arviz needs the target of the fit, which a fit on dask data "
                 "does not collect; summary() and posterior_ hold the posterior."
@@ -1338,10 +1312,10 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         if X is None:
             if y is not None:
                 raise ValueError("to_arviz: y was given without X.")
-            return to_inference_data(self)
+            return to_inference_data(model)
         features, group_idx, target = self._log_likelihood_rows(X, y, groups)
-        values = pointwise_log_likelihood(self, features, group_idx, target)
-        return to_inference_data(self, log_likelihood=(values, target))
+        values = pointwise_log_likelihood(model, features, group_idx, target)
+        return to_inference_data(model, log_likelihood=(values, target))
 
     def _log_likelihood_rows(self, X, y, groups):
         """Features, group codes and targets of to_arviz's rows, checked."""
@@ -1356,12 +1330,13 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
                 f"({', '.join(map(repr, unseen[:5]))}); the log-likelihood is "
                 "that of the fit's groups."
             )
-        if y is None and n != len(self._fit_target):
+        fit_target = fitted_model(self).target
+        if y is None and n != len(fit_target):
             raise ValueError(
-                f"to_arviz: X has {n} rows and the fit had {len(self._fit_target)}; "
+                f"to_arviz: X has {n} rows and the fit had {len(fit_target)}; "
                 "give y for other rows than the fit's."
             )
-        target = self._fit_target if y is None else check_target(y, n)
+        target = fit_target if y is None else check_target(y, n)
         need = 8 * n * self.posterior_["noise"].shape[0]
         if need > self.max_posterior_bytes:
             raise ValueError(
@@ -1386,6 +1361,8 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
                 ),
                 stacklevel=2,
             )
+        if "_posterior" in state:  # pickled by hiermask 0.1: one model object
+            state["_fitted"] = from_fields(state, state)
         super().__setstate__(state)
 
     # ---------------------------------------------------------- model files

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.utils.validation import check_is_fitted
 
 from ._estimator import InconsistentVersionWarning, MaskedHierarchicalRegressor
 from ._fit import Posterior
+from ._fitted import file_fields, fitted_model, from_fields
 
 __all__ = ["FORMAT_VERSION", "MAX_DOCUMENT_BYTES", "ModelFileError", "load", "save"]
 
@@ -197,7 +197,8 @@ POSTERIOR = {
     "timings": Spec("table", table=TIMINGS),
     "varying": Spec("array", "P", "b", optional=True, nullable=True),
 }
-#: Every attribute that fit sets, in the order they are restored.
+#: Every attribute that fit sets, in the order they are restored; the fitted
+#: model (``_fitted``) is stored as its fields (``hiermask._fitted.FILE_FIELDS``).
 FITTED = {
     "n_features_in_": Spec("int", dim="F"),
     "feature_names_in_": Spec("names", optional=True, dim="F", build=_object_array),
@@ -338,13 +339,14 @@ def _params(est):
 
 def _document(est):
     """The JSON document of a fitted estimator and its arrays."""
-    check_is_fitted(est)
+    model = fitted_model(est)
     params = _params(est)
-    state = {k: v for k, v in vars(est).items() if k not in params}
-    if est._posterior.draws is not est.posterior_:
-        raise TypeError("_posterior.draws is not posterior_; cannot save it.")
+    if model.draws is not est.posterior_:
+        raise TypeError("posterior_ is not the fitted model's draws; cannot save it.")
+    skip = set(params) | NOT_SAVED | {"_fitted"}
+    kept = {k: v for k, v in vars(est).items() if k not in skip}
+    kept.update(file_fields(model))
     arrays = {}
-    kept = {k: v for k, v in state.items() if k not in NOT_SAVED}
     document = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -780,7 +782,8 @@ def _load(reader, archive):
     _check_dims(reader, est.get_params())
     reader.arrays = _read_arrays(reader, archive, infos)
     attributes = _decode_table(reader, ESTIMATOR, document["attributes"], "")
-    for name, value in attributes.items():
+    model = from_fields(attributes, est.get_params(deep=False))
+    for name, value in {**attributes, "_fitted": model}.items():
         setattr(est, name, value)
     return est, saved
 

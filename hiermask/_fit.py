@@ -25,6 +25,7 @@ from ._collapsed import (
 )
 from ._diagnostics import parameter_diagnostics
 from ._model import DirectEngine, Hyper, varying_index
+from ._parameters import parameter_blocks
 from ._runner import map_parts, run_nuts
 from ._stats import (
     GroupStats,
@@ -68,7 +69,7 @@ class FitConfig:
     num_chains: int
     target_accept_prob: float
     seed: int
-    progress_bar: bool = False
+    progress_bar: bool | str = False  # True, False or "auto"
     varying: str | tuple = "all"  # "auto", "all" or one bool per feature
     group_covariance: str = "diagonal"
     lkj_concentration: float = 2.0
@@ -809,55 +810,21 @@ def _conditional(program, rng_key, sites, data, hyper):
 
 
 def _diagnose(draws, n_chains, mask, varying=None):
-    """Convergence diagnostics per reported parameter.
+    """Convergence diagnostics per reported parameter
+    (:func:`hiermask._parameters.parameter_blocks`), keyed ``"coef[3, 2]"``.
 
-    Population-level parameters and the noise are always diagnosed (the
-    between-group sds of varying features only, and the correlations below
-    the diagonal); group coefficients too while there are at most
+    Population-level parameters and the noise are always diagnosed; group
+    intercepts and coefficients too while there are at most
     ``_limits.MAX_GROUP_PARAMS_DIAGNOSED``.
     """
     n_groups, p = mask.shape
+    group_level = n_groups * (p + 1) <= _limits.MAX_GROUP_PARAMS_DIAGNOSED
     out = {}
-
-    def add(name, arr, labels):
-        if not labels:
-            return
-        x = arr.reshape(n_chains, -1, len(labels))
-        r_hat, ess_bulk, ess_tail = parameter_diagnostics(x)
-        for i, label in enumerate(labels):
-            out[f"{name}{label}"] = (r_hat[i], ess_bulk[i], ess_tail[i])
-
-    feats = np.flatnonzero(mask.any(axis=0))
-    for name in ("population_intercept", "group_intercept_scale", "noise"):
-        if name in draws:
-            add(name, draws[name][:, None], [""])
-    if "population_coef" in draws:
-        add(
-            "population_coef",
-            draws["population_coef"][:, feats],
-            [f"[{j}]" for j in feats],
-        )
-    if "group_coef_scale" in draws:
-        vary = feats if varying is None else np.flatnonzero(varying & mask.any(axis=0))
-        add(
-            "group_coef_scale",
-            draws["group_coef_scale"][:, vary],
-            [f"[{j}]" for j in vary],
-        )
-    if "group_correlation" in draws:
-        r = draws["group_correlation"].shape[-1]
-        rows, cols = np.tril_indices(r, -1)
-        add(
-            "group_correlation",
-            draws["group_correlation"][:, rows, cols],
-            [f"[{i}, {j}]" for i, j in zip(rows, cols, strict=True)],
-        )
-    if n_groups * (p + 1) <= _limits.MAX_GROUP_PARAMS_DIAGNOSED:
-        add("intercept", draws["intercept"], [f"[{g}]" for g in range(n_groups)])
-        gs, js = np.nonzero(mask)
-        add(
-            "coef",
-            draws["coef"][:, gs, js],
-            [f"[{g}, {j}]" for g, j in zip(gs, js, strict=True)],
-        )
+    for block in parameter_blocks(draws, mask, varying, group_level):
+        n_rows = block.draws.shape[1]
+        if not n_rows:
+            continue
+        x = block.draws.reshape(n_chains, -1, n_rows)
+        values = zip(*parameter_diagnostics(x), strict=True)
+        out.update(zip(block.keys, values, strict=True))
     return out

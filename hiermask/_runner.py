@@ -171,40 +171,60 @@ def _start_state(start_key, data, hyper, *, engine, num_chains):
     return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
+#: ``progress_bar="auto"`` opens the bar once a run is projected (from the
+#: segments done) to take at least this many seconds in all.
+AUTO_PROGRESS_SECONDS = 15.0
+
+
 class _ProgressBar:
     """A tqdm bar over the iterations of every chain of one run.
 
-    Opened once the program is compiled; every part reports after each of
-    its segments.
+    Every part reports after each of its segments. Opened with the run, or
+    with ``open_after`` seconds at the first report from which the run is
+    projected to take at least that long.
     """
 
-    def __init__(self, per_part, n_parts, num_warmup, num_samples):
-        from tqdm.auto import tqdm
-
+    def __init__(self, per_part, n_parts, num_warmup, num_samples, open_after=None):
         self.per_part = per_part
         self.num_warmup = num_warmup
+        self.total = per_part * n_parts * (num_warmup + num_samples)
         self.done = [0] * n_parts
         self.lock = threading.Lock()
-        self.bar = tqdm(
-            total=per_part * n_parts * (num_warmup + num_samples),
-            desc="warmup",
-            unit="it",
-            leave=False,
-            dynamic_ncols=True,
+        self.open_after = open_after
+        self.start = time.perf_counter()
+        self.bar = None if open_after is not None else self._open()
+
+    def _open(self):
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.total, desc="warmup", unit="it", leave=False, dynamic_ncols=True
         )
+
+    def _long(self):
+        # whether the run is projected to take at least open_after seconds
+        done = sum(self.done) * self.per_part
+        elapsed = time.perf_counter() - self.start
+        return done > 0 and elapsed * self.total >= self.open_after * done
 
     def update(self, part, iteration):
         """Part ``part`` has run its iterations up to ``iteration``."""
         with self.lock:
-            step = iteration - self.done[part]
+            step = (iteration - self.done[part]) * self.per_part
             self.done[part] = iteration
+            if self.bar is None:
+                if not self._long():
+                    return
+                self.bar = self._open()
+                step = sum(self.done) * self.per_part
             if min(self.done) > self.num_warmup:
                 self.bar.set_description("sample", refresh=False)
-            self.bar.update(step * self.per_part)
+            self.bar.update(step)
 
     def close(self):
         with self.lock:
-            self.bar.close()
+            if self.bar is not None:
+                self.bar.close()
 
 
 def _compiled_program(args, static, timings, before_compile):
@@ -384,10 +404,12 @@ def run_nuts(
         Step-size adaptation target.
     max_tree_depth : int, default=10
         NUTS tree-depth cap.
-    progress_bar : bool, default=False
+    progress_bar : bool or "auto", default=False
         Show a progress bar (tqdm, on stderr) of the iterations of all
         chains, updated after each segment (the segments are the same
-        without it, so the bar cannot change the draws).
+        without it, so the bar cannot change the draws); ``"auto"``: only
+        once the run is projected to take at least
+        :data:`AUTO_PROGRESS_SECONDS`.
     before_compile : callable, optional
         Called without arguments once the sampler is traced, before XLA
         compiles it (or at once when a compiled program is reused): the
@@ -425,11 +447,10 @@ def run_nuts(
         data, hyper = jax.tree_util.tree_map(np.asarray, (data, hyper))
         args = (parts[0].segments[0], parts[0].start_key, data, hyper)
         compiled = _compiled_program(args, static, timings, before_compile)
-        progress = (
-            _ProgressBar(per_part, n_parts, num_warmup, num_samples)
-            if progress_bar
-            else None
-        )
+        progress = None
+        if progress_bar:
+            after = AUTO_PROGRESS_SECONDS if progress_bar == "auto" else None
+            progress = _ProgressBar(per_part, n_parts, num_warmup, num_samples, after)
         keep = (num_warmup + 1, num_warmup + num_samples + 1)
         results, timings["run"] = _run_parts(
             compiled, parts, data, hyper, keep, progress

@@ -1,8 +1,9 @@
 """Posterior summaries and ArviZ conversion of a fitted estimator.
 
-Both functions read the fitted state of a
-:class:`~hiermask.MaskedHierarchicalRegressor` (``groups_``, ``posterior_``,
-the mask and the sampler statistics) and never refit anything. Parameters
+Every function reads the fitted model of a
+:class:`~hiermask.MaskedHierarchicalRegressor` (a
+:class:`~hiermask._fitted.FittedModel`: draws, mask, labels and sampler
+statistics) and never refits anything. Parameters
 that do not exist, the coefficients of (group, feature) pairs switched off by
 the mask and the population parameters of features that are off in every
 group, are left out of the summary and are NaN in the ArviZ posterior: they
@@ -11,15 +12,13 @@ are not silently reported as draws of 0.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 import pandas as pd
 
 from ._diagnostics import parameter_diagnostics
+from ._parameters import row_name
 
 __all__ = [
-    "correlation_labels",
     "interval_labels",
     "pointwise_log_likelihood",
     "summary_frame",
@@ -70,115 +69,29 @@ def interval_labels(coverage):
     return _percent(tail), _percent(1.0 - tail)
 
 
-class _Block(NamedTuple):
-    """One parameter block: per row its parameter name, group and feature
-    label (None where it has none) and its key among the fit's diagnostics;
-    the draws, (n_draws, n_rows)."""
-
-    parameter: str
-    groups: list
-    features: list
-    keys: list
-    draws: np.ndarray
-
-
-def _blocks(est, group_level=True):
-    """Yield the parameter blocks that exist: masked coefficients and the
-    population parameters of features that are off in every group are left
-    out, and the group-level blocks too unless ``group_level``."""
-    draws = est.posterior_
-    names = list(est._feature_names)
-    mask = np.asarray(est._mask, dtype=bool)
-    active = np.flatnonzero(mask.any(axis=0))
-    groups_ = list(est.groups_)
-
-    def one(name):
-        return _Block(name, [None], [None], [name], draws[name][:, None])
-
-    def per_feature(name):
-        keys = [f"{name}[{j}]" for j in active]
-        return _Block(
-            name, [None] * len(active), [names[j] for j in active], keys,
-            draws[name][:, active],
-        )  # fmt: skip
-
-    if group_level:
-        n = len(groups_)
-        yield _Block(
-            "intercept", groups_, [None] * n, [f"intercept[{g}]" for g in range(n)],
-            draws["intercept"],
-        )  # fmt: skip
-        gs, js = np.nonzero(mask)
-        yield _Block(
-            "coef",
-            [groups_[g] for g in gs],
-            [names[j] for j in js],
-            [f"coef[{g}, {j}]" for g, j in zip(gs, js, strict=True)],
-            draws["coef"][:, gs, js],
-        )
-    for name in ("population_intercept", "population_coef"):
-        if name in draws:
-            yield one(name) if name == "population_intercept" else per_feature(name)
-    if "group_intercept_scale" in draws:
-        yield one("group_intercept_scale")
-    if "group_coef_scale" in draws:
-        vary = [j for j in active if est.varying_.iloc[j]]
-        yield _Block(
-            "group_coef_scale", [None] * len(vary), [names[j] for j in vary],
-            [f"group_coef_scale[{j}]" for j in vary],
-            draws["group_coef_scale"][:, vary],
-        )  # fmt: skip
-    if "group_correlation" in draws:
-        effects = correlation_labels(est)
-        rows, cols = np.tril_indices(len(effects), -1)
-        yield _Block(
-            "group_correlation",
-            [None] * len(rows),
-            [f"{effects[j]}, {effects[i]}" for i, j in zip(rows, cols, strict=True)],
-            [f"group_correlation[{i}, {j}]" for i, j in zip(rows, cols, strict=True)],
-            draws["group_correlation"][:, rows, cols],
-        )
-    yield one("noise")
-
-
-def correlation_labels(est):
-    """Labels of the rows and columns of the group correlation matrix:
-    ``intercept`` and the varying features.
-
-    Parameters
-    ----------
-    est : MaskedHierarchicalRegressor
-        A fitted estimator.
-
-    Returns
-    -------
-    list of str
-    """
-    return ["intercept"] + [str(n) for n, v in est.varying_.items() if v]
-
-
-def varying_note(est):
+def varying_note(model):
     """One line that says which slopes vary by group and which are
     population-only, and why (``varying="auto"``).
 
     Parameters
     ----------
-    est : MaskedHierarchicalRegressor
-        A fitted estimator.
+    model : FittedModel
+        A fitted model (:func:`hiermask._fitted.fitted_model`).
 
     Returns
     -------
     str
     """
-    varying = est.varying_
-    active = np.asarray(est._mask, dtype=bool).any(axis=0)
-    yes = [str(n) for n, v in varying.items() if v]
-    no = [
-        str(n) for (n, v), a in zip(varying.items(), active, strict=True) if a and not v
-    ]
-    if est.pooling == "complete":
+    if model.pooling == "complete":
         return "pooling='complete': one slope per feature, shared by every group."
-    setting = est.varying if isinstance(est.varying, str) else list(est.varying)
+    active = model.mask.any(axis=0)
+    names = [str(n) for n in model.feature_names]
+    yes = [n for n, v in zip(names, model.varying, strict=True) if v]
+    no = [
+        n for n, v, a in zip(names, model.varying, active, strict=True) if a and not v
+    ]
+    setting = model.varying_setting
+    setting = setting if isinstance(setting, str) else list(setting)
     line = f"varying={setting!r}: group-specific slopes for " + (
         ", ".join(yes) if yes else "no feature (varying intercept only)"
     )
@@ -189,10 +102,10 @@ def varying_note(est):
             else ""
         )
         line += "; population slope only for " + ", ".join(no) + why
-    if est.pooling == "partial":
-        line += f"; group_covariance={est.group_covariance!r}"
-        if est.group_covariance == "full" and "group_correlation" not in (
-            est.posterior_
+    if model.pooling == "partial":
+        line += f"; group_covariance={model.group_covariance!r}"
+        if model.group_covariance == "full" and "group_correlation" not in (
+            model.draws
         ):
             line += (
                 " (fitted as 'diagonal': fewer groups than correlated effects, "
@@ -201,34 +114,39 @@ def varying_note(est):
     return line + "."
 
 
-def _row_name(parameter, group, feature):
-    inside = ", ".join(str(v) for v in (group, feature) if v is not None)
-    return f"{parameter}[{inside}]" if inside else parameter
-
-
-def _diagnostics(est, block, n_chains):
+def _diagnostics(model, block):
     """R-hat, bulk and tail ESS of a block's rows: those the fit computed
     are reused, the others (group-level rows of large models) computed."""
-    known = est._posterior.diagnostics
-    out = np.full((len(block.keys), 3), np.nan)
-    missing = [i for i, key in enumerate(block.keys) if key not in known]
-    for i, key in enumerate(block.keys):
+    known = model.posterior.diagnostics
+    keys = block.keys
+    out = np.full((len(keys), 3), np.nan)
+    missing = [i for i, key in enumerate(keys) if key not in known]
+    for i, key in enumerate(keys):
         if key in known:
             out[i] = known[key]
     if missing:
         values = np.asarray(block.draws[:, missing], dtype=np.float64)
-        chains = values.reshape(n_chains, -1, len(missing))
+        chains = values.reshape(model.n_chains, -1, len(missing))
         out[missing] = np.column_stack(parameter_diagnostics(chains))
     return out
 
 
-def summary_frame(est, coverage=0.9, *, long=False, group_level=True):
-    """Posterior summary of every parameter of a fitted estimator.
+def _block_rows(values, tail):
+    # mean, sd, interval bounds of a block's draws (n_draws, n_rows)
+    n_draws = values.shape[0]
+    mean = values.mean(axis=0)
+    sd = values.std(axis=0, ddof=1) if n_draws > 1 else np.full(mean.shape, np.nan)
+    lo, hi = np.quantile(values, [tail, 1.0 - tail], axis=0)
+    return [mean, sd, lo, hi]
+
+
+def summary_frame(model, coverage=0.9, *, long=False, group_level=True):
+    """Posterior summary of every parameter of a fitted model.
 
     Parameters
     ----------
-    est : MaskedHierarchicalRegressor
-        A fitted estimator.
+    model : FittedModel
+        A fitted model (:func:`hiermask._fitted.fitted_model`).
     coverage : float in (0, 1), default=0.9
         Mass of the central interval reported.
     long : bool, default=False
@@ -266,7 +184,7 @@ def summary_frame(est, coverage=0.9, *, long=False, group_level=True):
 
     Notes
     -----
-    Every column is computed from the draws in ``est.posterior_``; the
+    Every column is computed from the draws in ``posterior_``; the
     diagnostics that fit computed for its convergence check are reused. The
     fitted attributes ``coef_`` and ``intercept_`` of the collapsed engine
     are Rao-Blackwellized (averages of exact conditional means), so they can
@@ -288,33 +206,24 @@ def summary_frame(est, coverage=0.9, *, long=False, group_level=True):
     """
     lower, upper = interval_labels(coverage)
     tail = (1.0 - float(coverage)) / 2.0
-    n_chains = int(est._posterior.n_chains)
     labels, parts = [], []
-    for block in _blocks(est, group_level):
-        if not block.keys:
+    for block in model.blocks(group_level):
+        if not block.draws.shape[1]:
             continue
         values = np.asarray(block.draws, dtype=np.float64)
-        n_draws = values.shape[0]
-        mean = values.mean(axis=0)
-        sd = values.std(axis=0, ddof=1) if n_draws > 1 else np.full(mean.shape, np.nan)
-        lo, hi = np.quantile(values, [tail, 1.0 - tail], axis=0)
-        r_hat, ess_bulk, ess_tail = _diagnostics(est, block, n_chains).T
-        labels += [
-            (block.parameter, g, f)
-            for g, f in zip(block.groups, block.features, strict=True)
-        ]
-        parts.append(np.column_stack([mean, sd, lo, hi, ess_bulk, ess_tail, r_hat]))
+        r_hat, ess_bulk, ess_tail = _diagnostics(model, block).T
+        labels += model.labels(block)
+        stats = _block_rows(values, tail) + [ess_bulk, ess_tail, r_hat]
+        parts.append(np.column_stack(stats))
     columns = ["mean", "sd", lower, upper, "ess_bulk", "ess_tail", "r_hat"]
     table = np.concatenate(parts, axis=0) if parts else np.zeros((0, len(columns)))
     if long:
-        ids = pd.DataFrame(
-            labels, columns=["parameter", "group", "feature"], dtype=object
-        )
+        ids = pd.DataFrame(labels, columns=list(LONG_COLUMNS), dtype=object)
         out = pd.concat([ids, pd.DataFrame(table, columns=columns)], axis=1)
     else:
-        index = pd.Index([_row_name(*label) for label in labels], name="parameter")
+        index = pd.Index([row_name(*label) for label in labels], name="parameter")
         out = pd.DataFrame(table, index=index, columns=columns)
-    out.attrs["varying"] = varying_note(est)
+    out.attrs["varying"] = varying_note(model)
     return out
 
 
@@ -344,7 +253,7 @@ def _version():
     return __version__
 
 
-def pointwise_log_likelihood(est, features, group_idx, y):
+def pointwise_log_likelihood(model, features, group_idx, y):
     """Log density of each row's target under each posterior draw.
 
     ``log N(y_i | alpha_g + x_i'beta_g, sigma)`` per draw, with the draws of
@@ -355,8 +264,8 @@ def pointwise_log_likelihood(est, features, group_idx, y):
 
     Parameters
     ----------
-    est : MaskedHierarchicalRegressor
-        A fitted estimator.
+    model : FittedModel
+        A fitted model.
     features : ndarray of shape (n_rows, n_features)
     group_idx : ndarray of shape (n_rows,)
         Fitted group code of each row (every group seen in fit).
@@ -366,8 +275,8 @@ def pointwise_log_likelihood(est, features, group_idx, y):
     -------
     ndarray of shape (n_draws, n_rows)
     """
-    draws, post = est.posterior_, est._posterior
-    on = np.asarray(est._mask, dtype=bool)[group_idx]
+    draws, post = model.draws, model.posterior
+    on = model.mask[group_idx]
     latent = np.isnan(features) & on
     x = np.where(on, np.where(latent, post.x_fill[group_idx], features), 0.0)
     xvar = np.where(latent, post.x_var[group_idx], 0.0)
@@ -384,13 +293,13 @@ def pointwise_log_likelihood(est, features, group_idx, y):
     return out
 
 
-def to_inference_data(est, log_likelihood=None):
+def to_inference_data(model, log_likelihood=None):
     """The posterior of a fitted estimator as an :class:`arviz.InferenceData`.
 
     Parameters
     ----------
-    est : MaskedHierarchicalRegressor
-        A fitted estimator.
+    model : FittedModel
+        A fitted model.
     log_likelihood : tuple or None, default=None
         ``(values, y)``: the pointwise log-likelihood, (n_draws, n_rows) as
         :func:`pointwise_log_likelihood` returns it, and the targets of its
@@ -436,118 +345,115 @@ def to_inference_data(est, log_likelihood=None):
     az = _import_arviz()
     import xarray as xr
 
-    draws = est.posterior_
-    n_chains = int(est._posterior.n_chains)
-    n_draws = draws["noise"].shape[0] // n_chains
-    mask = np.asarray(est._mask, dtype=bool)
-    active = mask.any(axis=0)
+    n_chains = model.n_chains
+    n_draws = model.draws["noise"].shape[0] // n_chains
     coords = {
         "chain": np.arange(n_chains),
         "draw": np.arange(n_draws),
-        "group": _coord_values(est.groups_),
-        "feature": np.asarray([str(n) for n in est._feature_names], dtype=str),
+        "group": _coord_values(model.groups),
+        "feature": np.asarray([str(n) for n in model.feature_names], dtype=str),
     }
-
-    def per_chain(values):
-        values = np.asarray(values, dtype=np.float64)
-        return values.reshape(n_chains, n_draws, *values.shape[1:])
-
-    coef = np.where(mask, draws["coef"], np.nan)
-    variables = {
-        "intercept": (("chain", "draw", "group"), per_chain(draws["intercept"])),
-        "coef": (("chain", "draw", "group", "feature"), per_chain(coef)),
+    attrs = _attributes(model)
+    sample = {k: coords[k] for k in ("chain", "draw")}
+    y = np.asarray(model.target, dtype=np.float64)
+    groups = {
+        "posterior": _posterior_dataset(model, coords, attrs),
+        "sample_stats": _sample_stats(model, sample, attrs),
     }
-    if "population_intercept" in draws:
-        variables["population_intercept"] = (
-            ("chain", "draw"),
-            per_chain(draws["population_intercept"]),
+    if log_likelihood is not None:
+        values, y = log_likelihood
+        groups["log_likelihood"] = xr.Dataset(
+            {"y": (("chain", "draw", "obs_id"), _per_chain(values, n_chains))},
+            coords={**sample, "obs_id": np.arange(y.shape[0])},
+            attrs=attrs,
         )
-    if "population_coef" in draws:
-        variables["population_coef"] = (
-            ("chain", "draw", "feature"),
-            per_chain(np.where(active, draws["population_coef"], np.nan)),
-        )
-    if "group_intercept_scale" in draws:
-        variables["group_intercept_scale"] = (
-            ("chain", "draw"),
-            per_chain(draws["group_intercept_scale"]),
-        )
-    if "group_coef_scale" in draws:
-        vary = np.asarray(est.varying_, dtype=bool) & active
-        variables["group_coef_scale"] = (
-            ("chain", "draw", "feature"),
-            per_chain(np.where(vary, draws["group_coef_scale"], np.nan)),
-        )
-    if "group_correlation" in draws:
-        effects = correlation_labels(est)
-        coords["effect"] = np.asarray(effects, dtype=str)
-        coords["effect_"] = np.asarray(effects, dtype=str)
-        variables["group_correlation"] = (
-            ("chain", "draw", "effect", "effect_"),
-            per_chain(draws["group_correlation"]),
-        )
-    variables["noise"] = (("chain", "draw"), per_chain(draws["noise"]))
+    groups["observed_data"] = xr.Dataset(
+        {"y": (("obs_id",), y)}, coords={"obs_id": np.arange(y.shape[0])}, attrs=attrs
+    )
+    groups["constant_data"] = xr.Dataset(
+        {"mask": (("group", "feature"), model.mask)},
+        coords={k: coords[k] for k in ("group", "feature")},
+        attrs=attrs,
+    )
+    if hasattr(az, "InferenceData"):
+        return az.InferenceData(**groups)
+    return xr.DataTree.from_dict(groups)  # pragma: no cover - ArviZ >= 1.0
 
-    attrs = {
-        # hiermask's own NUTS (NumPyro's algorithm) on its own density;
-        # NumPyro supplies the direct engine's model and distributions
+
+def _per_chain(values, n_chains):
+    # (n_chains * n_draws, ...) -> (n_chains, n_draws, ...), float64
+    values = np.asarray(values, dtype=np.float64)
+    return values.reshape(n_chains, -1, *values.shape[1:])
+
+
+def _attributes(model):
+    # hiermask's own NUTS (NumPyro's algorithm) on its own density; NumPyro
+    # supplies the direct engine's model and distributions
+    return {
         "inference_library": "hiermask (NUTS: NumPyro's algorithm)",
         "inference_library_version": _version(),
         "model_library": "numpyro",
         "model_library_version": _library_version("numpyro"),
         "creation_library": "hiermask",
         "creation_library_version": _version(),
-        "pooling": str(est.pooling),
+        "pooling": str(model.pooling),
     }
-    sample_coords = {k: coords[k] for k in ("chain", "draw")}
-    posterior = xr.Dataset(variables, coords=coords, attrs=attrs)
 
-    steps = np.asarray(est._posterior.tree_steps).reshape(n_chains, n_draws)
-    diverging = np.asarray(est._posterior.diverging, dtype=bool).reshape(
-        n_chains, n_draws
-    )
-    sample_stats = xr.Dataset(
+
+def _posterior_dataset(model, coords, attrs):
+    """The ``posterior`` group: NaN where a parameter does not exist (a
+    switched-off coefficient, the population value of a feature off in
+    every group, the between-group sd of a slope that does not vary)."""
+    import xarray as xr
+
+    draws, n_chains = model.draws, model.n_chains
+    active = model.mask.any(axis=0)
+    absent = {
+        "coef": model.mask,
+        "population_coef": active,
+        "group_coef_scale": model.varying & active,
+    }
+    dims = {
+        "intercept": ("group",),
+        "coef": ("group", "feature"),
+        "population_intercept": (),
+        "population_coef": ("feature",),
+        "group_intercept_scale": (),
+        "group_coef_scale": ("feature",),
+        "group_correlation": ("effect", "effect_"),
+        "noise": (),
+    }
+    variables = {}
+    for name, dim in dims.items():
+        if name not in draws:
+            continue
+        values = draws[name]
+        if name in absent:
+            values = np.where(absent[name], values, np.nan)
+        variables[name] = (("chain", "draw", *dim), _per_chain(values, n_chains))
+    if "group_correlation" in draws:
+        effects = np.asarray(model.effects, dtype=str)
+        coords = {**coords, "effect": effects, "effect_": effects.copy()}
+    return xr.Dataset(variables, coords=coords, attrs=attrs)
+
+
+def _sample_stats(model, coords, attrs):
+    """The ``sample_stats`` group: divergences, leapfrog steps, tree depth."""
+    import xarray as xr
+
+    shape = (model.n_chains, -1)
+    steps = np.asarray(model.posterior.tree_steps).reshape(shape).astype(np.int64)
+    diverging = np.asarray(model.posterior.diverging, dtype=bool).reshape(shape)
+    depth = np.ceil(np.log2(steps.astype(np.float64) + 1.0)).astype(np.int64)
+    return xr.Dataset(
         {
             "diverging": (("chain", "draw"), diverging),
-            "n_steps": (("chain", "draw"), steps.astype(np.int64)),
-            "tree_depth": (
-                ("chain", "draw"),
-                np.ceil(np.log2(steps.astype(np.float64) + 1.0)).astype(np.int64),
-            ),
+            "n_steps": (("chain", "draw"), steps),
+            "tree_depth": (("chain", "draw"), depth),
         },
-        coords=sample_coords,
+        coords=coords,
         attrs=attrs,
     )
-    y = np.asarray(est._fit_target, dtype=np.float64)
-    if log_likelihood is not None:
-        values, y = log_likelihood
-        extra = {
-            "log_likelihood": xr.Dataset(
-                {"y": (("chain", "draw", "obs_id"), per_chain(values))},
-                coords={**sample_coords, "obs_id": np.arange(y.shape[0])},
-                attrs=attrs,
-            )
-        }
-    else:
-        extra = {}
-    observed = xr.Dataset(
-        {"y": (("obs_id",), y)}, coords={"obs_id": np.arange(y.shape[0])}, attrs=attrs
-    )
-    constant = xr.Dataset(
-        {"mask": (("group", "feature"), mask)},
-        coords={k: coords[k] for k in ("group", "feature")},
-        attrs=attrs,
-    )
-    groups = {
-        "posterior": posterior,
-        "sample_stats": sample_stats,
-        "observed_data": observed,
-        "constant_data": constant,
-        **extra,
-    }
-    if hasattr(az, "InferenceData"):
-        return az.InferenceData(**groups)
-    return xr.DataTree.from_dict(groups)  # pragma: no cover - ArviZ >= 1.0
 
 
 def _library_version(name):

@@ -487,8 +487,7 @@ class _Progress:
         self.message = message
         self.quiet = quiet
         self.tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
-        if self.tty and not quiet:
-            est.set_params(progress_bar=True)
+        est.set_params(progress_bar=self.tty and not quiet)
 
     def __enter__(self):
         self.start = time.perf_counter()
@@ -937,7 +936,7 @@ def _load_pickle(path):
             f"{path} is not a model saved by 'hiermask fit --out' "
             f"({type(exc).__name__})"
         ) from exc
-    if not isinstance(est, MaskedHierarchicalRegressor) or not hasattr(est, "_mask"):
+    if not isinstance(est, MaskedHierarchicalRegressor) or not hasattr(est, "_fitted"):
         raise CLIError(f"{path} does not hold a fitted MaskedHierarchicalRegressor")
     return est
 

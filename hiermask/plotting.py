@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
-from sklearn.utils.validation import check_is_fitted
 
 if TYPE_CHECKING:  # matplotlib is an optional extra
     import pandas as pd
     from matplotlib.axes import Axes
 
     from ._estimator import MaskedHierarchicalRegressor
+
+from ._fitted import fitted_model
 
 __all__ = [
     "plot_forest",
@@ -69,14 +70,6 @@ def _axes(ax, figsize=None):
     # Constrained layout keeps long tick labels inside a plain savefig.
     _, ax = plt.subplots(figsize=figsize, layout="constrained")
     return ax
-
-
-def _check_fitted(est):
-    check_is_fitted(est)
-    if not hasattr(est, "_mask"):
-        raise TypeError(
-            f"Expected a fitted MaskedHierarchicalRegressor, got {type(est).__name__}."
-        )
 
 
 def _labels(values):
@@ -127,8 +120,8 @@ def plot_mask(est: MaskedHierarchicalRegressor, ax: Axes | None = None) -> Axes:
     >>> ax.get_title()
     'Feature mask (1 of 6 group x feature pairs off)'
     """
-    _check_fitted(est)
-    mask = np.asarray(est._mask, dtype=bool)
+    model = fitted_model(est)
+    mask = model.mask
     n_groups, n_features = mask.shape
     ax = _axes(
         ax,
@@ -141,18 +134,7 @@ def plot_mask(est: MaskedHierarchicalRegressor, ax: Axes | None = None) -> Axes:
     from matplotlib.patches import Patch
 
     if n_features == 0:
-        ax.text(
-            0.5,
-            0.5,
-            "no features: an intercept-only model",
-            ha="center",
-            va="center",
-            transform=ax.transAxes,
-        )
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"Feature mask ({n_groups} groups, no features)")
-        return ax
+        return _no_features(ax, n_groups)
     ax.imshow(
         mask.astype(float),
         cmap=ListedColormap([_OFF, _ON]),
@@ -161,31 +143,17 @@ def plot_mask(est: MaskedHierarchicalRegressor, ax: Axes | None = None) -> Axes:
         aspect="auto",
         interpolation="nearest",
     )
-    groups, features = _labels(est.groups_), _labels(est._feature_names)
-    if est.pooling != "complete":
+    groups, features = _labels(model.groups), _labels(model.feature_names)
+    if model.pooling != "complete":
         # say what varying chose: features with a population slope only
         features = [
             f if v else f"{f} (population slope)"
-            for f, v in zip(features, est.varying_, strict=True)
+            for f, v in zip(features, model.varying, strict=True)
         ]
     _set_categorical_ticks(ax, "x", features)
     _set_categorical_ticks(ax, "y", groups)
     if n_groups <= 30 and n_groups * n_features <= 400:  # cells tall enough
-        for g, j in np.ndindex(n_groups, n_features):
-            ax.text(
-                j,
-                g,
-                "on" if mask[g, j] else "off",
-                ha="center",
-                va="center",
-                fontsize=9,
-                color="white" if mask[g, j] else "#555555",
-            )
-        # Grid lines between the cells.
-        ax.set_xticks(np.arange(-0.5, n_features), minor=True)
-        ax.set_yticks(np.arange(-0.5, n_groups), minor=True)
-        ax.grid(which="minor", color="white", linewidth=2)
-        ax.tick_params(which="minor", length=0)
+        _label_cells(ax, mask)
     ax.set_xlabel("feature")
     ax.set_ylabel("group")
     n_off = int((~mask).sum())
@@ -205,12 +173,47 @@ def plot_mask(est: MaskedHierarchicalRegressor, ax: Axes | None = None) -> Axes:
     return ax
 
 
+def _label_cells(ax, mask):
+    """Write "on" / "off" in each cell of the mask and rule lines between."""
+    n_groups, n_features = mask.shape
+    for g, j in np.ndindex(n_groups, n_features):
+        ax.text(
+            j,
+            g,
+            "on" if mask[g, j] else "off",
+            ha="center",
+            va="center",
+            fontsize=9,
+            color="white" if mask[g, j] else "#555555",
+        )
+    ax.set_xticks(np.arange(-0.5, n_features), minor=True)
+    ax.set_yticks(np.arange(-0.5, n_groups), minor=True)
+    ax.grid(which="minor", color="white", linewidth=2)
+    ax.tick_params(which="minor", length=0)
+
+
+def _no_features(ax, n_groups):
+    """The mask plot of an intercept-only model: a note instead of cells."""
+    ax.text(
+        0.5,
+        0.5,
+        "no features: an intercept-only model",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+    )
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"Feature mask ({n_groups} groups, no features)")
+    return ax
+
+
 # ---------------------------------------------------------------- shrinkage
-def _parameter_index(est, parameter):
+def _parameter_index(model, parameter):
     """Resolve ``parameter`` to None (intercept) or a feature position."""
-    names = list(est._feature_names)
+    names = list(model.feature_names)
     if parameter is None:
-        active = np.flatnonzero(np.asarray(est._mask).any(axis=0))
+        active = np.flatnonzero(model.mask.any(axis=0))
         return None if active.size == 0 else int(active[0])
     if parameter == "intercept":
         return None
@@ -272,15 +275,15 @@ def no_pooling_estimates(
     """
     from ._validation import lookup_groups, split_groups
 
-    _check_fitted(est)
+    model = fitted_model(est)
     parsed = split_groups(X, est.group_col, groups)
     features = parsed.features
     n = features.shape[0]
     y = np.asarray(y, dtype=np.float64).reshape(-1)
     if y.shape[0] != n:
         raise ValueError(f"X has {n} rows but y has {y.shape[0]}.")
-    group_idx = lookup_groups(est.groups_, parsed.labels, n)
-    mask = np.asarray(est._mask, dtype=bool)
+    group_idx = lookup_groups(model.groups, parsed.labels, n)
+    mask = model.mask
     n_groups, p = mask.shape
     intercept = np.full(n_groups, np.nan)
     coef = np.full((n_groups, p), np.nan)
@@ -317,22 +320,22 @@ def _spread(positions, gap):
     return out
 
 
-def _shrinkage_values(est, X, y, groups, parameter):
+def _shrinkage_values(est, model, X, y, groups, parameter):
     """Name, no-pooling and fitted values, population value, the groups
     where the parameter applies, and rows per group."""
-    j = _parameter_index(est, parameter)
+    j = _parameter_index(model, parameter)
     raw_intercept, raw_coef, n_rows = no_pooling_estimates(est, X, y, groups)
     if j is None:
-        name = "group mean" if len(est._feature_names) == 0 else "intercept"
+        name = "group mean" if len(model.feature_names) == 0 else "intercept"
         raw, fitted = raw_intercept, np.asarray(est.intercept_, dtype=float)
         population = getattr(est, "population_intercept_", None)
         applies = np.ones(len(raw), dtype=bool)
     else:
-        name = str(est._feature_names[j])
+        name = str(model.feature_names[j])
         raw, fitted = raw_coef[:, j], np.asarray(est.coef_, dtype=float)[:, j]
         pop = getattr(est, "population_coef_", None)
         population = None if pop is None else float(np.asarray(pop)[j])
-        applies = np.asarray(est._mask, dtype=bool)[:, j]
+        applies = model.mask[:, j]
     return name, raw, fitted, population, np.flatnonzero(applies), n_rows
 
 
@@ -365,8 +368,8 @@ def _mark_clipped(ax, columns, limits):
     return count
 
 
-def _label_groups(ax, est, shown, fitted, placed_span, n_rows):
-    labels = _labels(est.groups_)
+def _label_groups(ax, model, shown, fitted, placed_span, n_rows):
+    labels = _labels(model.groups)
     placed = _spread(fitted[shown], 0.055 * placed_span)
     for g, y_text in zip(shown, placed, strict=True):
         ax.annotate(
@@ -437,9 +440,9 @@ def plot_shrinkage(
     >>> ax.get_title()
     'Shrinkage of the Feed_Speed coefficients'
     """
-    _check_fitted(est)
+    model = fitted_model(est)
     name, raw, fitted, population, shown, n_rows = _shrinkage_values(
-        est, X, y, groups, parameter
+        est, model, X, y, groups, parameter
     )
     ax = _axes(ax, figsize=(6.5, 5.0))
     sizes = n_rows[shown].astype(float)
@@ -462,7 +465,7 @@ def plot_shrinkage(
         values = np.append(values, population)
     if 0 < shown.size <= 15:
         span = float(np.ptp(values)) or max(abs(float(values[0])), 1.0)
-        _label_groups(ax, est, shown, fitted, span, n_rows)
+        _label_groups(ax, model, shown, fitted, span, n_rows)
     if population is not None:
         ax.plot(
             [-0.35, 1.04], [population, population], color=_POP_COLOR, ls="--",
@@ -471,14 +474,14 @@ def plot_shrinkage(
         ax.legend(
             loc="upper center", bbox_to_anchor=(0.5, -0.19), frameon=False, fontsize=8
         )
-    _shrinkage_axes(ax, est, name, shown, clipped)
+    _shrinkage_axes(ax, model, name, shown, clipped)
     return ax
 
 
-def _shrinkage_axes(ax, est, name, shown, clipped):
+def _shrinkage_axes(ax, model, name, shown, clipped):
     ax.set_xticks([0, 1])
     ax.set_xticklabels(
-        ["no pooling\n(each group alone)", f"{est.pooling} pooling\n(hiermask)"]
+        ["no pooling\n(each group alone)", f"{model.pooling} pooling\n(hiermask)"]
     )
     ax.set_xlim(-0.35, 2.0 if shown.size <= 15 else 1.35)
     if name in ("group mean", "intercept"):
@@ -498,11 +501,11 @@ def _shrinkage_axes(ax, est, name, shown, clipped):
 
 
 # ------------------------------------------------------------------- forest
-def _chosen_groups(est, groups):
+def _chosen_groups(model, groups):
     """Codes of the groups named in ``groups`` (None: all), in their order."""
     if groups is None:
         return None
-    labels = list(est.groups_)
+    labels = list(model.groups)
     lookup = {label: g for g, label in enumerate(labels)}
     lookup.update({str(label): g for g, label in enumerate(labels)})
     unknown = [g for g in groups if g not in lookup]
@@ -523,11 +526,11 @@ def _extremes(values, members):
     return members[keep[np.argsort(means[keep], kind="stable")]]
 
 
-def _forest_rows(est, blocks, chosen):
+def _forest_rows(model, blocks, chosen):
     """Rows ``(label, draws, kind)``, rows per block and a note on what was
     left out."""
-    names, groups = list(est._feature_names), _labels(est.groups_)
-    mask, draws = np.asarray(est._mask, dtype=bool), est.posterior_
+    names, groups = list(model.feature_names), _labels(model.groups)
+    mask, draws = model.mask, model.draws
     rows, sizes, notes = [], [], []
     for j in blocks:
         if j is None:
@@ -609,15 +612,14 @@ def plot_forest(
     """
     from ._summary import interval_labels
 
-    _check_fitted(est)
+    model = fitted_model(est)
     interval_labels(coverage)  # validates coverage
     tail = (1.0 - float(coverage)) / 2.0
-    mask = np.asarray(est._mask, dtype=bool)
     if feature is None:
-        blocks = [int(j) for j in np.flatnonzero(mask.any(axis=0))] or [None]
+        blocks = [int(j) for j in np.flatnonzero(model.mask.any(axis=0))] or [None]
     else:
-        blocks = [_parameter_index(est, feature)]
-    rows, sizes, note = _forest_rows(est, blocks, _chosen_groups(est, groups))
+        blocks = [_parameter_index(model, feature)]
+    rows, sizes, note = _forest_rows(model, blocks, _chosen_groups(model, groups))
     n = len(rows)
     ax = _axes(ax, figsize=(6.5, min(1.5 + 0.3 * n, 20.0)))
     y_pos = np.arange(n)[::-1]
@@ -631,13 +633,13 @@ def plot_forest(
     step = max(1, int(np.ceil(n / _MAX_TICK_LABELS)))
     ax.set_yticks(y_pos[::step])
     ax.set_yticklabels([r[0] for r in rows][::step], fontsize=8 if n > 30 else None)
-    _forest_decorations(ax, est, blocks, sizes, n)
+    _forest_decorations(ax, model, blocks, sizes, n)
     title = f"Posterior means and {coverage:.0%} intervals"
     ax.set_title(title if note is None else f"{title}\n{note}", fontsize=10)
     return ax
 
 
-def _forest_decorations(ax, est, blocks, sizes, n):
+def _forest_decorations(ax, model, blocks, sizes, n):
     """Zero line, axis label, block separators, grid."""
     # A reference line at 0 only where it does not stretch the axis.
     x_lo, x_hi = ax.get_xlim()
@@ -645,7 +647,7 @@ def _forest_decorations(ax, est, blocks, sizes, n):
         ax.axvline(0.0, color="#bbbbbb", lw=0.8, zorder=0)
     if len(blocks) == 1:
         j = blocks[0]
-        label = "intercept" if j is None else f"coefficient of {est._feature_names[j]}"
+        label = "intercept" if j is None else f"coefficient of {model.feature_names[j]}"
         ax.set_xlabel(label)
     else:
         ax.set_xlabel("coefficient")
@@ -708,7 +710,7 @@ def plot_ppc(
     >>> ax.get_xlabel()
     'y'
     """
-    _check_fitted(est)
+    fitted_model(est)
     y = np.asarray(y, dtype=np.float64).reshape(-1)
     reps = est.sample_y(
         X, groups=groups, n_samples=n_samples, random_state=random_state
@@ -757,16 +759,16 @@ def plot_ppc(
 
 
 # ------------------------------------------------------------ group effects
-def _effect_position(est, name):
+def _effect_position(model, name):
     if name == "intercept":
         return 0
-    names = _labels(est._feature_names)
+    names = _labels(model.feature_names)
     if str(name) not in names:
         raise ValueError(
             f"{name!r} is neither 'intercept' nor a feature; the features are {names}."
         )
     j = names.index(str(name))
-    if not est.varying_.iloc[j]:
+    if not model.varying[j]:
         raise ValueError(
             f"{name!r} has no group-specific slope (varying_ is False): every "
             "group has the population slope."
@@ -774,38 +776,11 @@ def _effect_position(est, name):
     return j + 1
 
 
-def _population_effects(est):
-    """Mean and between-group covariance of the group effects.
-
-    Parameters
-    ----------
-    est : MaskedHierarchicalRegressor
-        Fitted with ``pooling="partial"``.
-
-    Returns
-    -------
-    mean : ndarray of shape (n_features + 1,)
-        Posterior mean of the population intercept and slopes.
-    cov : ndarray of shape (n_features + 1, n_features + 1)
-        Posterior mean of the between-group covariance ``diag(tau) Omega
-        diag(tau)`` (``Omega`` the identity under ``"diagonal"``); rows and
-        columns of features without a group-specific slope are 0.
-    """
-    draws = est.posterior_
-    mean = np.concatenate(
-        [[np.mean(draws["population_intercept"])], draws["population_coef"].mean(0)]
-    )
-    scales = np.concatenate(
-        [draws["group_intercept_scale"][:, None], draws["group_coef_scale"]], axis=1
-    )
-    if "group_correlation" not in draws:
-        return mean, np.diag(np.mean(scales**2, axis=0))
-    keep = np.flatnonzero(np.concatenate([[True], est.varying_.to_numpy()]))
-    kept = scales[:, keep]
-    cov = np.zeros((mean.shape[0], mean.shape[0]))
-    corr = draws["group_correlation"]
-    cov[np.ix_(keep, keep)] = np.mean(kept[:, :, None] * corr * kept[:, None, :], 0)
-    return mean, cov
+def _correlation(model, i, j):
+    # posterior-mean correlation of effects i and j (positions in [intercept,
+    # features]), from group_correlation (over [intercept, varying features])
+    at = np.cumsum(np.concatenate([[True], model.varying])) - 1
+    return float(np.mean(model.draws["group_correlation"][:, at[i], at[j]]))
 
 
 def plot_group_effects(
@@ -833,11 +808,13 @@ def plot_group_effects(
     matplotlib.axes.Axes
         One point per group where both effects apply (posterior means of
         its intercept, the value at x = 0, and slopes), the population mean
-        (a cross) and the ellipses that hold 50% and 90% of the groups of
-        the fitted population: the normal with the posterior-mean
-        between-group covariance ``diag(tau) Omega diag(tau)``. Under
-        ``group_covariance="full"`` the title gives the posterior-mean
-        correlation.
+        (a cross) and the ellipses that hold 50% and 90% of a new group's
+        effects: the normal that ``predict`` uses for a group not seen in
+        fit (the covariance of the population mean's draws plus the
+        posterior-mean between-group covariance ``diag(tau) Omega
+        diag(tau)``). Under ``group_covariance="full"`` the title gives the
+        posterior-mean correlation of the two effects (as in
+        ``group_correlation_``).
 
     Raises
     ------
@@ -862,35 +839,35 @@ def plot_group_effects(
     >>> ax.get_xlabel(), ax.get_ylabel()
     ('intercept', 'slope of x0')
     """
-    _check_fitted(est)
-    if est.pooling != "partial":
+    model = fitted_model(est)
+    if model.pooling != "partial":
         raise ValueError(
             f"plot_group_effects needs pooling='partial' (a population of group "
-            f"effects); this model has pooling={est.pooling!r}."
+            f"effects); this model has pooling={model.pooling!r}."
         )
     if y is None:
-        varying = [n for n, v in est.varying_.items() if v]
+        varying = model.effects[1:]
         if not varying:
             raise ValueError(
                 "No feature has a group-specific slope (varying_ is False "
                 "everywhere): there is only the intercept to show."
             )
         y = varying[0]
-    i, j = _effect_position(est, x), _effect_position(est, y)
+    i, j = _effect_position(model, x), _effect_position(model, y)
     if i == j:
         raise ValueError(f"x and y are both {x!r}; give two different effects.")
     ax = _axes(ax, figsize=(5.5, 4.5))
     from matplotlib.patches import Ellipse
     from scipy.stats import chi2
 
-    both = np.concatenate([[True], np.asarray(est._mask).any(axis=0)])
-    on = np.column_stack([np.ones(len(est.groups_), bool), np.asarray(est._mask)])
+    both = np.concatenate([[True], model.mask.any(axis=0)])
+    on = np.column_stack([np.ones(len(model.groups), bool), model.mask])
     shown = on[:, i] & on[:, j] & both[i] & both[j]
-    coef = est._posterior.coef_mean
+    coef = model.posterior.coef_mean
     ax.scatter(
         coef[shown, i], coef[shown, j], s=18, color=_POOLED_COLOR, label="groups"
     )
-    mean, cov = _population_effects(est)
+    mean, cov = model.posterior.unseen_mean, model.posterior.unseen_cov
     block = cov[np.ix_([i, j], [i, j])]
     values, vectors = np.linalg.eigh(block)
     angle = np.degrees(np.arctan2(vectors[1, 1], vectors[0, 1]))
@@ -917,9 +894,8 @@ def plot_group_effects(
     ax.set_xlabel(label(i, x))
     ax.set_ylabel(label(j, y))
     title = "Group effects"
-    if "group_correlation" in est.posterior_ and block[0, 0] * block[1, 1] > 0:
-        rho = block[0, 1] / np.sqrt(block[0, 0] * block[1, 1])
-        title += f" (population correlation {rho:.2f})"
+    if "group_correlation" in model.draws:
+        title += f" (population correlation {_correlation(model, i, j):.2f})"
     ax.set_title(title, fontsize=10)
     ax.legend(loc="best", fontsize=8, framealpha=0.8)
     return ax

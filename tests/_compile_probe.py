@@ -20,7 +20,7 @@ def pid(est, X, y):
 
 
 def traced(est, X, y):
-    return float(est._posterior.timings["trace"] > 0)
+    return float(est._fitted.posterior.timings["trace"] > 0)
 
 
 def cache_hits(est, X, y):

@@ -112,7 +112,7 @@ def test_collapsed_matches_direct(pooling, missing, model):
         # sd / sqrt(40 rows x ESS); observed 0.009), variances within 5%
         # (observed 0.9%).
         # (Where a feature is off, G0's b, x_loc has only its prior: left out.)
-        pc, pd_ = c._posterior, d._posterior
+        pc, pd_ = c._fitted.posterior, d._fitted.posterior
         on = np.ones(pc.x_fill.shape, bool)
         on[0, 1] = False
         sd = np.sqrt(pd_.x_var[on])
@@ -261,4 +261,4 @@ def test_chain_does_not_stick_at_a_million_rows():
         intercepts.append(np.linalg.lstsq(design, target[rows], rcond=None)[0][0])
     expected = np.std(intercepts, ddof=1)
     assert abs(est.group_intercept_scale_ / expected - 1) < 0.25
-    assert np.max(est._posterior.tree_steps) < 1023
+    assert np.max(est._fitted.posterior.tree_steps) < 1023

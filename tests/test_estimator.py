@@ -262,9 +262,9 @@ def test_unseen_group_mask_and_draws_are_batch_invariant(manufacturing):
     _, _, est = manufacturing
     on_a = np.array([True, True, False])
     idx = np.arange(10)
-    a = _unseen_draws(est._posterior, "new", on_a, 7, idx)
-    b = _unseen_draws(est._posterior, "new", on_a, 7, idx)
-    c = _unseen_draws(est._posterior, "other", on_a, 7, idx)
+    a = _unseen_draws(est._fitted.posterior, "new", on_a, 7, idx)
+    b = _unseen_draws(est._fitted.posterior, "new", on_a, 7, idx)
+    c = _unseen_draws(est._fitted.posterior, "other", on_a, 7, idx)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
     assert np.all(a[:, 3] == 0.0)
@@ -622,6 +622,41 @@ def test_pickle_numpy_only_and_fresh_process(manufacturing, tmp_path):
     mean, sd = json.loads(out.stdout)
     np.testing.assert_array_equal(mean, expected[0])
     np.testing.assert_array_equal(sd, expected[1])
+
+
+@pytest.mark.parametrize("seconds", [0.0, 1e9])
+def test_progress_bar_auto_opens_only_for_a_long_run(seconds, monkeypatch, capsys):
+    # Both sides of AUTO_PROGRESS_SECONDS: a run projected to take at least
+    # that long (every run, at 0 s) shows the bar from its first segment on,
+    # with every iteration counted; a shorter one (every run, at 1e9 s) shows
+    # nothing. Same draws as without a bar either way.
+    X, y = make_manufacturing(200, random_state=3)
+    plain = MaskedHierarchicalRegressor(
+        group_col="Product_Group", progress_bar=False, **FAST
+    ).fit(X, y)
+    capsys.readouterr()
+    monkeypatch.setattr(_runner, "AUTO_PROGRESS_SECONDS", seconds)
+    counted = []
+    original = _runner._ProgressBar.close
+
+    def close(self):
+        counted.append(None if self.bar is None else self.bar.n)
+        original(self)
+
+    monkeypatch.setattr(_runner._ProgressBar, "close", close)
+    auto = MaskedHierarchicalRegressor(group_col="Product_Group", **FAST)
+    assert auto.get_params()["progress_bar"] == "auto"  # the default
+    auto.fit(X, y)
+    err = capsys.readouterr().err
+    total = FAST["num_chains"] * (FAST["num_warmup"] + FAST["num_samples"])
+    if seconds == 0.0:
+        assert f"/{total}" in err and "warmup" in err
+        assert counted == [total]
+    else:
+        assert f"/{total}" not in err and "it/s" not in err
+        assert counted == [None]
+    for name, draws in plain.posterior_.items():
+        np.testing.assert_array_equal(auto.posterior_[name], draws)
 
 
 def test_progress_bar_reports_every_iteration_and_keeps_the_draws(monkeypatch, capsys):

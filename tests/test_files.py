@@ -46,6 +46,7 @@ from hiermask._files import (
     PRIOR_REFERENCE,
 )
 from hiermask._fit import Posterior
+from hiermask._fitted import FILE_FIELDS
 from hiermask.datasets import make_manufacturing
 
 from ._fitted import GROUP, manufacturing_fit
@@ -165,7 +166,7 @@ def test_round_trip_is_bit_for_bit(engine, pooling, kind, tmp_path):
     loaded = round_trip(est, tmp_path)
     assert loaded.get_params() == est.get_params()
     assert_same_state(_fitted_state(est), _fitted_state(loaded))
-    assert loaded._posterior.draws is loaded.posterior_
+    assert loaded._fitted.draws is loaded.posterior_
     rows, labels = _rows(X, groups)
     expected, got = outputs(est, rows, labels), outputs(loaded, rows, labels)
     for key, value in expected.items():
@@ -349,12 +350,14 @@ def test_the_tables_describe_every_fitted_attribute(pooling):
             and (not spec.optional or name in optional_present)
         }
 
-    assert set(_fitted_state(est)) == expected(FITTED, {"feature_names_in_"})
+    # the fitted model is saved as its fields
+    stored = set(_fitted_state(est)) - {"_fitted"} | set(FILE_FIELDS)
+    assert stored == expected(FITTED, {"feature_names_in_"})
     assert set(est.posterior_) == expected(DRAWS)
     assert set(est.convergence_) == set(CONVERGENCE)
     assert [f.name for f in dataclasses.fields(Posterior)] == list(POSTERIOR)
-    assert set(est._posterior.prior_reference) == set(PRIOR_REFERENCE)
-    present = {k for k, v in vars(est._posterior).items() if v is not None}
+    assert set(est._fitted.posterior.prior_reference) == set(PRIOR_REFERENCE)
+    present = {k for k, v in vars(est._fitted.posterior).items() if v is not None}
     assert present == expected(POSTERIOR, {"varying"})
 
 
@@ -378,9 +381,10 @@ def test_routing_requests_are_not_saved_and_a_dask_fit_has_no_target(tmp_path):
     loaded = round_trip(routed, tmp_path)
     assert "_metadata_request" not in vars(loaded)
     no_target = copy.copy(est)
-    no_target._fit_target = None  # as a fit on dask data leaves it
+    # as a fit on dask data leaves it
+    no_target._fitted = dataclasses.replace(est._fitted, target=None)
     loaded = round_trip(no_target, tmp_path, "b.hmz")
-    assert loaded._fit_target is None
+    assert loaded._fitted.target is None
     with pytest.raises(ValueError, match="to_arviz needs the target"):
         loaded.to_arviz()
 

@@ -155,7 +155,7 @@ def _oracle(est, X, w, rows):
     mask = est.mask_
     groups = X["g"].to_numpy()
     fill_g, var_g, fill_pop, var_pop = _cell_moments(X[FEATURES], w, groups, mask)
-    fitted = est._posterior  # the imputation model's moments, where used
+    fitted = est._fitted.posterior  # the imputation model's moments, where used
     latent = X[FEATURES].isna().to_numpy() & mask.loc[groups].to_numpy()
     imputed = latent.any(axis=0)
     fill_g[:, imputed] = fitted.x_fill[:, imputed]

@@ -40,6 +40,7 @@ from sklearn.utils.validation import check_is_fitted
 import hiermask
 import hiermask._estimator as estimator_module
 from hiermask import MaskedHierarchicalRegressor
+from hiermask._fitted import FILE_FIELDS, FittedModel, file_fields
 from hiermask._masks import infer_mask
 
 from .conftest import FAST
@@ -720,7 +721,7 @@ def test_extra_all_nan_column_changes_nothing_but_a_warning(position, name):
 
 # ======================================================== atomic fit
 MODEL_ATTRIBUTES = (
-    "_posterior", "_mask", "_feature_names", "_seed", "_fit_target", "groups_",
+    "_fitted", "n_features_in_", "feature_names_in_", "groups_",
     "intercept_", "coef_", "noise_scale_", "population_intercept_",
     "population_coef_", "group_intercept_scale_", "group_coef_scale_",
     "posterior_", "convergence_",
@@ -978,9 +979,25 @@ def test_pickle_holds_numpy_and_records_the_version(saved_model):
     state = saved_model.__getstate__()
     leaves = _leaf_types(state)
     allowed = {np.ndarray, int, float, bool, str, type(None), dict, list, tuple}
-    allowed.add(type(saved_model._posterior))  # a dataclass of the above
+    # dataclasses of the above
+    allowed |= {type(saved_model._fitted), type(saved_model._fitted.posterior)}
     assert {t for t in leaves if not issubclass(t, np.generic)} <= allowed
     assert state["_hiermask_version"] == hiermask.__version__
+
+
+def test_a_pickle_of_hiermask_0_1_loads_into_one_fitted_model(saved_model):
+    """hiermask 0.1 pickled the fitted model as five private attributes (the
+    names model files still use); such a state loads into one FittedModel and
+    the estimator predicts and summarizes exactly as before."""
+    state = saved_model.__getstate__()
+    state.update(file_fields(state.pop("_fitted")))
+    old = MaskedHierarchicalRegressor.__new__(MaskedHierarchicalRegressor)
+    old.__setstate__(state)
+    assert isinstance(old._fitted, FittedModel)
+    assert not set(FILE_FIELDS) & set(vars(old))
+    X, _ = make_data(0)
+    np.testing.assert_array_equal(old.predict(X), saved_model.predict(X))
+    pd.testing.assert_frame_equal(old.summary(), saved_model.summary())
 
 
 def test_loading_under_another_version_warns(saved_model, monkeypatch):

@@ -90,7 +90,7 @@ print(json.dumps({
     "files": sorted(os.listdir(sys.argv[1])),
     "hits": events["/jax/compilation_cache/cache_hits"],
     "misses": events["/jax/compilation_cache/cache_misses"],
-    "traced": est._posterior.timings["trace"] > 0,
+    "traced": est._fitted.posterior.timings["trace"] > 0,
 }))
 """
 

@@ -173,7 +173,7 @@ def test_to_arviz_sample_stats_and_observed(fitted):
     assert stats["diverging"].dtype == bool
     assert stats["diverging"].dims == ("chain", "draw")
     steps = stats["n_steps"].values
-    assert_array_equal(steps, est._posterior.tree_steps)
+    assert_array_equal(steps, est._fitted.posterior.tree_steps)
     assert_array_equal(stats["tree_depth"].values, np.ceil(np.log2(steps + 1)))
     assert int(stats["diverging"].sum()) == est.convergence_["n_divergences"]
     assert_allclose(idata.observed_data["y"].values, y.to_numpy())
@@ -251,7 +251,7 @@ def test_summary_reuses_the_fit_diagnostics(fitted, monkeypatch):
     est, _, _ = fitted
     expected = est.summary()
     bare = copy.deepcopy(est)
-    bare._posterior.diagnostics.clear()
+    bare._fitted.posterior.diagnostics.clear()
     assert_allclose(bare.summary().to_numpy(), expected.to_numpy(), rtol=1e-12)
 
     def refuse(x):
@@ -288,7 +288,7 @@ def test_to_arviz_log_likelihood_for_loo_and_compare(fitted):
     post = est.posterior_
     for i in (0, len(y) - 1):
         g = list(est.groups_).index(X[GROUP].iloc[i])
-        x = np.nan_to_num(X.iloc[i, 1:].to_numpy(dtype=float)) * est._mask[g]
+        x = np.nan_to_num(X.iloc[i, 1:].to_numpy(dtype=float)) * est._fitted.mask[g]
         mean = post["intercept"][0, g] + post["coef"][0, g] @ x
         want = norm.logpdf(y.iloc[i], mean, post["noise"][0])
         assert_allclose(ll[0, 0, i], want, rtol=1e-10)

@@ -332,7 +332,7 @@ def test_group_parameters_diagnosed(max_params, monkeypatch):
     # Above the limit the diagnostics cover only the population parameters.
     monkeypatch.setattr(_limits, "MAX_GROUP_PARAMS_DIAGNOSED", max_params)
     est = _fit_and_check(*_data(3, 2))
-    keys = est._posterior.diagnostics
+    keys = est._fitted.posterior.diagnostics
     assert any(k.startswith("coef[") for k in keys) == (max_params > 0)
     assert "noise" in keys
 

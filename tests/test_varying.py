@@ -261,7 +261,7 @@ def test_identified_design_gives_no_warning():
 def test_unseen_draws_follow_the_correlated_population(direct_fit):
     est, _, _ = direct_fit
     assert est.varying_.to_dict() == {"x": True, "u": False, "z": True}
-    post = est._posterior
+    post = est._fitted.posterior
     n_draws = post.draws["noise"].shape[0]
     on = np.array([True, True, True])
     draw_idx = np.arange(n_draws)
@@ -436,16 +436,30 @@ def test_plots_say_what_varies(direct_fit, tmp_path):
     ax.figure.savefig(path, dpi=60)
     assert path.stat().st_size > 1000
     points = ax.collections[0].get_offsets()
-    coef = est._posterior.coef_mean
+    coef = est.coefficients().to_numpy()
     np.testing.assert_allclose(points, coef[:, [0, 1]])  # every group has x
     ellipses = [p for p in ax.patches if isinstance(p, Ellipse)]
     assert len(ellipses) == 2
-    mean, cov = plotting._population_effects(est)
-    np.testing.assert_allclose(ellipses[0].center, mean[[0, 1]])
+    # An unseen group's effects (intercept, x): the population draws' mean and
+    # covariance plus the posterior-mean between-group covariance.
+    draws = est.posterior_
+    pop = np.column_stack(
+        [draws["population_intercept"], draws["population_coef"][:, 0]]
+    )
+    sd = np.column_stack(
+        [draws["group_intercept_scale"], draws["group_coef_scale"][:, 0]]
+    )
+    corr = draws["group_correlation"][:, :2, :2]  # effects: intercept, x, z
+    cov = np.cov(pop, rowvar=False, bias=True) + np.mean(
+        sd[:, :, None] * corr * sd[:, None, :], axis=0
+    )
+    np.testing.assert_allclose(ellipses[0].center, pop.mean(axis=0), rtol=1e-12)
     # the 50% ellipse's area: pi chi2_2(0.5) sqrt(det cov)
     area = np.pi * ellipses[0].width * ellipses[0].height / 4
-    det = np.linalg.det(cov[np.ix_([0, 1], [0, 1])])
-    np.testing.assert_allclose(area, np.pi * 2 * np.log(2) * np.sqrt(det))
+    expected = np.pi * 2 * np.log(2) * np.sqrt(np.linalg.det(cov))
+    np.testing.assert_allclose(area, expected, rtol=1e-10)
+    rho = np.mean(corr[:, 0, 1])
+    assert ax.get_title() == f"Group effects (population correlation {rho:.2f})"
     # z is off in group 0: five groups
     ax = plotting.plot_group_effects(est, x="x", y="z", ax=Figure().subplots())
     assert len(ax.collections[0].get_offsets()) == 5

@@ -232,7 +232,7 @@ def test_full_predictions_do_not_depend_on_the_origin(engine):
         # mean over the bulk ESS of the slowest parameter
         g = np.searchsorted(est.groups_, X["Subject"][test])
         xt = np.column_stack([np.ones(test.sum()), X["Days"][test]])
-        cov = est._posterior.coef_cov[g]
+        cov = est._fitted.posterior.coef_cov[g]
         sd = np.sqrt(np.einsum("ni,nij,nj->n", xt, cov, xt))
         preds.append((mean, sd / np.sqrt(est.convergence_["min_ess_bulk"])))
     base, base_se = preds[0]
