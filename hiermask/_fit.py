@@ -7,9 +7,6 @@ units of the data. It takes and returns arrays and small dataclasses only.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import threading
 import warnings
 from dataclasses import dataclass, replace
 
@@ -25,7 +22,7 @@ from ._collapsed import (
 )
 from ._diagnostics import parameter_diagnostics
 from ._model import DirectEngine, Hyper, varying_index
-from ._runner import map_parts, run_nuts
+from ._runner import compiled_in_background, map_parts, run_nuts
 from ._stats import (
     GroupStats,
     Moments,
@@ -643,26 +640,6 @@ _conditional_jit = jax.jit(
     _conditional_with_limits, static_argnames=("engine", "chunk", "limits")
 )
 
-#: Compiled conditional-draw programs (futures), most recently used last.
-_CONDITIONAL_COMPILED: collections.OrderedDict = collections.OrderedDict()
-_CONDITIONAL_COMPILED_MAX = 16
-_CONDITIONAL_LOCK = threading.Lock()
-
-
-def _in_background(fn):
-    # A future of fn() computed in a new daemon thread (a thread per call,
-    # not a pool: a pool's threads do not survive os.fork).
-    future = concurrent.futures.Future()
-
-    def work():
-        try:
-            future.set_result(fn())
-        except BaseException as exc:  # handed to whoever waits on the result
-            future.set_exception(exc)
-
-    threading.Thread(target=work, name="hiermask-compile", daemon=True).start()
-    return future
-
 
 def _conditional_parts(n_draws, n_groups, q):
     """How the conditional draws are split into parts that run in parallel.
@@ -754,14 +731,7 @@ def _conditional_program(config, data, hyper, engine=None):
             )
             return exclusive(lowered.compile(compiler_options()))
 
-    with _CONDITIONAL_LOCK:
-        future = _CONDITIONAL_COMPILED.pop(key, None)
-        if future is None or (future.done() and future.exception() is not None):
-            future = _in_background(compile_now)
-        _CONDITIONAL_COMPILED[key] = future
-        while len(_CONDITIONAL_COMPILED) > _CONDITIONAL_COMPILED_MAX:
-            _CONDITIONAL_COMPILED.popitem(last=False)
-    return future
+    return compiled_in_background(key, compile_now)
 
 
 def _conditional(program, rng_key, sites, data, hyper):
