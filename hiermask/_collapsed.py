@@ -73,6 +73,8 @@ __all__ = [
     "materialize",
     "maybe_scan",
     "noise_start",
+    "population_factor",
+    "population_integral",
     "residual_sd_guess",
 ]
 
@@ -814,18 +816,66 @@ def _block(blocks, i):
     return _Blocks(blocks.gram[i], blocks.xty[i], blocks.onq[i], blocks.unit)
 
 
+def population_factor(precision, prior_var):
+    """Inverse Cholesky factor of the population coefficients' precision.
+
+    Parameters
+    ----------
+    precision : array of shape (q, q)
+        The (symmetric) precision from the data.
+    prior_var : array of shape (q,)
+        Prior variances of the population coefficients.
+
+    Returns
+    -------
+    t : array of shape (q, q)
+        ``L^-1`` (lower) for ``lam = precision + diag(1 / prior_var) = L L'``.
+    logdet : scalar
+        ``log|lam|``.
+    """
+    lam = precision + jnp.diag(1.0 / prior_var)
+    t, logdet = inverse_cholesky(lam[:, :, None])
+    return t[:, :, 0], logdet[0]
+
+
+def population_integral(precision, eta, prior_var):
+    """The population coefficients integrated out of a Gaussian form.
+
+    With ``lam = precision + diag(1 / prior_var)``: the terms
+    ``-log|lam| / 2 + eta' lam^-1 eta / 2`` of
+    ``log int exp(-phi' precision phi / 2 + phi' eta) N(phi; 0,
+    diag(prior_var)) dphi`` that depend on the form (the prior's
+    ``-log|diag(prior_var)| / 2`` is the caller's), and what their gradient
+    needs: with ``v = lam^-1 eta``, d/d lam = ``-(lam^-1 + v v') / 2`` and
+    d/d eta = ``v``.
+
+    Parameters
+    ----------
+    precision : array of shape (q, q)
+        The (symmetric) precision from the data.
+    eta : array of shape (q,)
+    prior_var : array of shape (q,)
+        Prior variances of the population coefficients.
+
+    Returns
+    -------
+    value : scalar
+    lam_inv : array of shape (q, q)
+    v : array of shape (q,)
+    """
+    t, logdet = population_factor(precision, prior_var)
+    lam_inv = t.T @ t
+    v = lam_inv @ eta
+    return -0.5 * logdet + 0.5 * eta @ v, lam_inv, v
+
+
 def _population_terms(inv, total, prior_var):
     # log p of the population integral from the summed forms, and what its
     # gradient needs: lam^-1 and lam^-1 h.
     q = total.shape[0] - 1
-    lam = 0.5 * inv * (total[:q, :q] + total[:q, :q].T) + jnp.diag(1.0 / prior_var)
-    h = inv * total[:q, q]
-    t, logdet = inverse_cholesky(lam[:, :, None])
-    t = t[:, :, 0]
-    lam_inv = t.T @ t
-    v = lam_inv @ h
-    logp = -0.5 * jnp.sum(jnp.log(prior_var)) - 0.5 * logdet[0] + 0.5 * h @ v
-    return logp, lam_inv, v
+    precision = 0.5 * inv * (total[:q, :q] + total[:q, :q].T)
+    value, lam_inv, v = population_integral(precision, inv * total[:q, q], prior_var)
+    return -0.5 * jnp.sum(jnp.log(prior_var)) + value, lam_inv, v
 
 
 def _pooled_total(pop_left, s, y, z):
@@ -1350,9 +1400,7 @@ def _inverse_softplus(x):
 def _population_draw(inv, lam_total, h_total, prior_var, eps):
     # phi ~ N(lam^-1 h, lam^-1), lam = inv sym(lam_total) + diag(1 /
     # prior_var), h = inv h_total: phi = t' (t h + eps), lam^-1 = t't.
-    lam = 0.5 * inv * (lam_total + lam_total.T) + jnp.diag(1.0 / prior_var)
-    t, _ = inverse_cholesky(lam[:, :, None])
-    t = t[:, :, 0]
+    t, _ = population_factor(0.5 * inv * (lam_total + lam_total.T), prior_var)
     return t.T @ (t @ (inv * h_total) + eps)
 
 

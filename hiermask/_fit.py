@@ -7,9 +7,6 @@ units of the data. It takes and returns arrays and small dataclasses only.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import threading
 import warnings
 from dataclasses import dataclass, replace
 
@@ -26,7 +23,7 @@ from ._collapsed import (
 from ._diagnostics import parameter_diagnostics
 from ._model import DirectEngine, Hyper, varying_index
 from ._parameters import parameter_blocks
-from ._runner import map_parts, run_nuts
+from ._runner import compiled_in_background, map_parts, run_nuts
 from ._stats import (
     GroupStats,
     Moments,
@@ -554,23 +551,57 @@ def _population(draws, flat, config, scaling, ref, active, varying):
     if pooling == "partial":
         tau_a = flat["intercept_scale"] * s_y
         tau = flat["coef_scale"] * (s_y / scaling.x_scale)
-        draws["group_intercept_scale"] = tau_a
+        intercept_sd, corr, between = _between_groups(
+            tau_a, tau, flat, config, ref, active, varying
+        )
+        draws["group_intercept_scale"] = intercept_sd
         draws["group_coef_scale"] = _expand(tau, active)
-        scales = np.concatenate([tau_a[:, None], tau], axis=1)
-        if config.group_covariance == "full":
-            # over [intercept, varying features]
-            keep = np.concatenate([[True], varying[active]])
-            n_kept = int(keep.sum())
-            corr = np.asarray(flat["group_correlation"]).reshape(-1, n_kept, n_kept)
-            cov = _covariance_at_zero(scales[:, keep], corr, ref[2][keep[1:]])
-            sd = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
-            draws["group_intercept_scale"] = sd[:, 0]
-            draws["group_correlation"] = cov / (sd[:, :, None] * sd[:, None, :])
-            between = np.zeros((both.shape[1], both.shape[1]))
-            between[np.ix_(keep, keep)] = np.mean(cov, axis=0)
-            return unseen_mean, unseen_cov + between
-        unseen_cov = unseen_cov + np.diag(np.mean(scales**2, axis=0))
+        if corr is not None:
+            draws["group_correlation"] = corr
+        unseen_cov = unseen_cov + between
     return unseen_mean, unseen_cov
+
+
+def _between_groups(tau_a, tau, flat, config, ref, active, varying):
+    """The between-group part of the population, in data units.
+
+    Parameters
+    ----------
+    tau_a : ndarray of shape (n_draws,)
+        Each draw's between-group sd of the intercept (at the reference
+        point under ``group_covariance="full"``, at ``x = 0`` otherwise).
+    tau : ndarray of shape (n_draws, n_active)
+        Each draw's between-group sds of the active slopes.
+    flat : dict of ndarray
+        The sampled sites (``group_correlation`` under ``"full"``).
+    config : FitConfig
+    ref : tuple
+        The reference point: ``ref[2]`` holds the features'.
+    active, varying : ndarray of bool
+        Active features, and features with a group-specific slope.
+
+    Returns
+    -------
+    intercept_sd : ndarray of shape (n_draws,)
+        Between-group sd of the intercept at ``x = 0``.
+    corr : ndarray of shape (n_draws, r, r) or None
+        Under ``"full"``, the correlations of the intercept at ``x = 0`` and
+        the ``r - 1`` varying slopes; None under ``"diagonal"``.
+    between : ndarray of shape (1 + n_active, 1 + n_active)
+        The draws' mean covariance of a group's deviations.
+    """
+    scales = np.concatenate([tau_a[:, None], tau], axis=1)
+    if config.group_covariance != "full":
+        return tau_a, None, np.diag(np.mean(scales**2, axis=0))
+    # over [intercept, varying features]
+    keep = np.concatenate([[True], varying[active]])
+    n_kept = int(keep.sum())
+    corr = np.asarray(flat["group_correlation"]).reshape(-1, n_kept, n_kept)
+    cov = _covariance_at_zero(scales[:, keep], corr, ref[2][keep[1:]])
+    sd = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+    between = np.zeros((scales.shape[1], scales.shape[1]))
+    between[np.ix_(keep, keep)] = np.mean(cov, axis=0)
+    return sd[:, 0], cov / (sd[:, :, None] * sd[:, None, :]), between
 
 
 def _covariance_at_zero(scales, corr, reference):
@@ -643,26 +674,6 @@ def _conditional_with_limits(*args, engine, limits, **kwargs):
 _conditional_jit = jax.jit(
     _conditional_with_limits, static_argnames=("engine", "chunk", "limits")
 )
-
-#: Compiled conditional-draw programs (futures), most recently used last.
-_CONDITIONAL_COMPILED: collections.OrderedDict = collections.OrderedDict()
-_CONDITIONAL_COMPILED_MAX = 16
-_CONDITIONAL_LOCK = threading.Lock()
-
-
-def _in_background(fn):
-    # A future of fn() computed in a new daemon thread (a thread per call,
-    # not a pool: a pool's threads do not survive os.fork).
-    future = concurrent.futures.Future()
-
-    def work():
-        try:
-            future.set_result(fn())
-        except BaseException as exc:  # handed to whoever waits on the result
-            future.set_exception(exc)
-
-    threading.Thread(target=work, name="hiermask-compile", daemon=True).start()
-    return future
 
 
 def _conditional_parts(n_draws, n_groups, q):
@@ -755,14 +766,7 @@ def _conditional_program(config, data, hyper, engine=None):
             )
             return exclusive(lowered.compile(compiler_options()))
 
-    with _CONDITIONAL_LOCK:
-        future = _CONDITIONAL_COMPILED.pop(key, None)
-        if future is None or (future.done() and future.exception() is not None):
-            future = _in_background(compile_now)
-        _CONDITIONAL_COMPILED[key] = future
-        while len(_CONDITIONAL_COMPILED) > _CONDITIONAL_COMPILED_MAX:
-            _CONDITIONAL_COMPILED.popitem(last=False)
-    return future
+    return compiled_in_background(key, compile_now)
 
 
 def _conditional(program, rng_key, sites, data, hyper):

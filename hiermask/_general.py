@@ -372,18 +372,9 @@ def _group_sums_bwd(want_stats, residuals, cot):
 _group_sums.defvjp(_group_sums_fwd, _group_sums_bwd)
 
 
-def _population_factor(h, prior_var):
-    # T_lam = L_lam^-1 and log|lam| for lam = h + diag(1 / prior_var).
-    lam = h + jnp.diag(1.0 / prior_var)
-    t, logdet = col.inverse_cholesky(lam[:, :, None])
-    return t[:, :, 0], logdet[0]
-
-
 def _population_terms(h, eta, prior_var):
     # -log|lam| / 2 + eta' lam^-1 eta / 2: phi integrated out.
-    t, logdet = _population_factor(h, prior_var)
-    w = t @ eta
-    return -0.5 * logdet + 0.5 * jnp.sum(w**2)
+    return _population_terms_fwd(h, eta, prior_var)[0]
 
 
 # _population_terms with its closed-form gradient (the sampler's): jax.grad
@@ -399,11 +390,14 @@ def _population_terms_hand(h, eta, prior_var):
 
 
 def _population_terms_fwd(h, eta, prior_var):
-    t, logdet = _population_factor(h, prior_var)
+    # col.population_integral's terms, with the form as |T eta|^2 and v as
+    # T'(T eta) (population_integral: eta' lam^-1 eta, lam^-1 eta), the
+    # order of operations this model's draws have always had: the other
+    # order differs in the last bits, and the sampler's trajectories with
+    # it (group_covariance="full": every draw of a short fit differs).
+    t, logdet = col.population_factor(h, prior_var)
     w = t @ eta
-    lam_inv = t.T @ t
-    v = t.T @ w
-    return -0.5 * logdet + 0.5 * jnp.sum(w**2), (lam_inv, v, prior_var)
+    return -0.5 * logdet + 0.5 * jnp.sum(w**2), (t.T @ t, t.T @ w, prior_var)
 
 
 def _population_terms_bwd(residuals, g):
@@ -643,7 +637,7 @@ def _one_draw(spec, data, hyper, fixed, draw, eps):
     factor = _deviation_factor(spec, scales, hyper, data)
     grp = _groups(inv, factor, left, gram, xty)
     h, eta = _summed(inv, left, gram, xty, grp)
-    t_pop, _ = _population_factor(h, _prior_var(hyper))
+    t_pop, _ = col.population_factor(h, _prior_var(hyper))
     phi = t_pop.T @ (t_pop @ eta + eps[0])
     # v | phi ~ N(T'T E'(k - K P phi) inv, T'T)
     f = factor[:, :, None]

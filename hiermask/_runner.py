@@ -22,8 +22,9 @@ program, target acceptance, tree depth, size thresholds) and per shape of
 the data and of a segment (its length follows from the run's); prior
 scales and data values are arguments, so refits with other prior scales or
 other rows of the same shape reuse the program (:func:`cache_info` counts
-them). The cache is the package's one piece of
-module state. Everything runs in float64 inside a scoped
+them). The same cache holds the compiled conditional draws of
+:mod:`hiermask._fit` (:func:`compiled_in_background`): it is the package's
+one piece of module state. Everything runs in float64 inside a scoped
 ``jax.enable_x64(True)`` and with per-compilation XLA options
 (:func:`hiermask._xla.compiler_options`); the user's global configuration is
 untouched.
@@ -47,7 +48,14 @@ import numpy as np
 from . import _limits, _nuts
 from ._xla import compiler_options, exclusive, runs_alone
 
-__all__ = ["CacheInfo", "RunResult", "cache_info", "map_parts", "run_nuts"]
+__all__ = [
+    "CacheInfo",
+    "RunResult",
+    "cache_info",
+    "compiled_in_background",
+    "map_parts",
+    "run_nuts",
+]
 
 
 class RunResult(NamedTuple):
@@ -81,10 +89,14 @@ class CacheInfo(NamedTuple):
 
 
 class _ProgramCache:
-    # Compiled sampler programs (through exclusive), most recently used
-    # last, with hit and miss counts: the package's one compile cache.
+    # The package's one compile cache. programs: compiled sampler programs
+    # (through exclusive), with hit and miss counts; background: futures of
+    # programs compiled in a thread (the conditional draws), under lock.
+    # Each most recently used last, at most max_size of each.
     def __init__(self, max_size):
         self.programs = collections.OrderedDict()
+        self.background = collections.OrderedDict()
+        self.lock = threading.Lock()
         self.max_size = max_size
         self.hits = self.misses = 0
 
@@ -102,6 +114,39 @@ class _ProgramCache:
         while len(self.programs) > self.max_size:
             self.programs.popitem(last=False)
 
+    def future(self, key, compile_now):
+        # The cached future of key, or a new one computing compile_now() in
+        # a thread (also when the cached one failed).
+        with self.lock:
+            future = self.background.pop(key, None)
+            if future is None or (future.done() and future.exception() is not None):
+                future = _in_background(compile_now)
+            self.background[key] = future
+            while len(self.background) > self.max_size:
+                self.background.popitem(last=False)
+        return future
+
+    def clear(self):
+        """Forget every compiled program (the counts stay)."""
+        with self.lock:
+            self.programs.clear()
+            self.background.clear()
+
+
+def _in_background(fn):
+    # A future of fn() computed in a new daemon thread (a thread per call,
+    # not a pool: a pool's threads do not survive os.fork).
+    future = concurrent.futures.Future()
+
+    def work():
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to whoever waits on the result
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="hiermask-compile", daemon=True).start()
+    return future
+
 
 _CACHE = _ProgramCache(16)
 
@@ -109,11 +154,38 @@ _CACHE = _ProgramCache(16)
 def cache_info():
     """Hits, misses and size of the sampler's compile cache.
 
+    Counts the sampler's programs only, not those of
+    :func:`compiled_in_background`.
+
     Returns
     -------
     CacheInfo
     """
     return CacheInfo(_CACHE.hits, _CACHE.misses, len(_CACHE.programs))
+
+
+def compiled_in_background(key, compile_now):
+    """Future of a program compiled in a background thread, cached by key.
+
+    The future is kept in the package's compile cache (the 16 most recently
+    used keys); a call with a cached key returns its future, unless that
+    future failed: then the program is compiled again.
+
+    Parameters
+    ----------
+    key : hashable
+        Everything the compiled program depends on (shapes, static
+        arguments, size thresholds).
+    compile_now : callable
+        Takes no argument and returns the compiled program; run in a new
+        daemon thread.
+
+    Returns
+    -------
+    concurrent.futures.Future
+        Its result is what ``compile_now`` returns.
+    """
+    return _CACHE.future(key, compile_now)
 
 
 @functools.partial(

@@ -55,9 +55,8 @@ def _clear_compiled_programs():
 
     import jax
 
-    from hiermask import _fit, _runner
+    from hiermask import _runner
 
-    _runner._CACHE.programs.clear()
-    _fit._CONDITIONAL_COMPILED.clear()
+    _runner._CACHE.clear()
     jax.clear_caches()
     gc.collect()
