@@ -55,7 +55,7 @@ from . import _limits
 from ._density import INIT_RADIUS, FlatDensity
 from ._model import IMPUTE_LOC_SCALE, IMPUTE_SCALE_SCALE, Hyper
 from ._nuts import normal, uniform
-from ._stats import centred_design, latent_layout
+from ._stats import centred_design, latent_layout, reference_units
 
 __all__ = [
     "CollapsedData",
@@ -204,11 +204,12 @@ class CollapsedEngine:
         design, latent = centred_design(rows.X, on[rows.group_idx], scaling)
         cols, miss_row, miss_col, miss_slot = latent_layout(latent)
         totals = (np.sum(a, axis=0, keepdims=True) for a in _stat_arrays(stats))
+        k, K, e_y = reference_units(scaling, ref)
         return CollapsedData(
             on=on.astype(np.float64),
-            k=scaling.x_mean / scaling.x_scale,
-            K=ref[2] / scaling.x_scale,
-            e_y=np.asarray((scaling.y_mean - ref[0]) / scaling.y_scale),
+            k=k,
+            K=K,
+            e_y=e_y,
             n=stats.n,
             gram=stats.gram,
             xty=stats.xty,
@@ -1194,6 +1195,17 @@ class _Layout(NamedTuple):
     def transform(self, z):
         return jnp.where(self.positive, jax.nn.softplus(z), z)
 
+    def log_prior(self, z):
+        """The point ``x`` of ``z``, and the log-Jacobians of its softplus
+        coordinates plus the Normal / HalfNormal priors of all sites at once
+        (constants dropped)."""
+        x = self.transform(z)
+        logp = jnp.sum(jnp.where(self.positive, jax.nn.log_sigmoid(z), 0.0))
+        logp = logp - 0.5 * jnp.sum(
+            jnp.where(self.has_prior, (x / self.prior_scale) ** 2, 0.0)
+        )
+        return x, logp
+
     def unpack(self, x):
         return {
             name: x[start:stop].reshape(shape)
@@ -1319,13 +1331,7 @@ def collapsed_density(data: CollapsedData, hyper: Hyper, pooling: str = "partial
     fixed = _fixed_stats(pooling, data)
 
     def log_density(z):
-        x = layout.transform(z)
-        # log-Jacobians and the Normal / HalfNormal priors, all sites at once
-        # (constants dropped).
-        logp = jnp.sum(jnp.where(layout.positive, jax.nn.log_sigmoid(z), 0.0))
-        logp = logp - 0.5 * jnp.sum(
-            jnp.where(layout.has_prior, (x / layout.prior_scale) ** 2, 0.0)
-        )
+        x, logp = layout.log_prior(z)
         values = layout.unpack(x)
         scales = {"sigma": values["noise"]}
         if pooling == "partial":

@@ -260,13 +260,9 @@ class _Groups(NamedTuple):
     b: jnp.ndarray  # (q, q, G) T E'K P
 
 
-def _groups(inv, factor, left, gram, xty):
-    """The groups' ``M = I + E'KE inv`` factorized, ``a`` and ``B``.
-
-    ``E`` is ``factor`` for every group: its rows at a group's off features
-    meet only zeros of ``K`` and ``k`` (so ``E'KE`` is that of the masked
-    factor), and likewise ``K P``.
-    """
+def _factor_m(inv, factor, gram, xty):
+    # Each group's M = I + E'KE inv as its inverse Cholesky factor t and
+    # log|M|, with the unit, E as a column and KE that built it.
     q = factor.shape[0]
     unit = _unit(xty)
     f = factor[:, :, None]
@@ -274,6 +270,17 @@ def _groups(inv, factor, left, gram, xty):
     eye = jnp.eye(q)[:, :, None]
     m = col.materialize(eye + inv * _tmm(f, ke), unit)
     t, logdet = col.cholesky_rows(m, unit, col.is_unrolled(q))
+    return unit, f, ke, t, logdet
+
+
+def _groups(inv, factor, left, gram, xty):
+    """The groups' ``M = I + E'KE inv`` factorized, ``a`` and ``B``.
+
+    ``E`` is ``factor`` for every group: its rows at a group's off features
+    meet only zeros of ``K`` and ``k`` (so ``E'KE`` is that of the masked
+    factor), and likewise ``K P``.
+    """
+    unit, f, ke, t, logdet = _factor_m(inv, factor, gram, xty)
     a = col.materialize(_mv(t, col.materialize(_tmv(f, xty), unit)), unit)
     b = col.materialize(_mm(t, col.materialize(_tmm(ke, left[:, :, None]), unit)), unit)
     return _Groups(t, logdet, a, b)
@@ -305,13 +312,7 @@ def _summed(inv, left, gram, xty, grp):
 
 def _group_forms(inv, factor, left, gram, xty):
     # The four sums and what their gradient needs.
-    q = factor.shape[0]
-    unit = _unit(xty)
-    f = factor[:, :, None]
-    ke = col.materialize(_mm(gram, f), unit)
-    eye = jnp.eye(q)[:, :, None]
-    m = col.materialize(eye + inv * _tmm(f, ke), unit)
-    t, logdet = col.cholesky_rows(m, unit, col.is_unrolled(q))
+    unit, f, ke, t, logdet = _factor_m(inv, factor, gram, xty)
     n = col.materialize(_tmm(t, t), unit)
     w = col.materialize(_mm(_mm(f, n), _tr(f)), unit)
     kp = col.materialize(_mm(gram, left[:, :, None]), unit)
@@ -578,11 +579,7 @@ def general_density(spec, data, hyper):
     fixed = col.split_prepared(spec.pooling, data)
 
     def log_density(z):
-        x = layout.transform(z)
-        logp = jnp.sum(jnp.where(layout.positive, jax.nn.log_sigmoid(z), 0.0))
-        logp = logp - 0.5 * jnp.sum(
-            jnp.where(layout.has_prior, (x / layout.prior_scale) ** 2, 0.0)
-        )
+        x, logp = layout.log_prior(z)
         values = layout.unpack(x)
         scales, _ = _scales(spec, values, n_features)
         if "group_correlation" in names:

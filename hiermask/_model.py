@@ -29,7 +29,7 @@ import numpyro
 import numpyro.distributions as dist
 
 from ._density import numpyro_density
-from ._stats import centred_design, latent_layout
+from ._stats import centred_design, latent_layout, reference_units
 
 __all__ = [
     "IMPUTE_LOC_SCALE",
@@ -401,11 +401,12 @@ class DirectEngine:
         on_rows = on[rows.group_idx]
         design, latent = centred_design(rows.X, on_rows, scaling)
         cols, miss_row, miss_col, miss_slot = latent_layout(latent)
+        k, K, e_y = reference_units(scaling, ref)
         return DirectData(
             on=on.astype(np.float64),
-            k=scaling.x_mean / scaling.x_scale,
-            K=ref[2] / scaling.x_scale,
-            e_y=np.asarray((scaling.y_mean - ref[0]) / scaling.y_scale),
+            k=k,
+            K=K,
+            e_y=e_y,
             group_idx=rows.group_idx,
             design=design,
             y=(rows.y - scaling.y_mean) / scaling.y_scale,

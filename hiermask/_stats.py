@@ -28,6 +28,7 @@ __all__ = [
     "latent_layout",
     "merge_moments",
     "pool_moments",
+    "reference_units",
     "scaling_from_moments",
     "vector_moments",
 ]
@@ -111,6 +112,33 @@ def centred_design(X, on_rows, scaling: Scaling):
     design = (X - scaling.x_mean) / scaling.x_scale
     design = np.where(on_rows & ~latent, design, 0.0)
     return design, latent
+
+
+def reference_units(scaling: Scaling, ref):
+    """The engines' internal units of the features and of the prior
+    reference points.
+
+    Parameters
+    ----------
+    scaling : Scaling
+        Internal location and scale.
+    ref : tuple
+        Prior reference points ``(M_y, s_y, M, s)`` in data units.
+
+    Returns
+    -------
+    k : ndarray of shape (n_features,)
+        The feature means in internal units, ``m / s``.
+    K : ndarray of shape (n_features,)
+        The features' reference points in internal units, ``M / s``.
+    e_y : ndarray of shape ()
+        The target's mean less its reference point, in internal units.
+    """
+    return (
+        scaling.x_mean / scaling.x_scale,
+        ref[2] / scaling.x_scale,
+        np.asarray((scaling.y_mean - ref[0]) / scaling.y_scale),
+    )
 
 
 def latent_layout(latent):

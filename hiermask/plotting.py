@@ -882,7 +882,7 @@ def plot_group_effects(
                 fill=False,
                 linestyle=style,
                 color=_POP_COLOR,
-                label=f"{mass:.0%} of the population",
+                label=f"{mass:.0%} of new groups",
             )
         )
     ax.plot(mean[i], mean[j], "x", color=_POP_COLOR, ms=10, mew=2, label="population")

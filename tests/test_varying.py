@@ -294,6 +294,27 @@ def test_unseen_group_uses_its_own_group_level_value(direct_fit):
 
 
 # ------------------------------------------------------------------ layout
+def test_every_reported_parameter_has_one_key_and_one_name(direct_fit):
+    # Fit's diagnostics, summary() and convergence_ go through one
+    # enumeration: every key names the summary row at the same place, and
+    # each row's mean is that of the draws at the key's positions.
+    est, _, _ = direct_fit
+    model = est._fitted
+    table = est.summary()
+    keys = [key for block in model.blocks() for key in block.keys]
+    assert [model.name_of(key) for key in keys] == list(table.index)
+    assert set(model.posterior.diagnostics) <= set(keys)
+    draws = est.posterior_
+    for key, name in zip(keys, table.index, strict=True):
+        parameter, _, inside = key.partition("[")
+        at = tuple(int(i) for i in inside.rstrip("]").split(",")) if inside else ()
+        expected = np.mean(draws[parameter][(slice(None), *at)])
+        assert table.loc[name, "mean"] == pytest.approx(expected, rel=1e-12), key
+    assert est.convergence_["worst_parameter"] in table.index
+    with pytest.raises(KeyError):
+        model.name_of("coef[0, 99]")
+
+
 def test_correlation_layout(direct_fit, tmp_path):
     est, X, _ = direct_fit
     corr = est.posterior_["group_correlation"]
