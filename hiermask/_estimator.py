@@ -482,8 +482,8 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             _dask.is_dask_collection(v) for v in (X, y, groups, sample_weight)
         )
         fitter = self._fit_dask if dask_input else self._fit
-        # Everything is computed before any attribute is set, as BayesianRidge
-        # does: a fit that fails leaves the estimator as it was.
+        # Plain attribute assignments, as in BayesianRidge, but only once
+        # everything is computed: a fit that fails leaves the estimator as it was.
         fitted = fitter(X, y, groups, sample_weight)
         for name in (_FITTED_ATTRIBUTES - fitted.keys()) & vars(self).keys():
             delattr(self, name)
