@@ -32,6 +32,10 @@ Benchmarks (targets of issue 3 in brackets):
                  [fit <= 20 s, max r_hat <= 1.01, no divergences]; predict on
                  the 1,000,000 rows [<= 2 s].
 --groups         10,000 groups of 20 rows, 5 features [fit <= 60 s].
+--manygroups     10,000 and 100,000 groups of 10 rows, 3 features, at the
+                 default settings (issue 17) [100,000 within 16 GB and 10x
+                 the 10,000-group time]; with peak memory and what
+                 posterior_ holds (group draws kept or not).
 --gridsearch     GridSearchCV, 5 folds x 4 prior scales, 10,000 rows, 20
                  groups [<= 30 s in all].
 --scaling        fit time against rows (1e3 to 1e7; 10 groups, 3 features)
@@ -99,6 +103,7 @@ BENCHMARKS = (
     "ess",
     "million",
     "groups",
+    "manygroups",
     "gridsearch",
     "scaling",
     "datapass",
@@ -555,8 +560,35 @@ def bench_groups(quick):
 
     n_groups = 1_000 if quick else 10_000
     X, y = make_grouped_regression(20 * n_groups, n_groups, 5, random_state=0)
-    row, _ = _profiled_fit(X, y, f"{n_groups} groups x 5 features", predict=True)
-    return [row]
+    row, est = _profiled_fit(X, y, f"{n_groups} groups x 5 features", predict=True)
+    return [{**row, **_held(est)}]
+
+
+def _held(est):
+    """Whether fit kept the group draws, and the MB its posterior_ holds now."""
+    model = est._fitted
+    draws = model.draws if model.kept_group_draws else model.draws._draws
+    return {
+        "group_draws_kept": model.kept_group_draws,
+        "posterior_mb": sum(np.asarray(v).nbytes for v in draws.values()) / 1e6,
+    }
+
+
+def bench_manygroups(quick):
+    """10,000 and 100,000 groups of 10 rows, 3 features (issue 17)."""
+    import resource
+
+    from hiermask.datasets import make_grouped_regression
+
+    rows = []
+    for n_groups in (1_000, 10_000) if quick else (10_000, 100_000):
+        X, y = make_grouped_regression(10 * n_groups, n_groups, 3, random_state=0)
+        row, est = _profiled_fit(X, y, f"{n_groups} groups x 3 features", predict=True)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rows.append({**row, **_held(est), "peak_rss_mb": peak})
+        del X, y, est
+    rows[-1]["fit_vs_first"] = rows[-1]["fit_s"] / rows[0]["fit_s"]
+    return rows
 
 
 def bench_gridsearch(quick):
@@ -959,6 +991,7 @@ RUNNERS = {
     "ess": bench_ess,
     "million": bench_million,
     "groups": bench_groups,
+    "manygroups": bench_manygroups,
     "gridsearch": bench_gridsearch,
     "scaling": bench_scaling,
     "datapass": bench_datapass,

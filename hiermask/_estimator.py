@@ -19,7 +19,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import validate_data
 
-from . import _dask
+from . import _dask, _limits
 from ._fit import FitConfig, fit_posterior, posterior_from_statistics
 from ._fitted import FILE_FIELDS, fitted_model, from_fields
 from ._masks import MIN_EVIDENCE, mask_from_counts, nan_counts, thin_evidence
@@ -248,8 +248,27 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         Memory budget for the draws of every group's coefficients that fit
         keeps (``num_chains * num_samples * n_groups * (n_features + 1) * 8``
         bytes); fit raises a ValueError before sampling when it would be
-        exceeded. ``to_arviz(X)`` holds its log-likelihood (8 bytes per draw
-        and row) to the same budget.
+        exceeded. Draws that fit does not keep (``keep_group_draws``) do
+        not count. ``to_arviz(X)`` holds its log-likelihood (8 bytes per
+        draw and row) to the same budget.
+    keep_group_draws : bool or "auto", default="auto"
+        Whether fit keeps the draws of every group's intercept and
+        coefficients in ``posterior_`` (``num_chains * num_samples *
+        n_groups * (n_features + 1) * 8`` bytes). ``coef_``,
+        ``intercept_``, ``predict`` (with ``return_std``) and
+        ``predict_interval`` use each group's exact posterior mean and
+        covariance, which the collapsed engine computes in closed form at
+        fit whatever this setting. Without the draws, ``posterior_`` makes
+        ``posterior_["intercept"]`` and ``posterior_["coef"]`` on first
+        access (and ``to_arviz()``, ``sample_y``, the group plots and
+        ``save`` through it), from the hyperparameter draws and the exact
+        conditionals with the fit's random key: the same draws, bit for
+        bit, as a fit that kept them; ``summary()`` then reports the group
+        rows from the moments (exact mean and sd, a normal interval, no
+        R-hat or ESS) and makes no draw. "auto" keeps them while they take
+        at most 256 MiB (``hiermask._limits.KEEP_GROUP_DRAWS_BYTES``). The
+        direct engine samples the group coefficients, so it always keeps
+        them, and False with ``engine="direct"`` raises a ValueError.
     max_latent_rows : int, default=100_000
         Dask input only: the most rows holding latent cells (NaN in a feature
         that applies to the row's group) that a fit brings to the client,
@@ -366,6 +385,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         "target_accept_prob": [Interval(numbers.Real, 0, 1, closed="neither")],
         "on_bad_convergence": [_Options({"warn", "raise", "ignore"})],
         "max_posterior_bytes": [Interval(numbers.Integral, 1, None, closed="left")],
+        "keep_group_draws": ["boolean", _Options({"auto"})],
         "max_latent_rows": [Interval(numbers.Integral, 0, None, closed="left")],
         "progress_bar": ["boolean", _Options({"auto"})],
         "random_state": ["random_state"],
@@ -394,6 +414,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         target_accept_prob: float = 0.8,
         on_bad_convergence: Literal["warn", "raise", "ignore"] = "warn",
         max_posterior_bytes: int = 4_000_000_000,
+        keep_group_draws: bool | Literal["auto"] = "auto",
         max_latent_rows: int = 100_000,
         progress_bar: bool | Literal["auto"] = "auto",
         random_state: int | np.random.RandomState | None = None,
@@ -418,6 +439,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         self.target_accept_prob = target_accept_prob
         self.on_bad_convergence = on_bad_convergence
         self.max_posterior_bytes = max_posterior_bytes
+        self.keep_group_draws = keep_group_draws
         self.max_latent_rows = max_latent_rows
         self.progress_bar = progress_bar
         self.random_state = random_state
@@ -520,9 +542,9 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             np.where(mask, nans, 0).sum(axis=0), rows, groups_, mask, names
         )
         self._warn_thin_masks(nans, mask, groups_, names)
-        self._check_memory(len(groups_), features.shape[1])
+        keep = self._keep_group_draws(len(groups_), features.shape[1])
         config = self._fit_config(
-            names, isinstance(X, pd.DataFrame), inputs["n_features_in_"]
+            names, isinstance(X, pd.DataFrame), inputs["n_features_in_"], keep
         )
         posterior = fit_posterior(features, target, weights, group_idx, mask, config)
         model = self._model(posterior, mask, groups_, names, config.seed, target)
@@ -557,8 +579,8 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             names,
         )
         self._warn_thin_masks(summary.nans, mask, groups_, names)
-        self._check_memory(len(groups_), len(names))
-        config = self._fit_config(names, True, inputs["n_features_in_"])
+        keep = self._keep_group_draws(len(groups_), len(names))
+        config = self._fit_config(names, True, inputs["n_features_in_"], keep)
         fit_stats = _dask.fit_statistics(
             X,
             y,
@@ -608,7 +630,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             flags[list(names).index(key)] = True
         return tuple(flags)
 
-    def _fit_config(self, names=None, frame=False, n_columns=None):
+    def _fit_config(self, names=None, frame=False, n_columns=None, keep=True):
         engine = "collapsed" if self.engine == "auto" else self.engine
         seed = int(
             check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
@@ -635,6 +657,7 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
             group_covariance=self.group_covariance,
             lkj_concentration=float(self.lkj_concentration),
             feature_names=tuple(names) if names else None,
+            keep_group_draws=keep,
         )
 
     def _model(self, posterior, mask, groups_, names, seed, target):
@@ -669,17 +692,32 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         fitted["convergence_"] = convergence
         return fitted
 
-    def _check_memory(self, n_groups, n_features):
+    def _keep_group_draws(self, n_groups, n_features):
+        """Whether fit keeps the group draws (``keep_group_draws``); raises
+        when kept draws would exceed ``max_posterior_bytes``."""
         n_draws = self.num_chains * self.num_samples
         need = n_draws * n_groups * (n_features + 1) * 8
+        direct = self.engine == "direct"
+        if direct and self.keep_group_draws is False:
+            raise ValueError(
+                "keep_group_draws=False needs the collapsed engine: "
+                "engine='direct' samples every group's coefficients and keeps "
+                "their draws. Use engine='collapsed' (or 'auto')."
+            )
+        keep = self.keep_group_draws
+        if keep == "auto":
+            keep = direct or need <= _limits.KEEP_GROUP_DRAWS_BYTES
+        if not keep:
+            return False
         if need > self.max_posterior_bytes:
             raise ValueError(
                 f"The posterior would keep {need / 1e9:.2f} GB of draws "
                 f"({n_draws} draws x {n_groups} groups x {n_features + 1} "
                 f"coefficients x 8 bytes), above max_posterior_bytes="
-                f"{self.max_posterior_bytes}. Lower num_samples or num_chains, or "
-                "raise max_posterior_bytes."
+                f"{self.max_posterior_bytes}. Lower num_samples or num_chains, "
+                "raise max_posterior_bytes, or set keep_group_draws=False."
             )
+        return True
 
     def _check_mask_and_missing(self, latent_counts, row_counts, groups_, mask, names):
         """Warn about dropped features and single-row groups; refuse latent

@@ -7,7 +7,9 @@ units of the data. It takes and returns arrays and small dataclasses only.
 
 from __future__ import annotations
 
+import threading
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import jax
@@ -40,6 +42,7 @@ __all__ = [
     "FitConfig",
     "FitRows",
     "FitStatistics",
+    "GroupDraws",
     "LatentRows",
     "Posterior",
     "fit_posterior",
@@ -71,6 +74,7 @@ class FitConfig:
     group_covariance: str = "diagonal"
     lkj_concentration: float = 2.0
     feature_names: tuple | None = None  # for the messages of fit's warnings
+    keep_group_draws: bool = True  # collapsed engine: keep group draws at fit
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ class Posterior:
     ``q = n_features + 1``; vectors of length ``q`` hold the intercept first.
     """
 
-    draws: dict  # name -> (n_draws, ...) float64
+    draws: Mapping  # name -> (n_draws, ...) float64: a dict, or GroupDraws
     n_chains: int
     coef_mean: np.ndarray  # (G, q) posterior means
     coef_cov: np.ndarray  # (G, q, q) posterior covariances
@@ -334,12 +338,14 @@ def _sample(statistics, cells, config: FitConfig) -> Posterior:
     hyper = _hyper(config, scaling)
     run, flat, moments = _run_engine(engine, data, hyper, config)
     on = mask[:, active].astype(np.float64)
-    intercept, slopes = _to_original(flat["group_coef_internal"], on, scaling)
+    draws = {}
+    if "group_coef_internal" in flat:  # kept (always by the direct engine)
+        intercept, slopes = _to_original(flat["group_coef_internal"], on, scaling)
+        draws = {"intercept": intercept, "coef": _expand(slopes, active)}
     if moments is None:
         mean, cov = _draw_moments(intercept, slopes)
     else:
         mean, cov = _original_moments(*moments, on, scaling)
-    draws = {"intercept": intercept, "coef": _expand(slopes, active)}
     draws["noise"] = flat["noise"] * scaling.y_scale
     unseen = _population(draws, flat, config, scaling, ref, active, varying)
     cols = np.asarray(data.impute_cols)
@@ -347,6 +353,12 @@ def _sample(statistics, cells, config: FitConfig) -> Posterior:
     if "x_missing" in flat and "x_loc" not in flat:  # integrated out
         loc = loc_moments(data, flat["x_scale"], flat["x_missing"])
     fill = _impute_moments(flat, cols, cells, mask[:, active], scaling, loc)
+    diagnostics = _diagnose(draws, config.num_chains, mask, varying)
+    if "intercept" not in draws:  # made when asked for
+        sites = {k: flat[k] for k in engine.conditional_sites if k in flat}
+        arrays = jax.tree_util.tree_map(np.asarray, (data, hyper))
+        source = _GroupDrawSource(engine, config, sites, *arrays, on, scaling, active)
+        draws = GroupDraws(draws, source)
     return Posterior(
         draws=draws,
         n_chains=config.num_chains,
@@ -354,12 +366,108 @@ def _sample(statistics, cells, config: FitConfig) -> Posterior:
         noise_var=float(np.mean(draws["noise"] ** 2)),
         **dict(zip(_FILL_FIELDS, (_expand(m, active) for m in fill), strict=True)),
         prior_reference=_prior_reference(ref, config, active),
-        diagnostics=_diagnose(draws, config.num_chains, mask, varying),
+        diagnostics=diagnostics,
         diverging=run.stats["diverging"],
         tree_steps=run.stats["n_steps"],
         timings=run.timings,
         varying=varying & active,
     )
+
+
+#: The sites of ``posterior_`` that hold every group's coefficients.
+GROUP_SITES = ("intercept", "coef")
+
+
+@dataclass(frozen=True, eq=False)
+class _GroupDrawSource:
+    # What makes a fit's group draws again: its engine, settings, sampled
+    # sites (internal units) and engine data, and the map to data units.
+    engine: object
+    config: FitConfig
+    sites: dict
+    data: object
+    hyper: Hyper
+    on: np.ndarray
+    scaling: Scaling
+    active: np.ndarray
+
+    def make(self):
+        """The draws of ``intercept`` and ``coef``, as fit would have kept them."""
+        program = _conditional_program(
+            self.config, self.data, self.hyper, self.engine, keep=True
+        ).result()
+        with jax.enable_x64(True):
+            out, _, _ = _conditional(
+                program,
+                _conditional_key(self.config.seed),
+                self.sites,
+                self.data,
+                self.hyper,
+            )
+        coef = np.asarray(out["group_coef_internal"])
+        intercept, slopes = _to_original(coef, self.on, self.scaling)
+        return {"intercept": intercept, "coef": _expand(slopes, self.active)}
+
+
+class GroupDraws(Mapping):
+    """``posterior_`` of a fit that did not keep its group draws.
+
+    A read-only mapping like the dict a fit that kept them holds, with the
+    same keys in the same order. ``intercept`` and ``coef`` are made on
+    first access: the fit's compiled conditional draws run again, with the
+    fit's random key, on the hyperparameter draws it kept, so they equal,
+    bit for bit, the draws the fit would have kept. They are then held
+    until the object is pickled or copied: a pickle holds what makes them
+    (numpy arrays), not them.
+
+    Parameters
+    ----------
+    draws : dict of ndarray
+        Every other site's draws.
+    source : object
+        Its ``make()`` returns the group sites' draws.
+    """
+
+    def __init__(self, draws, source):
+        self._draws = draws
+        self._source = source
+        self._made = None
+        self._lock = threading.Lock()
+
+    @property
+    def kept(self):
+        """Whether the group draws are held now (made, or asked for before)."""
+        return self._made is not None
+
+    def _group(self):
+        with self._lock:
+            if self._made is None:
+                self._made = self._source.make()
+            return self._made
+
+    def __getitem__(self, key):
+        if key in GROUP_SITES:
+            return self._group()[key]
+        return self._draws[key]
+
+    def __iter__(self):
+        yield from GROUP_SITES
+        yield from self._draws
+
+    def __len__(self):
+        return len(GROUP_SITES) + len(self._draws)
+
+    def __contains__(self, key):
+        return key in GROUP_SITES or key in self._draws
+
+    def __getstate__(self):
+        return {"draws": self._draws, "source": self._source}
+
+    def __setstate__(self, state):
+        self.__init__(state["draws"], state["source"])
+
+    def __repr__(self):
+        return f"GroupDraws({sorted(self)}, group draws made on access)"
 
 
 def covariance_for_groups(config: FitConfig, n_varying, n_groups):
@@ -474,7 +582,9 @@ def _run_engine(engine, data, hyper, config):
         # (started after the sampler's tracing, which holds the GIL).
         if engine.conditional_sites:
             conditional_program.append(
-                _conditional_program(config, data, hyper, engine)
+                _conditional_program(
+                    config, data, hyper, engine, keep=config.keep_group_draws
+                )
             )
 
     run = run_nuts(
@@ -664,15 +774,20 @@ def _prior_reference(ref, config, active):
     }
 
 
-def _conditional_with_limits(*args, engine, limits, **kwargs):
+def _conditional_with_limits(*args, engine, limits, keep, **kwargs):
     # engine.conditional with the size thresholds (:mod:`hiermask._limits`)
-    # as a static argument, so that the jit cache keys on them too
+    # as a static argument, so that the jit cache keys on them too. Without
+    # keep, the group draws are not returned: the program computes only
+    # the population draws and the groups' moments.
     del limits
-    return engine.conditional(*args, **kwargs)
+    out, mean, cov = engine.conditional(*args, **kwargs)
+    if not keep:
+        out = {k: v for k, v in out.items() if k != "group_coef_internal"}
+    return out, mean, cov
 
 
 _conditional_jit = jax.jit(
-    _conditional_with_limits, static_argnames=("engine", "chunk", "limits")
+    _conditional_with_limits, static_argnames=("engine", "chunk", "limits", "keep")
 )
 
 
@@ -737,12 +852,13 @@ def _conditional_key(seed):
     return np.array([0, (seed + 1) % 2**32], dtype=np.uint32)
 
 
-def _conditional_program(config, data, hyper, engine=None):
+def _conditional_program(config, data, hyper, engine=None, keep=True):
     """Future of the compiled conditional draws for this fit's shapes.
 
     Compiled in a background thread, so that it overlaps the sampler's
     compilation and run; cached per shape like the sampler. ``engine``
-    defaults to today's model's (every slope varies, diagonal).
+    defaults to today's model's (every slope varies, diagonal); without
+    ``keep`` the program returns no group draws.
     """
     if engine is None:
         engine = ENGINES[config.engine](config.pooling)
@@ -752,7 +868,7 @@ def _conditional_program(config, data, hyper, engine=None):
     spec = _conditional_spec(engine, data, hyper, length)
     leaves, treedef = jax.tree_util.tree_flatten(spec)
     shapes = tuple((x.shape, x.dtype) for x in leaves)
-    key = (engine, chunk, treedef, shapes, _limits.current())
+    key = (engine, chunk, keep, treedef, shapes, _limits.current())
 
     def compile_now():
         with jax.enable_x64(True):
@@ -763,6 +879,7 @@ def _conditional_program(config, data, hyper, engine=None):
                 first_chunk=spec[4],
                 n_valid=spec[5],
                 limits=_limits.current(),
+                keep=keep,
             )
             return exclusive(lowered.compile(compiler_options()))
 
@@ -819,10 +936,11 @@ def _diagnose(draws, n_chains, mask, varying=None):
 
     Population-level parameters and the noise are always diagnosed; group
     intercepts and coefficients too while there are at most
-    ``_limits.MAX_GROUP_PARAMS_DIAGNOSED``.
+    ``_limits.MAX_GROUP_PARAMS_DIAGNOSED`` and their draws were kept.
     """
     n_groups, p = mask.shape
-    group_level = n_groups * (p + 1) <= _limits.MAX_GROUP_PARAMS_DIAGNOSED
+    small = n_groups * (p + 1) <= _limits.MAX_GROUP_PARAMS_DIAGNOSED
+    group_level = small and "intercept" in draws
     out = {}
     for block in parameter_blocks(draws, mask, varying, group_level):
         n_rows = block.draws.shape[1]

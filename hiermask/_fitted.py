@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from ._fit import Posterior
+from ._fit import GroupDraws, Posterior
 from ._parameters import parameter_blocks, row_name
 
 __all__ = ["FILE_FIELDS", "FittedModel", "file_fields", "fitted_model", "from_fields"]
@@ -67,6 +67,12 @@ class FittedModel:
         return self.posterior.draws
 
     @property
+    def kept_group_draws(self):
+        """Whether fit kept the group draws (else ``draws`` makes them when
+        asked for: ``keep_group_draws``)."""
+        return not isinstance(self.posterior.draws, GroupDraws)
+
+    @property
     def n_chains(self):
         """The number of chains."""
         return int(self.posterior.n_chains)
@@ -88,19 +94,23 @@ class FittedModel:
             str(n) for n, v in zip(self.feature_names, self.varying, strict=True) if v
         ]
 
-    def blocks(self, group_level=True):
+    def blocks(self, group_level=True, group_draws=True):
         """The reported parameters (:func:`hiermask._parameters.parameter_blocks`).
 
         Parameters
         ----------
         group_level : bool, default=True
             Whether to include the group intercepts and coefficients.
+        group_draws : bool, default=True
+            Whether their blocks hold their draws (made if not kept).
 
         Returns
         -------
         iterator of Block
         """
-        return parameter_blocks(self.draws, self.mask, self.varying, group_level)
+        return parameter_blocks(
+            self.draws, self.mask, self.varying, group_level, group_draws
+        )
 
     def labels(self, block):
         """``(parameter, group, feature)`` of each row of ``block``; a

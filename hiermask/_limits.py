@@ -55,6 +55,12 @@ LOCKSTEP_MAX_DATA = 20_000
 #: (``_nuts``).
 LEAF_BLOCK = 64
 
+#: ``keep_group_draws="auto"`` keeps the draws of every group's
+#: coefficients at fit while they take at most this many bytes
+#: (``num_chains * num_samples * n_groups * (n_features + 1) * 8``); above
+#: it they are made when first asked for (``_fit.GroupDraws``).
+KEEP_GROUP_DRAWS_BYTES = 1 << 28
+
 #: Rows per chunk of the prediction loops (``_predict``).
 PREDICT_CHUNK_ROWS = 1 << 13
 
@@ -87,6 +93,7 @@ _NAMES = (
     "LOCKSTEP_MAX_DATA",
     "LEAF_BLOCK",
     "PREDICT_CHUNK_ROWS",
+    "KEEP_GROUP_DRAWS_BYTES",
     "STATS_CHUNK_CELLS",
     "DASK_SPLIT_EVERY",
     "MAX_GROUP_PARAMS_DIAGNOSED",

@@ -57,7 +57,7 @@ def _features(draws, name, features):
     return Block(name, ("feature",), (features,), draws[name][:, features])
 
 
-def parameter_blocks(draws, mask, varying=None, group_level=True):
+def parameter_blocks(draws, mask, varying=None, group_level=True, group_draws=True):
     """Yield the blocks of the parameters that exist, in summary order.
 
     Parameters
@@ -70,6 +70,9 @@ def parameter_blocks(draws, mask, varying=None, group_level=True):
         True for a feature with a group-specific slope; None: every feature.
     group_level : bool, default=True
         Whether to yield the group intercepts and coefficients.
+    group_draws : bool, default=True
+        Whether their blocks hold their draws; False: none (shape
+        ``(0, n_rows)``), and ``draws`` is not asked for them.
 
     Yields
     ------
@@ -85,9 +88,13 @@ def parameter_blocks(draws, mask, varying=None, group_level=True):
     active = np.flatnonzero(mask.any(axis=0))
     if group_level:
         groups = np.arange(mask.shape[0])
-        yield Block("intercept", ("group",), (groups,), draws["intercept"])
         gs, js = np.nonzero(mask)
-        yield Block("coef", ("group", "feature"), (gs, js), draws["coef"][:, gs, js])
+        if group_draws:
+            intercept, coef = draws["intercept"], draws["coef"][:, gs, js]
+        else:
+            intercept, coef = np.empty((0, len(groups))), np.empty((0, len(gs)))
+        yield Block("intercept", ("group",), (groups,), intercept)
+        yield Block("coef", ("group", "feature"), (gs, js), coef)
     if "population_intercept" in draws:
         yield _scalar(draws, "population_intercept")
     if "population_coef" in draws:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy.special import ndtri
 
 from ._diagnostics import parameter_diagnostics
+from ._fit import GROUP_SITES
 from ._parameters import row_name
 
 __all__ = [
@@ -140,6 +142,19 @@ def _block_rows(values, tail):
     return [mean, sd, lo, hi]
 
 
+def _moment_rows(model, block, tail):
+    # A group block's rows from each group's exact posterior moments: mean,
+    # sd, a normal interval, no diagnostics (a fit without group draws).
+    post = model.posterior
+    groups = block.index[0]
+    col = 0 if block.parameter == "intercept" else 1 + np.asarray(block.index[1])
+    mean = post.coef_mean[groups, col]
+    sd = np.sqrt(post.coef_cov[groups, col, col])
+    half = ndtri(1.0 - tail) * sd
+    nan = np.full(mean.shape, np.nan)
+    return [mean, sd, mean - half, mean + half, nan, nan, nan]
+
+
 def summary_frame(model, coverage=0.9, *, long=False, group_level=True):
     """Posterior summary of every parameter of a fitted model.
 
@@ -185,7 +200,13 @@ def summary_frame(model, coverage=0.9, *, long=False, group_level=True):
     Notes
     -----
     Every column is computed from the draws in ``posterior_``; the
-    diagnostics that fit computed for its convergence check are reused. The
+    diagnostics that fit computed for its convergence check are reused.
+    When fit did not keep the group draws (``keep_group_draws``), the rows
+    of the group intercepts and coefficients come from each group's exact
+    posterior mean and covariance instead: ``mean`` and ``sd`` are exact
+    (not Monte Carlo estimates), the interval is the normal one with that
+    mean and sd, and ``ess_bulk``, ``ess_tail`` and ``r_hat`` are NaN; no
+    group draw is made. The
     fitted attributes ``coef_`` and ``intercept_`` of the collapsed engine
     are Rao-Blackwellized (averages of exact conditional means), so they can
     differ from the ``mean`` column by a fraction of the Monte Carlo error.
@@ -207,12 +228,16 @@ def summary_frame(model, coverage=0.9, *, long=False, group_level=True):
     lower, upper = interval_labels(coverage)
     tail = (1.0 - float(coverage)) / 2.0
     labels, parts = [], []
-    for block in model.blocks(group_level):
+    kept = model.kept_group_draws
+    for block in model.blocks(group_level, group_draws=kept):
         if not block.draws.shape[1]:
+            continue
+        labels += model.labels(block)
+        if not kept and block.parameter in GROUP_SITES:
+            parts.append(np.column_stack(_moment_rows(model, block, tail)))
             continue
         values = np.asarray(block.draws, dtype=np.float64)
         r_hat, ess_bulk, ess_tail = _diagnostics(model, block).T
-        labels += model.labels(block)
         stats = _block_rows(values, tail) + [ess_bulk, ess_tail, r_hat]
         parts.append(np.column_stack(stats))
     columns = ["mean", "sd", lower, upper, "ess_bulk", "ess_tail", "r_hat"]

@@ -1,0 +1,206 @@
+"""Group coefficients kept as moments; their draws made only when asked for.
+
+With ``keep_group_draws=False`` (or "auto" above
+``_limits.KEEP_GROUP_DRAWS_BYTES``) the collapsed engine's conditional
+program returns the population draws and each group's exact moments only;
+``posterior_`` (a :class:`hiermask._fit.GroupDraws`) makes ``intercept`` and
+``coef`` on first access by running the conditional draws again with the
+fit's key. Oracle: the fit that kept them. Everything must be equal bit for
+bit: the draws, ``coef_``, ``intercept_``, ``predict`` with its sd, and
+``predict_interval``.
+"""
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hiermask import MaskedHierarchicalRegressor, _limits, _runner
+from hiermask._fit import GroupDraws
+from hiermask.datasets import make_grouped_regression
+
+from .conftest import FAST
+from .test_reliability import ALLOWED_PICKLE_MODULES, pickled_globals
+
+SETTINGS = {"group_col": "group", "on_bad_convergence": "ignore", **FAST}
+
+
+def _data(missing=0):
+    X, y = make_grouped_regression(240, 6, 3, mask_fraction=0.2, random_state=4)
+    if missing:
+        X = X.copy()
+        rows = np.random.default_rng(0).choice(len(X), missing, replace=False)
+        for row in rows:  # a NaN in an applicable cell: latent, imputed
+            cols = [c for c in ("x0", "x1", "x2") if np.isfinite(X.at[row, c])]
+            X.at[row, cols[0]] = np.nan
+    return X, y
+
+
+def _pair(X, y, **params):
+    kept = MaskedHierarchicalRegressor(keep_group_draws=True, **SETTINGS, **params)
+    made = MaskedHierarchicalRegressor(keep_group_draws=False, **SETTINGS, **params)
+    return kept.fit(X, y), made.fit(X, y)
+
+
+CASES = {
+    "full": {},
+    "diagonal": {"group_covariance": "diagonal", "varying": "all"},
+    "population-only slope": {"group_covariance": "diagonal", "varying": ["x0"]},
+    "none": {"pooling": "none"},
+    "complete": {"pooling": "complete"},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_group_draws_made_on_access_equal_the_kept_ones(case):
+    X, y = _data()
+    kept, made = _pair(X, y, **CASES[case])
+    assert isinstance(made.posterior_, GroupDraws)
+    assert not made.posterior_.kept
+    assert type(kept.posterior_) is dict
+    # predictions come from the moments, before any group draw is made
+    np.testing.assert_array_equal(made.coef_, kept.coef_)
+    np.testing.assert_array_equal(made.intercept_, kept.intercept_)
+    for a, b in zip(
+        made.predict(X, return_std=True), kept.predict(X, return_std=True), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(
+        made.predict_interval(X, coverage=0.8), kept.predict_interval(X, coverage=0.8)
+    )
+    assert not made.posterior_.kept
+    assert list(made.posterior_) == list(kept.posterior_)
+    for name, value in kept.posterior_.items():
+        np.testing.assert_array_equal(made.posterior_[name], value, err_msg=name)
+    assert made.posterior_.kept
+
+
+def test_group_draws_of_imputed_cells_equal_the_kept_ones():
+    # latent cells: the conditional draws take the sampled cells too
+    X, y = _data(missing=5)
+    kept, made = _pair(X, y, group_covariance="diagonal", varying="all")
+    np.testing.assert_array_equal(made.predict(X), kept.predict(X))
+    # summary(): the population rows from the same draws; the group rows
+    # from the exact moments (normal interval, no diagnostics), no draw made
+    a = made.summary(coverage=0.8)
+    b = kept.summary(coverage=0.8)
+    assert list(a.index) == list(b.index)
+    assert not made.posterior_.kept
+    group = a.index.str.startswith(("intercept[", "coef["))
+    pd.testing.assert_frame_equal(a[~group], b[~group])
+    assert a.loc[group, ["ess_bulk", "ess_tail", "r_hat"]].isna().all().all()
+    post, mask = made._fitted.posterior, made._fitted.mask
+    var = np.diagonal(post.coef_cov, axis1=1, axis2=2)
+    mean = np.concatenate([post.coef_mean[:, 0], post.coef_mean[:, 1:][mask]])
+    cov = np.concatenate([var[:, 0], var[:, 1:][mask]])
+    np.testing.assert_array_equal(a.loc[group, "mean"].to_numpy(), mean)
+    np.testing.assert_array_equal(a.loc[group, "sd"].to_numpy(), np.sqrt(cov))
+    half = a.loc[group, "90%"].to_numpy() - mean
+    np.testing.assert_allclose(half, 1.2815515655446004 * np.sqrt(cov), rtol=1e-12)
+    np.testing.assert_allclose(
+        a.loc[group, "10%"].to_numpy(), mean - half, rtol=1e-12, atol=1e-12
+    )
+    for name in ("intercept", "coef"):
+        np.testing.assert_array_equal(made.posterior_[name], kept.posterior_[name])
+    # the other readers of group draws make them too
+    np.testing.assert_array_equal(
+        made.sample_y(X, n_samples=3, random_state=1),
+        kept.sample_y(X, n_samples=3, random_state=1),
+    )
+    a, b = made.to_arviz().posterior, kept.to_arviz().posterior
+    np.testing.assert_array_equal(a["coef"].values, b["coef"].values)
+
+
+@pytest.mark.parametrize("above", [False, True])
+def test_keep_group_draws_auto_keeps_up_to_the_limit(above, monkeypatch):
+    X, y = _data()
+    need = FAST["num_chains"] * FAST["num_samples"] * 6 * 4 * 8
+    monkeypatch.setattr(_limits, "KEEP_GROUP_DRAWS_BYTES", need - above)
+    est = MaskedHierarchicalRegressor(**SETTINGS).fit(X, y)
+    assert isinstance(est.posterior_, GroupDraws) == above
+
+
+def test_max_posterior_bytes_bounds_only_kept_draws():
+    X, y = _data()
+    small = {**SETTINGS, "max_posterior_bytes": 1000}
+    with pytest.raises(ValueError, match="keep_group_draws=False"):
+        MaskedHierarchicalRegressor(keep_group_draws=True, **small).fit(X, y)
+    est = MaskedHierarchicalRegressor(keep_group_draws=False, **small).fit(X, y)
+    assert est.posterior_["coef"].shape == (300, 6, 3)
+
+
+def test_direct_engine_always_keeps_its_group_draws():
+    X, y = _data()
+    with pytest.raises(ValueError, match="keep_group_draws=False needs the collapsed"):
+        MaskedHierarchicalRegressor(
+            engine="direct", keep_group_draws=False, **SETTINGS
+        ).fit(X, y)
+
+
+def test_a_pickle_holds_what_makes_the_group_draws_not_them(tmp_path):
+    X, y = _data()
+    kept, made = _pair(X, y, group_covariance="diagonal", varying="all")
+    _ = made.posterior_["coef"]  # made and held; the pickle leaves them out
+    blob = pickle.dumps(made)
+    modules = {module.split(".")[0] for module, _ in pickled_globals(blob)}
+    assert modules <= ALLOWED_PICKLE_MODULES
+    assert len(blob) < len(pickle.dumps(kept))
+    path = tmp_path / "model.pkl"
+    path.write_bytes(blob)
+    np.save(tmp_path / "coef.npy", kept.posterior_["coef"])
+    code = (
+        "import pickle, numpy as np;"
+        f"est = pickle.load(open({str(path)!r}, 'rb'));"
+        f"expected = np.load({str(tmp_path / 'coef.npy')!r});"
+        "assert not est.posterior_.kept;"
+        "assert np.array_equal(est.posterior_['coef'], expected);"
+        "print('same')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "same"
+
+
+def test_a_model_file_holds_the_group_draws(tmp_path):
+    import hiermask
+
+    X, y = _data()
+    kept, made = _pair(X, y, group_covariance="diagonal", varying="all")
+    made.save(tmp_path / "model.hmz")
+    _runner._CACHE.clear()
+    loaded = hiermask.load(tmp_path / "model.hmz")
+    assert type(loaded.posterior_) is dict
+    np.testing.assert_array_equal(loaded.posterior_["coef"], kept.posterior_["coef"])
+    np.testing.assert_array_equal(loaded.predict(X), kept.predict(X))
+
+
+def test_moments_equal_those_of_many_group_draws():
+    # coef_mean / coef_cov (closed form, averaged over the hyperparameter
+    # draws) against the mean and covariance of 4,000 conditional draws.
+    # Given the hyperparameter draws, mean(draws) - coef_mean is a mean of
+    # D independent normals of covariance C_d (the conditional ones), so its
+    # sd is at most sqrt(diag(coef_cov) / D): |z| < 4.5 for every entry.
+    X, y = _data()
+    est = MaskedHierarchicalRegressor(
+        keep_group_draws=False,
+        **{**SETTINGS, "num_warmup": 500, "num_samples": 2000, "num_chains": 2},
+        group_covariance="diagonal",
+        varying="all",
+    ).fit(X, y)
+    post = est._fitted.posterior
+    both = np.concatenate(
+        [est.posterior_["intercept"][..., None], est.posterior_["coef"]], axis=-1
+    )
+    n_draws = both.shape[0]
+    on = np.concatenate([np.ones((6, 1), bool), est._fitted.mask], axis=1)
+    sd = np.sqrt(np.diagonal(post.coef_cov, axis1=1, axis2=2))
+    z = (both.mean(axis=0) - post.coef_mean)[on] / (sd[on] / np.sqrt(n_draws))
+    assert np.max(np.abs(z)) < 4.5
+    # variances: the draws' over the moments' within 15% (sd of a variance
+    # estimate from 4,000 draws: about 2.2% for independent draws)
+    ratio = both.var(axis=0)[on] / sd[on] ** 2
+    np.testing.assert_allclose(ratio, 1.0, atol=0.15)
