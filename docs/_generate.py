@@ -207,6 +207,37 @@ FIT_HEADER = (
 )
 
 
+def _peers_section(peers: dict) -> str:
+    """The table of ``benchmarks/bench_peers.py``'s results."""
+    settings = peers["settings"]
+    loads = [row["load_before"] for row in peers["rows"]]
+    title = "Other tools, the radon model"
+    text = (
+        f".. _bench-peers:\n\n{title}\n{'~' * len(title)}\n\n"
+        f"``{peers['command'].strip()}`` (the ``peers`` extra): "
+        f"{settings['chains']} chains x ({settings['warmup']} warmup + "
+        f"{settings['draws']} draws), each tool in a fresh process, wall time "
+        "with compilation; ESS is the smallest bulk ESS over the five "
+        "population parameters. 1-minute load average before each tool "
+        f"{min(loads):.1f} to {max(loads):.1f}: other work shared the 2 cores, "
+        "so the ratios are those of one run.\n"
+    )
+    rows = [
+        [
+            row["counties"],
+            f"{row['rows']:,}",
+            row["tool"],
+            f"{row['wall_s']:.1f}",
+            "" if row["min_ess_bulk"] is None else f"{row['min_ess_bulk']:.0f}",
+            f"{row['ess_per_s']:.1f}" if "ess_per_s" in row else "",
+            f"{row['hiermask_ratio']:.1f}" if "hiermask_ratio" in row else "",
+        ]
+        for row in peers["rows"]
+    ]
+    header = ["counties", "rows", "tool", "wall (s)", "min ESS", "ESS/s"]
+    return text + _table([*header, "hiermask's ESS/s over it"], rows)
+
+
 def benchmark_pages(out: Path, results: Path) -> None:
     """Write ``benchmark_tables.rst`` and ``scaling.png`` from the JSON
     results of ``benchmarks/bench_engines.py``, ``bench_dask.py`` and
@@ -452,6 +483,8 @@ def benchmark_pages(out: Path, results: Path) -> None:
             ],
         )
     )
+
+    parts.append(_peers_section(json.loads((results / "peers.json").read_text())))
 
     sbc = json.loads((results / "sbc.json").read_text())
     parts.append("Simulation-based calibration\n~~~~~~~~~~~~~~~~~~~~~~~~~~~~\n")

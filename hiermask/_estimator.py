@@ -1386,7 +1386,9 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
 
     # ------------------------------------------------------------ pickling
     def __getstate__(self):
-        state = super().__getstate__()
+        # a copy: on Python 3.11+ BaseEstimator's state is the instance's own
+        # __dict__, and pickling must not change the estimator
+        state = dict(super().__getstate__())
         state["_hiermask_version"] = _version()
         return state
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy.special import ndtri
 
 if TYPE_CHECKING:  # matplotlib is an optional extra
     import pandas as pd
@@ -517,39 +518,65 @@ def _chosen_groups(model, groups):
     return [lookup[g] for g in groups]
 
 
-def _extremes(values, members):
+def _extremes(means, members):
     """The FOREST_EXTREMES members whose posterior means lie farthest from
     the members' median, ordered by mean."""
-    means = values[:, members].mean(axis=0)
+    means = means[members]
     far = np.argsort(-np.abs(means - np.median(means)), kind="stable")
     keep = np.sort(far[:FOREST_EXTREMES])
     return members[keep[np.argsort(means[keep], kind="stable")]]
 
 
-def _forest_rows(model, blocks, chosen):
-    """Rows ``(label, draws, kind)``, rows per block and a note on what was
-    left out."""
+def _intervals(values, tail):
+    # posterior mean and central interval of each column of draws
+    lo, hi = np.quantile(values, [tail, 1.0 - tail], axis=0)
+    return values.mean(axis=0), lo, hi
+
+
+def _group_intervals(model, j, tail):
+    """Each group's posterior mean and central interval of the intercept
+    (``j`` None) or of feature ``j``: from the draws, or, when fit did not
+    keep them (``keep_group_draws``), from the exact moments (a normal
+    interval), making no draw."""
+    if model.kept_group_draws:
+        draws = model.draws
+        values = draws["intercept"] if j is None else draws["coef"][..., j]
+        return _intervals(values, tail)
+    col = 0 if j is None else j + 1
+    post = model.posterior
+    mean = post.coef_mean[:, col]
+    half = ndtri(1.0 - tail) * np.sqrt(post.coef_cov[:, col, col])
+    return mean, mean - half, mean + half
+
+
+def _forest_rows(model, blocks, chosen, tail):
+    """Rows ``(label, (mean, lo, hi), kind)``, rows per block and a note on
+    what was left out."""
     names, groups = list(model.feature_names), _labels(model.groups)
     mask, draws = model.mask, model.draws
     rows, sizes, notes = [], [], []
     for j in blocks:
         if j is None:
             title, member = "intercept", np.ones(len(groups), dtype=bool)
-            values, pop = draws["intercept"], draws.get("population_intercept")
+            pop = draws.get("population_intercept")
         else:
             title, member = names[j], mask[:, j]
-            values, pop = draws["coef"][:, :, j], draws.get("population_coef")
+            pop = draws.get("population_coef")
             pop = None if pop is None else pop[:, j]
+        mean, lo, hi = _group_intervals(model, j, tail)
         members = np.flatnonzero(member)
         if chosen is not None:
             members = np.array([g for g in chosen if member[g]], dtype=int)
         elif len(groups) > MAX_FOREST_GROUPS:
             notes.append(title)
-            members = _extremes(values, members)
+            members = _extremes(mean, members)
         prefix = f"{title}: " if len(blocks) > 1 else ""
         if pop is not None:
-            rows.append((f"{prefix}population mean", pop, "population"))
-        rows += [(f"{prefix}{groups[g]}", values[:, g], "group") for g in members]
+            pop_row = (f"{prefix}population mean", _intervals(pop, tail), "population")
+            rows.append(pop_row)
+        rows += [
+            (f"{prefix}{groups[g]}", (mean[g], lo[g], hi[g]), "group") for g in members
+        ]
         sizes.append(members.size + (pop is not None))
     note = None
     if notes:
@@ -619,16 +646,16 @@ def plot_forest(
         blocks = [int(j) for j in np.flatnonzero(model.mask.any(axis=0))] or [None]
     else:
         blocks = [_parameter_index(model, feature)]
-    rows, sizes, note = _forest_rows(model, blocks, _chosen_groups(model, groups))
+    chosen = _chosen_groups(model, groups)
+    rows, sizes, note = _forest_rows(model, blocks, chosen, tail)
     n = len(rows)
     ax = _axes(ax, figsize=(6.5, min(1.5 + 0.3 * n, 20.0)))
     y_pos = np.arange(n)[::-1]
-    for (_, vals, kind), yp in zip(rows, y_pos, strict=True):
-        lo, hi = np.quantile(vals, [tail, 1.0 - tail])
+    for (_, (mean, lo, hi), kind), yp in zip(rows, y_pos, strict=True):
         color = _POP_COLOR if kind == "population" else _POOLED_COLOR
         ax.plot([lo, hi], [yp, yp], color=color, lw=2, solid_capstyle="butt")
         marker = "D" if kind == "population" else "o"
-        ax.plot([float(np.mean(vals))], [yp], marker=marker, color=color, ms=5)
+        ax.plot([float(mean)], [yp], marker=marker, color=color, ms=5)
     ax.set_ylim(-0.7, n - 0.3)
     step = max(1, int(np.ceil(n / _MAX_TICK_LABELS)))
     ax.set_yticks(y_pos[::step])

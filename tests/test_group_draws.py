@@ -140,9 +140,45 @@ def test_direct_engine_always_keeps_its_group_draws():
         ).fit(X, y)
 
 
-def test_a_pickle_holds_what_makes_the_group_draws_not_them(tmp_path):
+@pytest.fixture(scope="module")
+def diagonal_pair():
     X, y = _data()
-    kept, made = _pair(X, y, group_covariance="diagonal", varying="all")
+    return (X, *_pair(X, y, group_covariance="diagonal", varying="all"))
+
+
+def test_the_forest_of_a_fit_without_group_draws_shows_the_moments(diagonal_pair):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from hiermask import plotting
+
+    _, kept, made = diagonal_pair
+    made = pickle.loads(pickle.dumps(made))  # without the draws other tests made
+    ax = plotting.plot_forest(made, feature="x0", coverage=0.9, ax=Figure().subplots())
+    assert not made.posterior_.kept  # no draw made
+    post, mask = made._fitted.posterior, made._fitted.mask
+    groups = np.flatnonzero(mask[:, 0])
+    mean = post.coef_mean[groups, 1]
+    half = 1.6448536269514722 * np.sqrt(post.coef_cov[groups, 1, 1])
+    # per row an interval, then a marker; the population's row first
+    lines = ax.lines[2 : 2 + 2 * len(groups)]
+    np.testing.assert_allclose(
+        [line.get_xdata()[0] for line in lines[1::2]], mean, rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        [line.get_xdata() for line in lines[::2]],
+        np.column_stack([mean - half, mean + half]),
+        rtol=1e-12,
+    )
+    # the kept fit's forest: the draws' means, within Monte Carlo error
+    ax = plotting.plot_forest(kept, feature="x0", coverage=0.9, ax=Figure().subplots())
+    drawn = [line.get_xdata()[0] for line in ax.lines[3 : 3 + 2 * len(groups) : 2]]
+    sd = half / 1.6448536269514722
+    assert np.all(np.abs(np.array(drawn) - mean) < 4.5 * sd / np.sqrt(300))
+
+
+def test_a_pickle_holds_what_makes_the_group_draws_not_them(diagonal_pair, tmp_path):
+    _, kept, made = diagonal_pair
     _ = made.posterior_["coef"]  # made and held; the pickle leaves them out
     blob = pickle.dumps(made)
     modules = {module.split(".")[0] for module, _ in pickled_globals(blob)}
@@ -165,11 +201,10 @@ def test_a_pickle_holds_what_makes_the_group_draws_not_them(tmp_path):
     assert out.stdout.strip() == "same"
 
 
-def test_a_model_file_holds_the_group_draws(tmp_path):
+def test_a_model_file_holds_the_group_draws(diagonal_pair, tmp_path):
     import hiermask
 
-    X, y = _data()
-    kept, made = _pair(X, y, group_covariance="diagonal", varying="all")
+    X, kept, made = diagonal_pair
     made.save(tmp_path / "model.hmz")
     _runner._CACHE.clear()
     loaded = hiermask.load(tmp_path / "model.hmz")
