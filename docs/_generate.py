@@ -220,7 +220,7 @@ def _peers_section(peers: dict) -> str:
         "with compilation; ESS is the smallest bulk ESS over the five "
         "population parameters. 1-minute load average before each tool "
         f"{min(loads):.1f} to {max(loads):.1f}: other work shared the 2 cores, "
-        "so the ratios are those of one run.\n"
+        "so the ratios are those of one run.\n\n"
     )
     rows = [
         [
