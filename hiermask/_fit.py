@@ -7,13 +7,14 @@ units of the data. It takes and returns arrays and small dataclasses only.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, replace
 
 import jax
 import numpy as np
 
-from . import _identify, _limits
+from . import _export, _identify, _limits
 from ._collapsed import (
     CollapsedData,
     CollapsedEngine,
@@ -756,17 +757,35 @@ def _conditional_program(config, data, hyper, engine=None):
 
     def compile_now():
         with jax.enable_x64(True):
-            lowered = _conditional_jit.lower(
-                *spec[:4],
-                engine=engine,
-                chunk=chunk,
-                first_chunk=spec[4],
-                n_valid=spec[5],
-                limits=_limits.current(),
-            )
+            lowered = _conditional_lowered(spec, engine, chunk, key)
             return exclusive(lowered.compile(compiler_options()))
 
     return compiled_in_background(key, compile_now)
+
+
+def _conditional_lowered(spec, engine, chunk, key):
+    # The lowered conditional draws: read back from their exported program
+    # while JAX's persistent cache is on and it was stored, else traced (and
+    # then stored, while the cache is on); see hiermask._export.
+    kwargs = {"first_chunk": spec[4], "n_valid": spec[5]}
+    name = "_conditional_with_limits"
+    engine_key, chunk, treedef, shapes, limits = key
+    where = _export.path(name, (engine_key, chunk, str(treedef), shapes, limits))
+    stored = _export.load(where) if where is not None else None
+    if stored is not None:
+        try:
+            return _export.lower(stored, name, spec[:4], kwargs)
+        except Exception:  # a program that does not fit after all: trace
+            pass
+    static = {"engine": engine, "chunk": chunk, "limits": limits}
+    if where is not None:
+        try:
+            fn = functools.partial(_conditional_jit, **static)
+            stored = _export.store(where, fn, spec[:4], kwargs)
+            return _export.lower(stored, name, spec[:4], kwargs)
+        except Exception:  # not exportable: lowered directly, not stored
+            pass
+    return _conditional_jit.lower(*spec[:4], **kwargs, **static)
 
 
 def _conditional(program, rng_key, sites, data, hyper):
