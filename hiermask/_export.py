@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import jax
 
-__all__ = ["Stored", "load", "lower", "path", "store"]
+__all__ = ["Stored", "load", "lower", "lowered", "path", "store"]
 
 #: The folder of the exported programs, inside JAX's cache folder.
 SUBFOLDER = "hiermask-exported"
@@ -69,6 +69,56 @@ class Stored(NamedTuple):
 
     exported: jax.export.Exported
     out_tree: jax.tree_util.PyTreeDef
+
+
+def lowered(name, key, jitted, static, arguments):
+    """``jitted`` lowered: read back from its stored program, or traced.
+
+    While JAX's persistent cache is on, the program stored under ``name`` and
+    ``key`` is read back and a call of it lowered (:func:`lower`); when there
+    is none (or it does not fit), ``jitted`` is exported, stored and a call of
+    it lowered; with the cache off, or when it cannot be exported, it is
+    lowered as it always was: ``jitted.lower(*args, **kwargs, **static)``.
+
+    Parameters
+    ----------
+    name : str
+        The program's name (of its file, and of JAX's cache entry).
+    key : tuple
+        See :func:`path`.
+    jitted : jax.stages.Wrapped
+        A ``jax.jit`` function.
+    static : dict
+        Its static keyword arguments.
+    arguments : callable
+        Takes the stored program, or None when tracing, and returns the
+        ``(args, kwargs)`` to lower ``fn`` or the stored program on.
+
+    Returns
+    -------
+    lowered : jax.stages.Lowered
+    args : tuple
+        The positional arguments it was lowered on.
+    traced : bool
+        Whether ``fn`` was traced (not read back).
+    """
+    where = path(name, key)
+    stored = load(where) if where is not None else None
+    if stored is not None:
+        try:
+            args, kwargs = arguments(stored)
+            return lower(stored, name, args, kwargs), args, False
+        except Exception:  # a program that does not fit after all: trace
+            pass
+    args, kwargs = arguments(None)
+    if where is not None:
+        try:
+            fn = functools.partial(jitted, **static)
+            stored = store(where, fn, args, kwargs)
+            return lower(stored, name, args, kwargs), args, True
+        except Exception:  # not exportable: lowered directly, not stored
+            pass
+    return jitted.lower(*args, **kwargs, **static), args, True
 
 
 def path(name, key):

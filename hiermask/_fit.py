@@ -7,7 +7,6 @@ units of the data. It takes and returns arrays and small dataclasses only.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass, replace
 
@@ -764,28 +763,18 @@ def _conditional_program(config, data, hyper, engine=None):
 
 
 def _conditional_lowered(spec, engine, chunk, key):
-    # The lowered conditional draws: read back from their exported program
-    # while JAX's persistent cache is on and it was stored, else traced (and
-    # then stored, while the cache is on); see hiermask._export.
-    kwargs = {"first_chunk": spec[4], "n_valid": spec[5]}
-    name = "_conditional_with_limits"
+    # The lowered conditional draws: read back from their stored program
+    # while JAX's persistent cache is on (hiermask._export), else traced.
     engine_key, chunk, treedef, shapes, limits = key
-    where = _export.path(name, (engine_key, chunk, str(treedef), shapes, limits))
-    stored = _export.load(where) if where is not None else None
-    if stored is not None:
-        try:
-            return _export.lower(stored, name, spec[:4], kwargs)
-        except Exception:  # a program that does not fit after all: trace
-            pass
-    static = {"engine": engine, "chunk": chunk, "limits": limits}
-    if where is not None:
-        try:
-            fn = functools.partial(_conditional_jit, **static)
-            stored = _export.store(where, fn, spec[:4], kwargs)
-            return _export.lower(stored, name, spec[:4], kwargs)
-        except Exception:  # not exportable: lowered directly, not stored
-            pass
-    return _conditional_jit.lower(*spec[:4], **kwargs, **static)
+    kwargs = {"first_chunk": spec[4], "n_valid": spec[5]}
+    lowered, _, _ = _export.lowered(
+        "_conditional_with_limits",
+        (engine_key, chunk, str(treedef), shapes, limits),
+        _conditional_jit,
+        {"engine": engine, "chunk": chunk, "limits": limits},
+        lambda stored: (spec[:4], kwargs),
+    )
+    return lowered
 
 
 def _conditional(program, rng_key, sites, data, hyper):

@@ -333,29 +333,20 @@ def _compiled_program(args, static, timings, before_compile):
 
 
 def _lowered(args, static, cache_key):
-    # The lowered sampler, its zero start state, and whether it was traced:
-    # read back from its exported program while JAX's persistent cache is
-    # on and the program was stored (hiermask._export), traced otherwise
-    # (and then stored, while the cache is on).
-    where = _export.path("_program", _export_key(cache_key))
-    stored = _export.load(where) if where is not None else None
-    if stored is not None:
-        try:
-            state = _stored_state(stored)
-            return _export.lower(stored, "_program", (state, *args), {}), state, False
-        except Exception:  # a program that does not fit after all: trace
-            pass
-    state = _start_state(
-        *args[1:], engine=static["engine"], num_chains=static["num_chains"]
+    # The lowered sampler, its zero start state, and whether it was traced
+    # (not read back from its stored program, see hiermask._export).
+    def arguments(stored):
+        if stored is not None:
+            return (_stored_state(stored), *args), {}
+        state = _start_state(
+            *args[1:], engine=static["engine"], num_chains=static["num_chains"]
+        )
+        return (state, *args), {}
+
+    lowered, (state, *_), traced = _export.lowered(
+        "_program", _export_key(cache_key), _program, static, arguments
     )
-    if where is not None:
-        try:
-            fn = functools.partial(_program, **static)
-            stored = _export.store(where, fn, (state, *args), {})
-            return _export.lower(stored, "_program", (state, *args), {}), state, True
-        except Exception:  # not exportable: lowered directly, not stored
-            pass
-    return _program.lower(state, *args, **static), state, True
+    return lowered, state, traced
 
 
 def _export_key(cache_key):
