@@ -55,7 +55,10 @@ def enable_compilation_cache(path=None) -> dict:
     hiermask's programs are cached per shape in memory; with this cache they
     are also written to disk, so that a new process (a restarted notebook, a
     ``GridSearchCV(n_jobs=...)`` worker, the next ``hiermask`` command) loads
-    them instead of compiling them again. This changes JAX's global
+    them instead of compiling them again. Beside them, in the folder
+    ``hiermask-exported``, hiermask keeps its traced programs
+    (:func:`jax.export.export`), so that a new process does not trace them
+    either. This changes JAX's global
     configuration for the whole process (every JAX program is then cached,
     not only hiermask's): ``jax_compilation_cache_dir`` is set to ``path``,
     and ``jax_persistent_cache_min_compile_time_secs`` and

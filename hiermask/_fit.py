@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import jax
 import numpy as np
 
-from . import _identify, _limits
+from . import _export, _identify, _limits
 from ._collapsed import (
     CollapsedData,
     CollapsedEngine,
@@ -872,18 +872,25 @@ def _conditional_program(config, data, hyper, engine=None, keep=True):
 
     def compile_now():
         with jax.enable_x64(True):
-            lowered = _conditional_jit.lower(
-                *spec[:4],
-                engine=engine,
-                chunk=chunk,
-                first_chunk=spec[4],
-                n_valid=spec[5],
-                limits=_limits.current(),
-                keep=keep,
-            )
+            lowered = _conditional_lowered(spec, engine, chunk, key)
             return exclusive(lowered.compile(compiler_options()))
 
     return compiled_in_background(key, compile_now)
+
+
+def _conditional_lowered(spec, engine, chunk, key):
+    # The lowered conditional draws: read back from their stored program
+    # while JAX's persistent cache is on (hiermask._export), else traced.
+    engine_key, chunk, keep, treedef, shapes, limits = key
+    kwargs = {"first_chunk": spec[4], "n_valid": spec[5]}
+    lowered, _, _ = _export.lowered(
+        "_conditional_with_limits",
+        (engine_key, chunk, keep, str(treedef), shapes, limits),
+        _conditional_jit,
+        {"engine": engine, "chunk": chunk, "limits": limits, "keep": keep},
+        lambda stored: (spec[:4], kwargs),
+    )
+    return lowered
 
 
 def _conditional(program, rng_key, sites, data, hyper):

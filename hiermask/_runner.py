@@ -24,7 +24,10 @@ scales and data values are arguments, so refits with other prior scales or
 other rows of the same shape reuse the program (:func:`cache_info` counts
 them). The same cache holds the compiled conditional draws of
 :mod:`hiermask._fit` (:func:`compiled_in_background`): it is the package's
-one piece of module state. Everything runs in float64 inside a scoped
+one piece of module state. While JAX's persistent compilation cache is on,
+a traced program is also stored on disk as an exported program
+(:mod:`hiermask._export`), so that a new process reads it back instead of
+tracing it again. Everything runs in float64 inside a scoped
 ``jax.enable_x64(True)`` and with per-compilation XLA options
 (:func:`hiermask._xla.compiler_options`); the user's global configuration is
 untouched.
@@ -45,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _limits, _nuts
+from . import _export, _limits, _nuts
 from ._xla import compiler_options, exclusive, runs_alone
 
 __all__ = [
@@ -69,9 +72,13 @@ class RunResult(NamedTuple):
         ``diverging``, ``n_steps`` (leapfrog steps) and ``accept_prob``.
     timings : dict
         Seconds: ``trace`` (tracing and lowering, 0 when the compiled
-        program was reused), ``compile`` (XLA, 0 likewise) and ``run``.
+        program was reused, or read back from the exported program that
+        :mod:`hiermask._export` stored), ``compile`` (XLA, or loading from
+        JAX's persistent cache, with reading back and lowering the stored
+        program when it was; 0 when reused) and ``run``.
     traced : bool
-        Whether the sampler was traced for this run (no reuse).
+        Whether the sampler was traced for this run (neither reused nor
+        read back).
     """
 
     values: dict
@@ -313,19 +320,49 @@ def _compiled_program(args, static, timings, before_compile):
     found = _CACHE.get(cache_key)
     if found is None:
         start = time.perf_counter()
-        state = _start_state(
-            *args[1:], engine=static["engine"], num_chains=static["num_chains"]
-        )
-        lowered = _program.lower(state, *args, **static)
-        timings["trace"] = time.perf_counter() - start
+        lowered, state, traced = _lowered(args, static, cache_key)
+        timings["trace" if traced else "compile"] = time.perf_counter() - start
         before_compile()
         start = time.perf_counter()
         found = exclusive(lowered.compile(compiler_options())), state
-        timings["compile"] = time.perf_counter() - start
+        timings["compile"] += time.perf_counter() - start
         _CACHE.put(cache_key, found)
     else:
         before_compile()
     return found
+
+
+def _lowered(args, static, cache_key):
+    # The lowered sampler, its zero start state, and whether it was traced
+    # (not read back from its stored program, see hiermask._export).
+    def arguments(stored):
+        if stored is not None:
+            return (_stored_state(stored), *args), {}
+        state = _start_state(
+            *args[1:], engine=static["engine"], num_chains=static["num_chains"]
+        )
+        return (state, *args), {}
+
+    lowered, (state, *_), traced = _export.lowered(
+        "_program", _export_key(cache_key), _program, static, arguments
+    )
+    return lowered, state, traced
+
+
+def _export_key(cache_key):
+    # The compile-cache key in a form whose repr is the same in every
+    # process (the tree structure as text).
+    settings, treedef, shapes = cache_key
+    return settings, str(treedef), shapes
+
+
+def _stored_state(stored):
+    # The zero start state of a stored sampler, from the shapes of its
+    # first arguments (the state's leaves) and the tree of its first result.
+    state_tree = stored.out_tree.children()[0]
+    avals = stored.exported.in_avals[: state_tree.num_leaves]
+    zeros = [np.zeros(aval.shape, aval.dtype) for aval in avals]
+    return jax.tree_util.tree_unflatten(state_tree, zeros)
 
 
 def _chain_parts(num_chains, data_size):

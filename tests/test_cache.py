@@ -4,12 +4,16 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import hiermask
 from hiermask._cache import cache_disabled_by_env, default_cache_dir
 
 _SCRIPT = """
 import os, sys
 import jax
+import pytest
+
 import hiermask
 from hiermask.datasets import make_manufacturing
 assert jax.config.jax_compilation_cache_dir is None  # import changes nothing
@@ -102,6 +106,8 @@ def test_main_called_from_python_leaves_jax_config_alone(tmp_path, capsys):
 _TOGGLE = """
 import os, sys
 import jax
+import pytest
+
 import hiermask
 jax.jit(lambda x: x + 1.0)(1.0)  # compiled before the cache is on
 previous = hiermask.enable_compilation_cache(sys.argv[1])
@@ -131,3 +137,41 @@ def test_enable_after_a_compilation_and_restore(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["1", "1"]
+
+
+def test_stored_programs_are_keyed_and_checked(tmp_path):
+    # hiermask._export: a file per key, only while JAX's cache is on; a file
+    # of another key, or whose program fails its checksum, is not read.
+    pytest.importorskip("flatbuffers")
+    import jax
+
+    from hiermask import _export
+
+    assert jax.config.jax_compilation_cache_dir is None
+    assert _export.path("_program", ("a",)) is None
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    try:  # nothing compiles in between
+        a, b = _export.path("_program", ("a",)), _export.path("_program", ("b",))
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+    assert a[0].parent == b[0].parent == tmp_path / _export.SUBFOLDER
+    assert a[0] != b[0] and a[1] != b[1]
+    tree = jax.tree_util.tree_structure((1, {"x": 2, "y": None}, [3]))
+    _export._write(a, b"not a program", tree)
+    assert _export.load(b) is None  # no such file
+    b[0].write_bytes(a[0].read_bytes())
+    assert _export.load(b) is None  # another key
+    assert _export.load(a) is None  # the right key, but no program
+    assert _export._decode_tree(_export._encode_tree(tree)) == tree
+    assert not list(tmp_path.glob(f"{_export.SUBFOLDER}/.tmp-*"))
+
+
+def test_stored_tree_structures_round_trip():
+    import jax
+
+    from hiermask import _export, _nuts
+
+    adapt = _nuts.AdaptState(*range(len(_nuts.AdaptState._fields)))
+    state = _nuts.ChainState(_nuts.NUTSState(1, 2, 3), adapt)
+    tree = jax.tree_util.tree_structure((state, {"noise": 0}, {"a": 1, "b": 2}))
+    assert _export._decode_tree(_export._encode_tree(tree)) == tree
