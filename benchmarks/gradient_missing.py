@@ -3,7 +3,11 @@
 The data of ``bench_engines.py --missing --quick`` (10,000 rows, 200 groups, 8
 features; 80 NaN cells): 50 gradients in one compiled loop, compiled with the
 package's XLA options and the data passed as arguments, best of 3 by
-``time.process_time``; microseconds per gradient (issue 17).
+``time.process_time``; microseconds per gradient (issue 17). Each in two
+forms: ``grad``, ``jax.grad`` of the potential, and ``sampler``, the form
+the NUTS kernel compiles (``jax.vmap(jax.value_and_grad(...))`` over one
+chain): XLA can compile the two very differently (docs/performance.md,
+"Latent cells").
 
     python benchmarks/gradient_missing.py full diagonal
 """
@@ -22,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def gradient_us(engine, frame, y):
+def gradient_us(engine, frame, y, form="grad"):
     """Microseconds per gradient of the engine's density on these rows."""
     from hiermask._fit import FitConfig, _collapsed_data, _hyper, _prior_units
     from hiermask._stats import compute_scaling
@@ -57,8 +61,17 @@ def gradient_us(engine, frame, y):
         def gradients(data, hyper, z):
             density = engine.density(data, hyper)
 
-            def body(i, acc):
-                return acc + jax.grad(density.potential)(z + 1e-3 * i)
+            if form == "grad":
+
+                def body(i, acc):
+                    return acc + jax.grad(density.potential)(z + 1e-3 * i)
+
+            else:
+                value_and_grad = jax.vmap(jax.value_and_grad(density.potential))
+
+                def body(i, acc):
+                    value, grad = value_and_grad((z + 1e-3 * i)[None])
+                    return acc + grad[0] + value[0]
 
             return jax.lax.fori_loop(0, 50, body, jnp.zeros_like(z))
 
@@ -84,13 +97,14 @@ def main(argv):
     y = np.asarray(y, dtype=float)
     for covariance in argv or ["full", "diagonal"]:
         engine = CollapsedEngine("partial", covariance=covariance)
-        for frame in (X, holed):
-            cells, size, us = gradient_us(engine, frame, y)
-            print(
-                f"{covariance}: {cells} latent cells, {size} coordinates, "
-                f"{us:.0f} us per gradient",
-                flush=True,
-            )
+        for form in ("grad", "sampler"):
+            for frame in (X, holed):
+                cells, size, us = gradient_us(engine, frame, y, form)
+                print(
+                    f"{covariance} ({form}): {cells} latent cells, {size} "
+                    f"coordinates, {us:.0f} us per gradient",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -232,6 +232,21 @@ def _unit(x):
     return jax.lax.stop_gradient(1.0 + 0.0 * jnp.sum(x[:1]))
 
 
+def _stats_unit(data, stats):
+    """The unit of the groups' algebra (:func:`_unit`) for :func:`_statistics`.
+
+    From ``u'Wu``, which the latent cells leave alone, when there are any:
+    from ``k``, which holds them, it is batched with the chains (the
+    sampler's ``vmap``) and with the draws, a division by a batched unit in
+    every materialized intermediate, and XLA compiled the gradient 3.7
+    times slower (``benchmarks/gradient_missing.py full``, 80 latent cells:
+    6,929 against 1,872 us; docs/performance.md, "Latent cells"). Without
+    latent cells from ``k`` as always (the same program, the same draws).
+    """
+    _, yty, _, xty = stats
+    return _unit(yty if data.miss_row.shape[0] else xty)
+
+
 def _mm(a, b):
     # a b for a (q, r, ...) and b (r, s, ...), batch axes last (broadcast).
     return sum(a[:, j, None] * b[None, j] for j in range(a.shape[1]))
@@ -260,11 +275,10 @@ class _Groups(NamedTuple):
     b: jnp.ndarray  # (q, q, G) T E'K P
 
 
-def _factor_m(inv, factor, gram, xty):
+def _factor_m(inv, factor, gram, xty, unit):
     # Each group's M = I + E'KE inv as its inverse Cholesky factor t and
-    # log|M|, with the unit, E as a column and KE that built it.
+    # log|M|, with the unit (_stats_unit), E as a column and KE that built it.
     q = factor.shape[0]
-    unit = _unit(xty)
     f = factor[:, :, None]
     ke = col.materialize(_mm(gram, f), unit)
     eye = jnp.eye(q)[:, :, None]
@@ -273,14 +287,14 @@ def _factor_m(inv, factor, gram, xty):
     return unit, f, ke, t, logdet
 
 
-def _groups(inv, factor, left, gram, xty):
+def _groups(inv, factor, left, gram, xty, unit):
     """The groups' ``M = I + E'KE inv`` factorized, ``a`` and ``B``.
 
     ``E`` is ``factor`` for every group: its rows at a group's off features
     meet only zeros of ``K`` and ``k`` (so ``E'KE`` is that of the masked
-    factor), and likewise ``K P``.
+    factor), and likewise ``K P``. ``unit``: :func:`_stats_unit`.
     """
-    unit, f, ke, t, logdet = _factor_m(inv, factor, gram, xty)
+    unit, f, ke, t, logdet = _factor_m(inv, factor, gram, xty, unit)
     a = col.materialize(_mv(t, col.materialize(_tmv(f, xty), unit)), unit)
     b = col.materialize(_mm(t, col.materialize(_tmm(ke, left[:, :, None]), unit)), unit)
     return _Groups(t, logdet, a, b)
@@ -310,9 +324,9 @@ def _summed(inv, left, gram, xty, grp):
 # (tests/test_collapsed_general.py checks them against jax.grad).
 
 
-def _group_forms(inv, factor, left, gram, xty):
+def _group_forms(inv, factor, left, gram, xty, unit):
     # The four sums and what their gradient needs.
-    unit, f, ke, t, logdet = _factor_m(inv, factor, gram, xty)
+    unit, f, ke, t, logdet = _factor_m(inv, factor, gram, xty, unit)
     n = col.materialize(_tmm(t, t), unit)
     w = col.materialize(_mm(_mm(f, n), _tr(f)), unit)
     kp = col.materialize(_mm(gram, left[:, :, None]), unit)
@@ -328,24 +342,24 @@ def _group_forms(inv, factor, left, gram, xty):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _group_sums(want_stats, inv, factor, left, gram, xty):
+def _group_sums(want_stats, inv, factor, left, gram, xty, unit):
     """``(sum log|M|, sum k'Wk, sum P'KWKP, sum P'KWk)`` (module comment).
 
     ``want_stats``: whether the gradient with respect to the statistics is
-    formed (they depend on latent cells); ``left`` gets none.
+    formed (they depend on latent cells); ``left`` and ``unit``
+    (:func:`_stats_unit`) get none.
     """
-    return _group_forms(inv, factor, left, gram, xty)[0]
+    return _group_forms(inv, factor, left, gram, xty, unit)[0]
 
 
-def _group_sums_fwd(want_stats, inv, factor, left, gram, xty):
-    forms, saved = _group_forms(inv, factor, left, gram, xty)
-    return forms, (inv, factor, left, gram, xty, *saved)
+def _group_sums_fwd(want_stats, inv, factor, left, gram, xty, unit):
+    forms, saved = _group_forms(inv, factor, left, gram, xty, unit)
+    return forms, (inv, factor, left, gram, xty, unit, *saved)
 
 
 def _group_sums_bwd(want_stats, residuals, cot):
-    inv, factor, left, gram, xty, n, w, kp, wk, wkp, ke = residuals
+    inv, factor, left, gram, xty, unit, n, w, kp, wk, wkp, ke = residuals
     c1, c2, c3, c4 = cot
-    unit = _unit(xty)
     f = factor[:, :, None]
     c3 = 0.5 * (c3 + c3.T)
     u = _mv(kp, c4[:, None])
@@ -362,12 +376,12 @@ def _group_sums_bwd(want_stats, residuals, cot):
     grad_inv = jnp.sum((c1 * n - r) * s)
     zero = jnp.zeros_like
     if not want_stats:
-        return grad_inv, grad_f, zero(left), zero(gram), zero(xty)
+        return grad_inv, grad_f, zero(left), zero(gram), zero(xty), zero(unit)
     grad_gram = c1 * inv * w - inv * _mm(w, _mm(g, w))
     grad_gram = grad_gram + 2.0 * _mm(wkp, (c3 @ left.T)[:, :, None])
     grad_gram = grad_gram + wk[:, None] * (left @ c4)[None, :, None]
     grad_xty = 2.0 * c2 * wk + _mv(w, u)
-    return grad_inv, grad_f, zero(left), grad_gram, grad_xty
+    return grad_inv, grad_f, zero(left), grad_gram, grad_xty, zero(unit)
 
 
 _group_sums.defvjp(_group_sums_fwd, _group_sums_bwd)
@@ -444,11 +458,14 @@ def _loglik_of(spec, scales, data, hyper, stats, hand_written=True):
     n, yty, gram, xty = stats
     left = _population_left(spec, data)
     factor = _deviation_factor(spec, scales, hyper, data)
+    unit = _stats_unit(data, stats)
     if hand_written:
         want_stats = data.miss_row.shape[0] > 0
-        logdets, aa, bb, ba = _group_sums(want_stats, inv, factor, left, gram, xty)
+        logdets, aa, bb, ba = _group_sums(
+            want_stats, inv, factor, left, gram, xty, unit
+        )
     else:
-        grp = _groups(inv, factor, left, gram, xty)
+        grp = _groups(inv, factor, left, gram, xty, unit)
         logdets, aa = jnp.sum(grp.logdet), jnp.sum(grp.a**2)
         bb = jnp.sum(_tmm(grp.b, grp.b), axis=-1)
         ba = jnp.sum(_tmv(grp.b, grp.a), axis=-1)
@@ -629,10 +646,11 @@ def _one_draw(spec, data, hyper, fixed, draw, eps):
     """
     scales = _draw_scales(spec, draw, hyper)
     inv = 1.0 / scales["sigma"] ** 2
-    _, _, gram, xty = _statistics(spec, data, draw.get("x_missing"), fixed)
+    stats = _statistics(spec, data, draw.get("x_missing"), fixed)
+    _, _, gram, xty = stats
     left = _population_left(spec, data)
     factor = _deviation_factor(spec, scales, hyper, data)
-    grp = _groups(inv, factor, left, gram, xty)
+    grp = _groups(inv, factor, left, gram, xty, _stats_unit(data, stats))
     h, eta = _summed(inv, left, gram, xty, grp)
     t_pop, _ = col.population_factor(h, _prior_var(hyper))
     phi = t_pop.T @ (t_pop @ eta + eps[0])

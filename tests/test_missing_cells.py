@@ -127,6 +127,26 @@ def test_rows_added_to_prepared_statistics_equal_all_rows_prepared(
             close(a, b)
 
 
+@pytest.mark.parametrize("pooling", ["partial", "none"])
+def test_general_unit_is_not_batched_with_the_cells(pooling):
+    # The general model's unit of materialize (_general._stats_unit) comes
+    # from statistics the latent cells leave alone: under the sampler's vmap
+    # it stays one scalar (out_axes=None fails if it depends on the mapped
+    # cells); a unit batched with the chains made the gradient 5.5 times
+    # slower (docs/performance.md, "Latent cells"). It is 1.0.
+    data, _, _ = _problem()
+    spec = _general.general_spec(pooling, (True, False, True), "full", 3)
+    with jax.enable_x64(True):
+        data = _as_jax(data)
+
+        def unit(cells):
+            return _general._stats_unit(data, _general._statistics(spec, data, cells))
+
+        cells = jnp.stack([jnp.asarray(CELLS), 2.0 * jnp.asarray(CELLS)])
+        got = jax.vmap(unit, out_axes=None)(cells)
+    assert float(got) == 1.0
+
+
 def _sampled_loc_loglik(data, loc, scale, cells):
     # The former density: x_loc sampled with its Normal(0, L) prior, the
     # observed cells' factor and the latent cells' prior of direct_model.
