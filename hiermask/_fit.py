@@ -435,8 +435,8 @@ class GroupDraws(Mapping):
         self._lock = threading.Lock()
 
     @property
-    def kept(self):
-        """Whether the group draws are held now (made, or asked for before)."""
+    def made(self):
+        """Whether the group draws are held now (asked for before)."""
         return self._made is not None
 
     def _group(self):

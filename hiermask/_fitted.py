@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import ndtri
 from sklearn.utils.validation import check_is_fitted
 
 from ._fit import GroupDraws, Posterior
@@ -71,6 +72,28 @@ class FittedModel:
         """Whether fit kept the group draws (else ``draws`` makes them when
         asked for: ``keep_group_draws``)."""
         return not isinstance(self.posterior.draws, GroupDraws)
+
+    def moment_intervals(self, groups, cols, tail):
+        """Group coefficients' exact posterior mean and sd, and the central
+        normal interval with that mean and sd (no draw is made).
+
+        Parameters
+        ----------
+        groups, cols : int or array of int
+            Group positions, and coefficient positions (0: the intercept,
+            ``1 + j``: feature ``j``), broadcast against each other.
+        tail : float
+            Mass left out on each side of the interval.
+
+        Returns
+        -------
+        mean, sd, lo, hi : ndarray
+        """
+        post = self.posterior
+        mean = post.coef_mean[groups, cols]
+        sd = np.sqrt(post.coef_cov[groups, cols, cols])
+        half = ndtri(1.0 - tail) * sd
+        return mean, sd, mean - half, mean + half
 
     @property
     def n_chains(self):

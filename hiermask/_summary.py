@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy.special import ndtri
 
 from ._diagnostics import parameter_diagnostics
 from ._fit import GROUP_SITES
@@ -145,14 +144,10 @@ def _block_rows(values, tail):
 def _moment_rows(model, block, tail):
     # A group block's rows from each group's exact posterior moments: mean,
     # sd, a normal interval, no diagnostics (a fit without group draws).
-    post = model.posterior
-    groups = block.index[0]
     col = 0 if block.parameter == "intercept" else 1 + np.asarray(block.index[1])
-    mean = post.coef_mean[groups, col]
-    sd = np.sqrt(post.coef_cov[groups, col, col])
-    half = ndtri(1.0 - tail) * sd
-    nan = np.full(mean.shape, np.nan)
-    return [mean, sd, mean - half, mean + half, nan, nan, nan]
+    rows = model.moment_intervals(block.index[0], col, tail)
+    nan = np.full(rows[0].shape, np.nan)
+    return [*rows, nan, nan, nan]
 
 
 def summary_frame(model, coverage=0.9, *, long=False, group_level=True):

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.special import ndtri
 
 if TYPE_CHECKING:  # matplotlib is an optional extra
     import pandas as pd
@@ -542,11 +541,9 @@ def _group_intervals(model, j, tail):
         draws = model.draws
         values = draws["intercept"] if j is None else draws["coef"][..., j]
         return _intervals(values, tail)
-    col = 0 if j is None else j + 1
-    post = model.posterior
-    mean = post.coef_mean[:, col]
-    half = ndtri(1.0 - tail) * np.sqrt(post.coef_cov[:, col, col])
-    return mean, mean - half, mean + half
+    groups = np.arange(len(model.groups))
+    mean, _, lo, hi = model.moment_intervals(groups, 0 if j is None else j + 1, tail)
+    return mean, lo, hi
 
 
 def _forest_rows(model, blocks, chosen, tail):

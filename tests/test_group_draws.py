@@ -59,7 +59,7 @@ def test_group_draws_made_on_access_equal_the_kept_ones(case):
     X, y = _data()
     kept, made = _pair(X, y, **CASES[case])
     assert isinstance(made.posterior_, GroupDraws)
-    assert not made.posterior_.kept
+    assert not made.posterior_.made
     assert type(kept.posterior_) is dict
     # predictions come from the moments, before any group draw is made
     np.testing.assert_array_equal(made.coef_, kept.coef_)
@@ -71,11 +71,11 @@ def test_group_draws_made_on_access_equal_the_kept_ones(case):
     np.testing.assert_array_equal(
         made.predict_interval(X, coverage=0.8), kept.predict_interval(X, coverage=0.8)
     )
-    assert not made.posterior_.kept
+    assert not made.posterior_.made
     assert list(made.posterior_) == list(kept.posterior_)
     for name, value in kept.posterior_.items():
         np.testing.assert_array_equal(made.posterior_[name], value, err_msg=name)
-    assert made.posterior_.kept
+    assert made.posterior_.made
 
 
 def test_group_draws_of_imputed_cells_equal_the_kept_ones():
@@ -88,7 +88,7 @@ def test_group_draws_of_imputed_cells_equal_the_kept_ones():
     a = made.summary(coverage=0.8)
     b = kept.summary(coverage=0.8)
     assert list(a.index) == list(b.index)
-    assert not made.posterior_.kept
+    assert not made.posterior_.made
     group = a.index.str.startswith(("intercept[", "coef["))
     pd.testing.assert_frame_equal(a[~group], b[~group])
     assert a.loc[group, ["ess_bulk", "ess_tail", "r_hat"]].isna().all().all()
@@ -155,7 +155,7 @@ def test_the_forest_of_a_fit_without_group_draws_shows_the_moments(diagonal_pair
     _, kept, made = diagonal_pair
     made = pickle.loads(pickle.dumps(made))  # without the draws other tests made
     ax = plotting.plot_forest(made, feature="x0", coverage=0.9, ax=Figure().subplots())
-    assert not made.posterior_.kept  # no draw made
+    assert not made.posterior_.made  # no draw made
     post, mask = made._fitted.posterior, made._fitted.mask
     groups = np.flatnonzero(mask[:, 0])
     mean = post.coef_mean[groups, 1]
@@ -191,7 +191,7 @@ def test_a_pickle_holds_what_makes_the_group_draws_not_them(diagonal_pair, tmp_p
         "import pickle, numpy as np;"
         f"est = pickle.load(open({str(path)!r}, 'rb'));"
         f"expected = np.load({str(tmp_path / 'coef.npy')!r});"
-        "assert not est.posterior_.kept;"
+        "assert not est.posterior_.made;"
         "assert np.array_equal(est.posterior_['coef'], expected);"
         "print('same')"
     )
