@@ -260,12 +260,14 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         covariance, which the collapsed engine computes in closed form at
         fit whatever this setting. Without the draws, ``posterior_`` makes
         ``posterior_["intercept"]`` and ``posterior_["coef"]`` on first
-        access (and ``to_arviz()``, ``sample_y``, the group plots and
-        ``save`` through it), from the hyperparameter draws and the exact
+        access (and ``to_arviz()``, ``sample_y`` and ``plot_ppc`` through
+        it), from the hyperparameter draws and the exact
         conditionals with the fit's random key: the same draws, bit for
         bit, as a fit that kept them; ``summary()`` then reports the group
         rows from the moments (exact mean and sd, a normal interval, no
-        R-hat or ESS) and makes no draw. "auto" keeps them while they take
+        R-hat or ESS) and makes no draw, as ``plot_forest`` does, and
+        ``save`` writes the moments without the draws (see ``save``).
+        "auto" keeps them while they take
         at most 256 MiB (``hiermask._limits.KEEP_GROUP_DRAWS_BYTES``). The
         direct engine samples the group coefficients, so it always keeps
         them, and False with ``engine="direct"`` raises a ValueError.
@@ -1415,6 +1417,17 @@ class MaskedHierarchicalRegressor(RegressorMixin, BaseEstimator):
         hiermask version and the file format version. Read it back with
         :func:`hiermask.load`; unlike a pickle, loading it never runs code
         from the file.
+
+        The group draws are written when fit kept them
+        (``keep_group_draws``), in format 1. A fit that did not keep them is
+        written in format 2, with every group's exact posterior mean and
+        covariance but without the group draws, and saving it makes none (at
+        100,000 groups of 3 features they would be 12.8 GB): the loaded
+        model predicts, gives intervals, ``coef_``, ``summary()`` and
+        ``plot_forest`` as the fit did, while ``posterior_["coef"]``,
+        ``posterior_["intercept"]``, ``sample_y``, ``to_arviz()`` and
+        ``plot_ppc`` raise a ValueError on it. A pickle of the fit keeps
+        what makes the draws instead.
 
         Parameters
         ----------

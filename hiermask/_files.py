@@ -7,6 +7,12 @@ each array is a member ``arrays/<attribute path>.npy`` written and read
 without pickle. The JSON document declares each array's dtype and shape, and
 the member names follow from the tables below, never from the file.
 
+Format 2 adds one thing to format 1: a fit that did not keep its group draws
+(``keep_group_draws``) is saved without them, with the exact posterior means
+and covariances of the group coefficients that every fit stores. ``save``
+writes the lowest format that describes the file (1 when the group draws are
+in it, so that older hiermask reads it), and ``load`` reads both.
+
 The tables are the single description of the fitted state: :func:`save`
 refuses an estimator with an attribute they do not list, and :func:`load`
 validates the whole file against them (member names, declared sizes, dtypes,
@@ -32,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ._estimator import InconsistentVersionWarning, MaskedHierarchicalRegressor
-from ._fit import Posterior
+from ._fit import GROUP_SITES, GroupDraws, NotInFile, Posterior
 from ._fitted import file_fields, fitted_model, from_fields
 
 __all__ = ["FORMAT_VERSION", "MAX_DOCUMENT_BYTES", "ModelFileError", "load", "save"]
@@ -40,9 +46,9 @@ __all__ = ["FORMAT_VERSION", "MAX_DOCUMENT_BYTES", "ModelFileError", "load", "sa
 #: Written in every file; ``load`` refuses any other value.
 FORMAT = "hiermask-model"
 #: Version of the layout written by this hiermask.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Layouts this hiermask reads.
-KNOWN_FORMAT_VERSIONS = frozenset({1})
+KNOWN_FORMAT_VERSIONS = frozenset({1, 2})
 #: The JSON member.
 DOCUMENT = "model.json"
 #: Largest JSON member accepted (uncompressed): about two million group labels.
@@ -146,8 +152,9 @@ _PARTIAL = frozenset({"partial"})
 
 #: ``posterior_`` (and ``Posterior.draws``): draws, chains concatenated.
 DRAWS = {
-    "intercept": Spec("array", "D G"),
-    "coef": Spec("array", "D G P"),
+    # Absent (both) in a format 2 file of a fit that did not keep them.
+    "intercept": Spec("array", "D G", optional=True),
+    "coef": Spec("array", "D G P", optional=True),
     "noise": Spec("array", "D"),
     "population_intercept": Spec("array", "D", when=_POOLED),
     "population_coef": Spec("array", "D P", when=_POOLED),
@@ -346,10 +353,12 @@ def _document(est):
     skip = set(params) | NOT_SAVED | {"_fitted"}
     kept = {k: v for k, v in vars(est).items() if k not in skip}
     kept.update(file_fields(model))
+    if not model.kept_group_draws:  # saved as the moments, never made here
+        kept["posterior_"] = model.draws.others
     arrays = {}
     document = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if not model.kept_group_draws else 1,
         "hiermask_version": _installed_version(),
         "estimator": type(est).__name__,
         "params": params,
@@ -556,6 +565,20 @@ def _decode_table(reader, spec, value, path):
     return out
 
 
+def _check_group_draws(reader, draws, version):
+    """The group draws: in a format 1 file, or in neither or both of
+    ``intercept`` and ``coef`` of a format 2 file."""
+    held = [name for name in GROUP_SITES if name in draws]
+    if version == 1 and len(held) < len(GROUP_SITES):
+        missing = sorted(set(GROUP_SITES) - set(held))
+        reader.fail(f"posterior_ lacks {missing}, which format 1 requires.")
+    if len(held) == 1:
+        reader.fail(
+            f"posterior_ holds {held[0]!r} without "
+            f"{next(n for n in GROUP_SITES if n not in held)!r}."
+        )
+
+
 def _check_dims(reader, params):
     """The relations between the model's dimensions."""
     dims = reader.dims
@@ -643,7 +666,8 @@ def _read_document(reader, archive, infos):
 
 
 def _check_format(reader, document):
-    """Format and versions; returns the hiermask version that wrote the file."""
+    """Format and versions; returns the hiermask version that wrote the file
+    and the format version."""
     _expect(reader, isinstance(document, dict), DOCUMENT, "a JSON object", document)
     if document.get("format") != FORMAT:
         reader.fail(f"not a hiermask model file ({DOCUMENT} has no format {FORMAT!r}).")
@@ -670,7 +694,7 @@ def _check_format(reader, document):
     _expect(reader, isinstance(saved, str), "hiermask_version", "a str", saved)
     if document["estimator"] != MaskedHierarchicalRegressor.__name__:
         reader.fail(f"estimator {document['estimator']!r} is not known.")
-    return saved
+    return saved, version
 
 
 def _is_column(value):
@@ -775,13 +799,17 @@ def _read_arrays(reader, archive, infos):
 def _load(reader, archive):
     infos = _members(reader, archive)
     document = _read_document(reader, archive, infos)
-    saved = _check_format(reader, document)
+    saved, version = _check_format(reader, document)
     est = _params_of(reader, document["params"])
     reader.pooling = est.pooling
-    _decode_table(reader, ESTIMATOR, document["attributes"], "")  # validate
+    attributes = _decode_table(reader, ESTIMATOR, document["attributes"], "")
+    _check_group_draws(reader, attributes["posterior_"], version)
     _check_dims(reader, est.get_params())
     reader.arrays = _read_arrays(reader, archive, infos)
     attributes = _decode_table(reader, ESTIMATOR, document["attributes"], "")
+    if GROUP_SITES[0] not in attributes["posterior_"]:
+        draws = GroupDraws(attributes["posterior_"], NotInFile())
+        attributes["posterior_"] = attributes["_posterior"].draws = draws
     model = from_fields(attributes, est.get_params(deep=False))
     for name, value in {**attributes, "_fitted": model}.items():
         setattr(est, name, value)

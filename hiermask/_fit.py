@@ -44,6 +44,7 @@ __all__ = [
     "FitStatistics",
     "GroupDraws",
     "LatentRows",
+    "NotInFile",
     "Posterior",
     "fit_posterior",
     "posterior_from_statistics",
@@ -409,6 +410,29 @@ class _GroupDrawSource:
         return {"intercept": intercept, "coef": _expand(slopes, self.active)}
 
 
+class NotInFile:
+    """The group draws' source of a model loaded from a file without them.
+
+    A fit that did not keep its group draws is saved with their exact
+    posterior means and covariances only (model file format 2), so the
+    loaded model predicts and summarizes as the fit did; asking it for the
+    draws themselves raises.
+    """
+
+    def make(self):
+        """Raise: the file holds no group draws, nor what makes them."""
+        raise ValueError(
+            "This model was loaded from a file written by a fit that did not keep "
+            "its group draws (keep_group_draws), so the file holds each group's "
+            "exact posterior mean and covariance but no group draws: predict, "
+            "predict_interval, coef_, intercept_, summary() and plot_forest work, "
+            "while posterior_['intercept'], posterior_['coef'], sample_y, "
+            "to_arviz and plot_ppc need the draws. Refit with "
+            "keep_group_draws=True and save again, or pickle a fitted estimator "
+            "instead of saving it (a pickle keeps what makes the draws)."
+        )
+
+
 class GroupDraws(Mapping):
     """``posterior_`` of a fit that did not keep its group draws.
 
@@ -433,6 +457,11 @@ class GroupDraws(Mapping):
         self._source = source
         self._made = None
         self._lock = threading.Lock()
+
+    @property
+    def others(self):
+        """The draws of every site but the group coefficients (a dict)."""
+        return self._draws
 
     @property
     def made(self):

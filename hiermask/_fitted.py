@@ -148,8 +148,8 @@ class FittedModel:
         list of tuple
         """
         names = {
-            "group": list(self.groups),
-            "feature": list(self.feature_names),
+            "group": self.groups,
+            "feature": self.feature_names,
             "effect": self.effects,
         }
         n_rows = block.draws.shape[1]

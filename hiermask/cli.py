@@ -924,8 +924,10 @@ def load_model(path, allow_pickle=False):
 
 def _load_pickle(path):
     import joblib
+    from sklearn.exceptions import NotFittedError
 
     from ._estimator import MaskedHierarchicalRegressor
+    from ._fitted import fitted_model
 
     try:
         est = joblib.load(path)
@@ -936,9 +938,13 @@ def _load_pickle(path):
             f"{path} is not a model saved by 'hiermask fit --out' "
             f"({type(exc).__name__})"
         ) from exc
-    if not isinstance(est, MaskedHierarchicalRegressor) or not hasattr(est, "_fitted"):
-        raise CLIError(f"{path} does not hold a fitted MaskedHierarchicalRegressor")
-    return est
+    if isinstance(est, MaskedHierarchicalRegressor):
+        try:
+            fitted_model(est)  # fitted, with its model
+            return est
+        except (NotFittedError, TypeError):
+            pass
+    raise CLIError(f"{path} does not hold a fitted MaskedHierarchicalRegressor")
 
 
 def cmd_predict(args):

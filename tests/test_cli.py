@@ -169,6 +169,12 @@ def test_pickle_is_written_for_its_suffix_and_read_only_when_allowed(
     warning, error = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and warning == f"hiermask: warning: {PICKLE_WARNING}"
     assert error.startswith("hiermask: error: ") and "not a model" in error
+    # A pickle of another object, or of an unfitted estimator, is refused.
+    for other in (MaskedHierarchicalRegressor(), {"coef_": 1.0}):
+        joblib.dump(other, pickled)
+        rc = main(["predict", str(pickled), str(data_csv), "--allow-pickle"])
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert rc == 1 and "does not hold a fitted MaskedHierarchical" in error
 
 
 def test_fit_out_joblib_writes_a_pickle(data_csv, tmp_path, capsys):

@@ -10,9 +10,11 @@ bit: the draws, ``coef_``, ``intercept_``, ``predict`` with its sd, and
 ``predict_interval``.
 """
 
+import json
 import pickle
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pandas as pd
@@ -201,16 +203,81 @@ def test_a_pickle_holds_what_makes_the_group_draws_not_them(diagonal_pair, tmp_p
     assert out.stdout.strip() == "same"
 
 
-def test_a_model_file_holds_the_group_draws(diagonal_pair, tmp_path):
+def _document(path):
+    with zipfile.ZipFile(path) as archive:
+        return json.loads(archive.read("model.json")), archive.namelist()
+
+
+def test_a_model_file_holds_the_group_draws_only_when_fit_kept_them(
+    diagonal_pair, tmp_path
+):
     import hiermask
 
-    X, kept, made = diagonal_pair
-    made.save(tmp_path / "model.hmz")
-    _runner._CACHE.clear()
-    loaded = hiermask.load(tmp_path / "model.hmz")
+    X, kept, _ = diagonal_pair
+    kept.save(tmp_path / "kept.hmz")
+    document, names = _document(tmp_path / "kept.hmz")
+    assert document["format_version"] == 1  # older hiermask reads it
+    assert "arrays/posterior_.coef.npy" in names
+    loaded = hiermask.load(tmp_path / "kept.hmz")
     assert type(loaded.posterior_) is dict
     np.testing.assert_array_equal(loaded.posterior_["coef"], kept.posterior_["coef"])
-    np.testing.assert_array_equal(loaded.predict(X), kept.predict(X))
+
+    lean = MaskedHierarchicalRegressor(
+        keep_group_draws=False, group_covariance="diagonal", varying="all", **SETTINGS
+    ).fit(*_data())
+    lean.save(tmp_path / "lean.hmz")
+    assert not lean.posterior_.made  # saving made no group draw
+    document, names = _document(tmp_path / "lean.hmz")
+    assert document["format_version"] == 2
+    assert not any(".intercept." in n or ".coef." in n for n in names), names
+    size = (tmp_path / "lean.hmz").stat().st_size
+    assert size < (tmp_path / "kept.hmz").stat().st_size / 2
+    _runner._CACHE.clear()
+    loaded = hiermask.load(tmp_path / "lean.hmz")
+    assert not loaded._fitted.kept_group_draws
+    np.testing.assert_array_equal(loaded.predict(X), lean.predict(X))
+    with_std = [m.predict(X, return_std=True) for m in (loaded, lean)]
+    for a, b in zip(*with_std, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(loaded.coef_, lean.coef_)
+    pd.testing.assert_frame_equal(loaded.summary(), lean.summary())
+    assert list(loaded.posterior_) == list(lean.posterior_)
+    for ask in (
+        lambda: loaded.posterior_["coef"],
+        lambda: loaded.sample_y(X),
+        lambda: loaded.to_arviz(),
+    ):
+        with pytest.raises(ValueError, match="keep_group_draws=True and save again"):
+            ask()
+    # It pickles (no draws to hold) and saves again to the same bytes.
+    again = pickle.loads(pickle.dumps(loaded))
+    np.testing.assert_array_equal(again.predict(X), lean.predict(X))
+    loaded.save(tmp_path / "again.hmz")
+    assert (tmp_path / "again.hmz").read_bytes() == (tmp_path / "lean.hmz").read_bytes()
+
+
+@pytest.mark.parametrize("version, drop", [(1, ("coef", "intercept")), (2, ("coef",))])
+def test_a_file_missing_group_draws_it_needs_is_refused(
+    diagonal_pair, tmp_path, version, drop
+):
+    import hiermask
+
+    _, kept, _ = diagonal_pair
+    kept.save(tmp_path / "kept.hmz")
+    with zipfile.ZipFile(tmp_path / "kept.hmz") as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    document = json.loads(members["model.json"])
+    document["format_version"] = version
+    for name in drop:
+        del document["attributes"]["posterior_"][name]
+        del members[f"arrays/posterior_.{name}.npy"]
+    members["model.json"] = json.dumps(document).encode()
+    with zipfile.ZipFile(tmp_path / "bad.hmz", "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    expected = "format 1 requires" if version == 1 else "'intercept' without 'coef'"
+    with pytest.raises(hiermask.ModelFileError, match=expected):
+        hiermask.load(tmp_path / "bad.hmz")
 
 
 def test_moments_equal_those_of_many_group_draws():
