@@ -302,18 +302,30 @@ def benchmark_pages(out: Path, results: Path) -> None:
             for r in bench["ess"]["rows"]
         ],
     )
+    # What fit holds: whether it kept the group draws, posterior_'s MB and
+    # the process's peak resident memory, where the benchmark recorded them.
+    held = {
+        "group_draws_kept": ("group draws kept", lambda v: "yes" if v else "no"),
+        "posterior_mb": ("posterior_ (MB)", lambda v: f"{v:.0f}"),
+        "peak_rss_mb": ("peak RSS (MB)", lambda v: f"{v:.0f}"),
+    }
     for key, title in (
         ("million", "1,000,000 rows, 100 groups, 10 features"),
         ("groups", "10,000 groups x 20 rows, 5 features"),
+        ("manygroups", "10,000 and 100,000 groups x 10 rows, 3 features"),
     ):
+        if key not in bench:
+            continue
         rows = bench[key]["rows"]
+        extra = [k for k in held if any(k in r for r in rows)]
         section(
             key,
             title,
             key,
-            [*FIT_HEADER, "predict (s)"],
+            [*FIT_HEADER, "predict (s)", *(held[k][0] for k in extra)],
             [
                 [*cells, _s(r.get("predict_s"))]
+                + [held[k][1](r[k]) if k in r else "" for k in extra]
                 for r, cells in zip(
                     rows, _fit_rows(rows, lambda r: r["case"]), strict=True
                 )
