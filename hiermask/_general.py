@@ -387,6 +387,39 @@ def _group_sums_bwd(want_stats, residuals, cot):
 _group_sums.defvjp(_group_sums_fwd, _group_sums_bwd)
 
 
+def _blocked_group_sums(want_stats, inv, factor, left, gram, xty, unit):
+    """:func:`_group_sums` over blocks of groups (the collapsed engine's
+    :func:`~hiermask._collapsed._blocking`), summed.
+
+    On all groups at once every per-group intermediate streams through
+    memory: at 100,000 groups of 4 coefficients the value and gradient took
+    2.8 times as long per group as at 10,000. A loop over blocks keeps each
+    block's intermediates in cache; padding groups have zero statistics and
+    add exactly nothing. The gradient's pass recomputes each block's
+    intermediates (``jax.checkpoint``) rather than storing them for all
+    groups. One block (every fit up to the block size) is the unblocked
+    computation itself.
+    """
+    q, n_groups = xty.shape
+    size, n_blocks = col._blocking(n_groups, q)
+    if n_blocks == 1:
+        return _group_sums(want_stats, inv, factor, left, gram, xty, unit)
+
+    @jax.checkpoint
+    def step(total, block):
+        sums = _group_sums(want_stats, inv, factor, left, *block, unit)
+        return jax.tree_util.tree_map(jnp.add, total, sums), None
+
+    blocks = (col._to_blocks(gram, size, n_blocks), col._to_blocks(xty, size, n_blocks))
+    shapes = jax.eval_shape(
+        functools.partial(_group_sums, want_stats, inv, factor, left, unit=unit),
+        blocks[0][0],
+        blocks[1][0],
+    )
+    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    return jax.lax.scan(step, zeros, blocks)[0]
+
+
 def _population_terms(h, eta, prior_var):
     # -log|lam| / 2 + eta' lam^-1 eta / 2: phi integrated out.
     return _population_terms_fwd(h, eta, prior_var)[0]
@@ -461,7 +494,7 @@ def _loglik_of(spec, scales, data, hyper, stats, hand_written=True):
     unit = _stats_unit(data, stats)
     if hand_written:
         want_stats = data.miss_row.shape[0] > 0
-        logdets, aa, bb, ba = _group_sums(
+        logdets, aa, bb, ba = _blocked_group_sums(
             want_stats, inv, factor, left, gram, xty, unit
         )
     else:

@@ -27,7 +27,7 @@ import pytest
 from numpyro.distributions.transforms import CorrCholeskyTransform
 from scipy.stats import multivariate_normal
 
-from hiermask import _general, _limits
+from hiermask import _collapsed, _general, _limits
 from hiermask._collapsed import CollapsedEngine, marginal_loglik
 from hiermask._general import general_spec
 
@@ -286,6 +286,42 @@ def test_hand_written_gradient_equals_jax_grad(pooling, varying, covariance, lat
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-10)
     np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-10)
     assert np.all(np.asarray(ref_grad)[: 2 + n_vary] != 0.0) == (pooling == "partial")
+
+
+@pytest.mark.parametrize("latent", [False, True])
+def test_blocks_of_groups_give_the_sums_of_one_block(latent, monkeypatch):
+    # _blocked_group_sums over 2 blocks of 2 groups (the second padded with
+    # a zero group) against the 3 groups in one block, value and gradient
+    # (with the latent cell: also through the statistics), rtol 1e-12; and
+    # the blocked gradient against jax.grad of the plain-JAX terms.
+    data, hyper, _ = _problem(latent=latent)
+    spec = general_spec("partial", (True, False, True), "full", 3)
+
+    def loglik(x, hand_written):
+        scales = {"sigma": x[0], "tau_a": x[1], "tau": x[2:4]}
+        scales["corr_chol"] = CorrCholeskyTransform()(x[4:7])  # 3 effects
+        cells = x[7:]
+        return _general.general_loglik(spec, scales, data, hyper, cells, hand_written)
+
+    rng = np.random.default_rng(7)
+    results = {}
+    with jax.enable_x64(True):
+        x = jnp.asarray(
+            np.concatenate(
+                [[SIGMA, TAU_A], TAU[[0, 2]], rng.normal(size=3)]
+                + ([[CELL]] if latent else [])
+            )
+        )
+        for block_groups, hand in ((None, True), (2, True), (2, False)):
+            monkeypatch.setattr(_limits, "BLOCK_GROUPS", block_groups)
+            assert _collapsed._blocking(len(SIZES), 4)[1] == (2 if block_groups else 1)
+            results[block_groups, hand] = jax.value_and_grad(loglik)(x, hand)
+    (value, grad), (ref_value, ref_grad) = results[None, True], results[2, True]
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-12)
+    _, plain_grad = results[2, False]
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(plain_grad), rtol=1e-10)
+    assert np.all(np.asarray(grad) != 0.0)
 
 
 def test_lkj_term_equals_closed_form():

@@ -102,21 +102,26 @@ def test_group_unroll_limit(n_features, monkeypatch):
     _fit_and_check(*_data(4, n_features))
 
 
+# The blocks of groups: the diagonal model's density (_collapsed) and the
+# general one's groups' terms (_general._blocked_group_sums) use the same
+# blocking.
+@pytest.mark.parametrize("covariance", ["diagonal", "full"])
 @pytest.mark.parametrize("n_groups", [8, 20])
-def test_block_bytes(n_groups, monkeypatch):
+def test_block_bytes(n_groups, covariance, monkeypatch):
     # BLOCK_BYTES = 1 gives the smallest block, 8 groups: 8 groups make one
     # block, 20 groups several (the last one padded).
     monkeypatch.setattr(_limits, "BLOCK_BYTES", 1)
     size, n_blocks = _collapsed._blocking(n_groups, 3)
     assert (n_blocks > 1) == (n_groups == 20) and size * n_blocks >= n_groups
-    _fit_and_check(*_data(n_groups, 2, rows_per_group=40))
+    _fit_and_check(*_data(n_groups, 2, rows_per_group=40), group_covariance=covariance)
 
 
+@pytest.mark.parametrize("covariance", ["diagonal", "full"])
 @pytest.mark.parametrize("block_groups", [None, 3])
-def test_block_groups_override(block_groups, monkeypatch):
+def test_block_groups_override(block_groups, covariance, monkeypatch):
     monkeypatch.setattr(_limits, "BLOCK_GROUPS", block_groups)
     assert (_collapsed._blocking(7, 3)[1] > 1) == (block_groups == 3)
-    _fit_and_check(*_data(7, 2, rows_per_group=40))
+    _fit_and_check(*_data(7, 2, rows_per_group=40), group_covariance=covariance)
 
 
 @pytest.mark.parametrize("keep_bytes", [0, _limits.KEEP_FACTORS_BYTES])
