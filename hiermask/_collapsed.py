@@ -552,7 +552,7 @@ _BYTES_PER_ENTRY = 8 * 16
 # it to exercise several blocks, and a ragged last one, with few groups).
 
 
-def _blocking(n_groups, q):
+def _blocking(n_groups, q, target=None):
     """Groups per block and number of blocks for ``n_groups`` groups.
 
     Parameters
@@ -560,6 +560,9 @@ def _blocking(n_groups, q):
     n_groups : int
     q : int
         Matrix size (features + intercept).
+    target : int, optional
+        Bytes of one block's intermediates; default
+        ``_limits.BLOCK_BYTES``.
 
     Returns
     -------
@@ -570,7 +573,8 @@ def _blocking(n_groups, q):
     if _limits.BLOCK_GROUPS is not None:
         size = int(_limits.BLOCK_GROUPS)
     else:
-        size = max(8, _limits.BLOCK_BYTES // (_BYTES_PER_ENTRY * q * q))
+        target = _limits.BLOCK_BYTES if target is None else target
+        size = max(8, target // (_BYTES_PER_ENTRY * q * q))
     if n_groups <= size:
         return n_groups, 1
     n_blocks = -(-n_groups // size)

@@ -387,23 +387,50 @@ def _group_sums_bwd(want_stats, residuals, cot):
 _group_sums.defvjp(_group_sums_fwd, _group_sums_bwd)
 
 
+def uses_blocks(n_groups, q):
+    """Whether the groups' terms of ``n_groups`` groups of ``q`` coefficients
+    go in blocks (:func:`_blocked_group_sums`).
+
+    Parameters
+    ----------
+    n_groups, q : int
+
+    Returns
+    -------
+    bool
+        One q x q matrix per group takes more than
+        ``_limits.GENERAL_BLOCK_MIN_BYTES``, and the groups make more than
+        one block (:func:`_blocking`).
+    """
+    return (
+        8 * n_groups * q * q > _limits.GENERAL_BLOCK_MIN_BYTES
+        and _blocking(n_groups, q)[1] > 1
+    )
+
+
+def _blocking(n_groups, q):
+    # Groups per block and blocks: the collapsed engine's blocking with the
+    # general model's target (or _limits.BLOCK_GROUPS).
+    return col._blocking(n_groups, q, _limits.GENERAL_BLOCK_BYTES)
+
+
 def _blocked_group_sums(want_stats, inv, factor, left, gram, xty, unit):
     """:func:`_group_sums` over blocks of groups (the collapsed engine's
-    :func:`~hiermask._collapsed._blocking`), summed.
+    :func:`~hiermask._collapsed._blocking`), summed, when :func:`uses_blocks`.
 
     On all groups at once every per-group intermediate streams through
     memory: at 100,000 groups of 4 coefficients the value and gradient took
-    2.8 times as long per group as at 10,000. A loop over blocks keeps each
-    block's intermediates in cache; padding groups have zero statistics and
-    add exactly nothing. The gradient's pass recomputes each block's
-    intermediates (``jax.checkpoint``) rather than storing them for all
-    groups. One block (every fit up to the block size) is the unblocked
-    computation itself.
+    2.3 times as long per group as at 10,000 (``benchmarks/group_blocks.py``).
+    A loop over blocks keeps each block's intermediates in cache; padding
+    groups have zero statistics and add exactly nothing. The gradient's pass
+    recomputes each block's intermediates (``jax.checkpoint``) rather than
+    storing them for all groups, which would stream them through memory
+    again; the recomputation is why small fits stay in one block.
     """
     q, n_groups = xty.shape
-    size, n_blocks = col._blocking(n_groups, q)
-    if n_blocks == 1:
+    if not uses_blocks(n_groups, q):
         return _group_sums(want_stats, inv, factor, left, gram, xty, unit)
+    size, n_blocks = _blocking(n_groups, q)
 
     @jax.checkpoint
     def step(total, block):

@@ -31,6 +31,21 @@ BLOCK_BYTES = 1 << 21
 #: If not None, the number of groups per block, overriding ``BLOCK_BYTES``.
 BLOCK_GROUPS = None
 
+#: The general model's groups' terms (``group_covariance="full"``,
+#: population-only slopes) go in blocks of groups only while one q x q matrix
+#: per group, for all groups, takes more than this many bytes
+#: (``_general.uses_blocks``): the gradient's pass recomputes each block's
+#: intermediates, which cost more than it saved at 10,000 groups (q = 4: 1.3
+#: MB; q = 6: 2.9 MB) and far less at 100,000 (q = 4: 12.8 MB), where every
+#: intermediate of all groups at once streams through memory
+#: (``benchmarks/group_blocks.py``).
+GENERAL_BLOCK_MIN_BYTES = 1 << 22
+
+#: Target bytes of one block of the general model's groups (as
+#: ``BLOCK_BYTES``; about 4,000 groups of 4 coefficients): larger blocks than
+#: the diagonal model's were faster at 100,000 groups.
+GENERAL_BLOCK_BYTES = 1 << 23
+
 #: The blocks' factorizations are kept from the value's pass for the
 #: gradient's pass while they take at most this many bytes per chain
 #: (``_collapsed._keeps_factors``).
@@ -87,6 +102,8 @@ _NAMES = (
     "UNROLL_MAX_SIZE_POPULATION",
     "BLOCK_BYTES",
     "BLOCK_GROUPS",
+    "GENERAL_BLOCK_MIN_BYTES",
+    "GENERAL_BLOCK_BYTES",
     "KEEP_FACTORS_BYTES",
     "CONDITIONAL_CHUNK_FLOATS",
     "CONDITIONAL_TILE_FACTOR",

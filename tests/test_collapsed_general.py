@@ -27,7 +27,7 @@ import pytest
 from numpyro.distributions.transforms import CorrCholeskyTransform
 from scipy.stats import multivariate_normal
 
-from hiermask import _collapsed, _general, _limits
+from hiermask import _general, _limits
 from hiermask._collapsed import CollapsedEngine, marginal_loglik
 from hiermask._general import general_spec
 
@@ -312,9 +312,10 @@ def test_blocks_of_groups_give_the_sums_of_one_block(latent, monkeypatch):
                 + ([[CELL]] if latent else [])
             )
         )
+        monkeypatch.setattr(_limits, "GENERAL_BLOCK_MIN_BYTES", 0)
         for block_groups, hand in ((None, True), (2, True), (2, False)):
             monkeypatch.setattr(_limits, "BLOCK_GROUPS", block_groups)
-            assert _collapsed._blocking(len(SIZES), 4)[1] == (2 if block_groups else 1)
+            assert _general.uses_blocks(len(SIZES), 4) == (block_groups == 2)
             results[block_groups, hand] = jax.value_and_grad(loglik)(x, hand)
     (value, grad), (ref_value, ref_grad) = results[None, True], results[2, True]
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-12)

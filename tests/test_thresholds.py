@@ -25,6 +25,7 @@ from hiermask import (
     MaskedHierarchicalRegressor,
     _collapsed,
     _fit,
+    _general,
     _limits,
     _masks,
     _stats,
@@ -104,14 +105,18 @@ def test_group_unroll_limit(n_features, monkeypatch):
 
 # The blocks of groups: the diagonal model's density (_collapsed) and the
 # general one's groups' terms (_general._blocked_group_sums) use the same
-# blocking.
+# blocking, the general one with its own GENERAL_BLOCK_BYTES and only above
+# GENERAL_BLOCK_MIN_BYTES (0 here).
 @pytest.mark.parametrize("covariance", ["diagonal", "full"])
 @pytest.mark.parametrize("n_groups", [8, 20])
 def test_block_bytes(n_groups, covariance, monkeypatch):
     # BLOCK_BYTES = 1 gives the smallest block, 8 groups: 8 groups make one
     # block, 20 groups several (the last one padded).
     monkeypatch.setattr(_limits, "BLOCK_BYTES", 1)
-    size, n_blocks = _collapsed._blocking(n_groups, 3)
+    monkeypatch.setattr(_limits, "GENERAL_BLOCK_BYTES", 1)
+    monkeypatch.setattr(_limits, "GENERAL_BLOCK_MIN_BYTES", 0)
+    blocking = _general._blocking if covariance == "full" else _collapsed._blocking
+    size, n_blocks = blocking(n_groups, 3)
     assert (n_blocks > 1) == (n_groups == 20) and size * n_blocks >= n_groups
     _fit_and_check(*_data(n_groups, 2, rows_per_group=40), group_covariance=covariance)
 
@@ -120,8 +125,19 @@ def test_block_bytes(n_groups, covariance, monkeypatch):
 @pytest.mark.parametrize("block_groups", [None, 3])
 def test_block_groups_override(block_groups, covariance, monkeypatch):
     monkeypatch.setattr(_limits, "BLOCK_GROUPS", block_groups)
+    monkeypatch.setattr(_limits, "GENERAL_BLOCK_MIN_BYTES", 0)
     assert (_collapsed._blocking(7, 3)[1] > 1) == (block_groups == 3)
     _fit_and_check(*_data(7, 2, rows_per_group=40), group_covariance=covariance)
+
+
+@pytest.mark.parametrize("above", [False, True])
+def test_general_block_min_bytes(above, monkeypatch):
+    # 7 groups x 3 coefficients: one 3 x 3 matrix per group is 504 bytes; in
+    # blocks of 3 groups when the limit is below that, else all at once.
+    monkeypatch.setattr(_limits, "BLOCK_GROUPS", 3)
+    monkeypatch.setattr(_limits, "GENERAL_BLOCK_MIN_BYTES", 504 - above)
+    assert _general.uses_blocks(7, 3) == above
+    _fit_and_check(*_data(7, 2, rows_per_group=40), group_covariance="full")
 
 
 @pytest.mark.parametrize("keep_bytes", [0, _limits.KEEP_FACTORS_BYTES])
