@@ -585,7 +585,9 @@ def bench_manygroups(quick):
         X, y = make_grouped_regression(10 * n_groups, n_groups, 3, random_state=0)
         row, est = _profiled_fit(X, y, f"{n_groups} groups x 3 features", predict=True)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        rows.append({**row, **_held(est), "peak_rss_mb": peak})
+        # leapfrog steps per draw (the kept draws; warmup's are not recorded)
+        steps = float(np.mean(est._fitted.posterior.tree_steps))
+        rows.append({**row, **_held(est), "peak_rss_mb": peak, "steps_per_draw": steps})
         del X, y, est
     rows[-1]["fit_vs_first"] = rows[-1]["fit_s"] / rows[0]["fit_s"]
     return rows

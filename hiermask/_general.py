@@ -420,7 +420,8 @@ def _blocked_group_sums(want_stats, inv, factor, left, gram, xty, unit):
 
     On all groups at once every per-group intermediate streams through
     memory: at 100,000 groups of 4 coefficients the value and gradient took
-    2.3 times as long per group as at 10,000 (``benchmarks/group_blocks.py``).
+    3.0 times as long per group as at 10,000, in blocks 1.1 times
+    (``benchmarks/group_blocks.py``).
     A loop over blocks keeps each block's intermediates in cache; padding
     groups have zero statistics and add exactly nothing. The gradient's pass
     recomputes each block's intermediates (``jax.checkpoint``) rather than
