@@ -306,7 +306,7 @@ def benchmark_pages(out: Path, results: Path) -> None:
     # the process's peak resident memory, where the benchmark recorded them.
     held = {
         "group_draws_kept": ("group draws kept", lambda v: "yes" if v else "no"),
-        "posterior_mb": ("posterior_ (MB)", lambda v: f"{v:.0f}"),
+        "posterior_mb": ("``posterior_`` (MB)", lambda v: f"{v:.0f}"),
         "peak_rss_mb": ("peak RSS (MB)", lambda v: f"{v:.0f}"),
     }
     for key, title in (
