@@ -567,7 +567,7 @@ def bench_groups(quick):
 def _held(est):
     """Whether fit kept the group draws, and the MB its posterior_ holds now."""
     model = est._fitted
-    draws = model.draws if model.kept_group_draws else model.draws._draws
+    draws = model.draws if model.kept_group_draws else model.draws.others
     return {
         "group_draws_kept": model.kept_group_draws,
         "posterior_mb": sum(np.asarray(v).nbytes for v in draws.values()) / 1e6,

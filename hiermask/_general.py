@@ -439,12 +439,8 @@ def _blocked_group_sums(want_stats, inv, factor, left, gram, xty, unit):
         return jax.tree_util.tree_map(jnp.add, total, sums), None
 
     blocks = (col._to_blocks(gram, size, n_blocks), col._to_blocks(xty, size, n_blocks))
-    shapes = jax.eval_shape(
-        functools.partial(_group_sums, want_stats, inv, factor, left, unit=unit),
-        blocks[0][0],
-        blocks[1][0],
-    )
-    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    r = left.shape[1]  # the sums: two scalars, P'KWKP (r, r) and P'KWk (r,)
+    zeros = tuple(jnp.zeros(shape, xty.dtype) for shape in ((), (), (r, r), (r,)))
     return jax.lax.scan(step, zeros, blocks)[0]
 
 
