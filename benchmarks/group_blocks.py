@@ -14,12 +14,22 @@ sums up to rounding (``tests/test_collapsed_general.py``).
     python benchmarks/group_blocks.py
 
 prints a table and writes ``benchmarks/results/group_blocks.csv``.
+
+    python benchmarks/group_blocks.py --sampler
+
+times the two forms in the sampler instead: fits of 10,000 groups of 10
+rows and 3 features (the default ``"full"`` model, 4 chains x (100 + 100),
+chains two at a time on the 2 cores) in one block and with blocks forced,
+alternated twice; microseconds of sampling per group and gradient (the
+kept draws' leapfrog steps, counting the warmup's as many), written to
+``benchmarks/results/group_blocks_sampler.csv``.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -56,9 +66,59 @@ def ns_per_group(n_groups, sums):
     return (time.perf_counter() - start) / REPS / n_groups * 1e9
 
 
-def main():
+def sampler_rows():
+    """Sampling time per group and gradient at 10,000 groups, both forms."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_engines import _profiled_fit
+
+    from hiermask.datasets import make_grouped_regression
+
+    n_groups = 10_000
+    X, y = make_grouped_regression(10 * n_groups, n_groups, 3, random_state=0)
+    default = _limits.GENERAL_BLOCK_MIN_BYTES
     rows = []
+    try:
+        for form in ("one block", "blocks", "one block", "blocks"):
+            _limits.GENERAL_BLOCK_MIN_BYTES = 0 if form == "blocks" else default
+            row, est = _profiled_fit(
+                X, y, form, num_warmup=100, num_samples=100, progress_bar=False
+            )
+            steps = np.asarray(est._fitted.posterior.tree_steps)
+            # 4 chains' warmup and draws, two chains at a time
+            serial = steps.mean() * 200 * 4 / 2
+            rows.append(
+                {
+                    "groups": n_groups,
+                    "form": form,
+                    "sample_s": row["sample_s"],
+                    "steps_per_draw": steps.mean(),
+                    "us_per_group_gradient": row["sample_s"] / serial / n_groups * 1e6,
+                }
+            )
+    finally:
+        _limits.GENERAL_BLOCK_MIN_BYTES = default
+    return rows
+
+
+def write(rows, name, load):
+    """Print ``rows`` and save them, with the load average before, as CSV."""
+    print(f"load average before: {load:.2f}")
+    for row in rows:
+        row["load_before"] = load
+        cells = (f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values())
+        print("  ".join(f"{k}={c}" for k, c in zip(row, cells, strict=True)))
+    RESULTS.mkdir(exist_ok=True)
+    with open(RESULTS / name, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main():
     load = os.getloadavg()[0]
+    if "--sampler" in sys.argv[1:]:
+        write(sampler_rows(), "group_blocks_sampler.csv", load)
+        return
     forms = {"one block": _general._group_sums, "blocks": _general._blocked_group_sums}
     best = {}
     _limits.GENERAL_BLOCK_MIN_BYTES = 0
@@ -69,19 +129,11 @@ def main():
                     ns = ns_per_group(n_groups, sums)
                     key = (n_groups, label)
                     best[key] = min(best.get(key, ns), ns)
-    for (n_groups, label), ns in best.items():
-        rows.append({"groups": n_groups, "form": label, "ns_per_group": ns})
-    for row in rows:
-        row["load_before"] = load
-    print(f"load average before: {load:.2f}")
-    print(f"{'groups':>8}  {'form':>10}  {'ns per group':>12}")
-    for row in rows:
-        print(f"{row['groups']:>8}  {row['form']:>10}  {row['ns_per_group']:>12.0f}")
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "group_blocks.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    rows = [
+        {"groups": n_groups, "form": label, "ns_per_group": ns}
+        for (n_groups, label), ns in best.items()
+    ]
+    write(rows, "group_blocks.csv", load)
 
 
 if __name__ == "__main__":

@@ -420,7 +420,7 @@ def _blocked_group_sums(want_stats, inv, factor, left, gram, xty, unit):
 
     On all groups at once every per-group intermediate streams through
     memory: at 100,000 groups of 4 coefficients the value and gradient took
-    3.0 times as long per group as at 10,000, in blocks 1.1 times
+    2.5 times as long per group as at 10,000, in blocks 1.2 times
     (``benchmarks/group_blocks.py``).
     A loop over blocks keeps each block's intermediates in cache; padding
     groups have zero statistics and add exactly nothing. The gradient's pass
@@ -435,6 +435,12 @@ def _blocked_group_sums(want_stats, inv, factor, left, gram, xty, unit):
 
     @jax.checkpoint
     def step(total, block):
+        # the block's statistics copied out first, not read in place (a
+        # slice of the stacked blocks at the loop's index) by each of the
+        # block's kernels: 1.03-1.06 times faster on one thread
+        # (benchmarks/group_blocks.py), more with two chains' programs at
+        # once (docs/performance.md, "Where 10,000 and 100,000 groups stand")
+        block = tuple(col.materialize(b, unit) for b in block)
         sums = _group_sums(want_stats, inv, factor, left, *block, unit)
         return jax.tree_util.tree_map(jnp.add, total, sums), None
 
