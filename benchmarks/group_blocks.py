@@ -73,7 +73,7 @@ def sampler_rows():
 
     from hiermask.datasets import make_grouped_regression
 
-    n_groups = 10_000
+    n_groups, warmup, draws, chains, at_once = 10_000, 100, 100, 4, 2
     X, y = make_grouped_regression(10 * n_groups, n_groups, 3, random_state=0)
     default = _limits.GENERAL_BLOCK_MIN_BYTES
     rows = []
@@ -81,17 +81,24 @@ def sampler_rows():
         for form in ("one block", "blocks", "one block", "blocks"):
             _limits.GENERAL_BLOCK_MIN_BYTES = 0 if form == "blocks" else default
             row, est = _profiled_fit(
-                X, y, form, num_warmup=100, num_samples=100, progress_bar=False
+                X,
+                y,
+                form,
+                num_warmup=warmup,
+                num_samples=draws,
+                num_chains=chains,
+                progress_bar=False,
             )
-            steps = np.asarray(est._fitted.posterior.tree_steps)
-            # 4 chains' warmup and draws, two chains at a time
-            serial = steps.mean() * 200 * 4 / 2
+            steps = float(np.mean(est._fitted.posterior.tree_steps))
+            # gradients one after the other: every chain's warmup and draws,
+            # the chains at_once at a time
+            serial = steps * (warmup + draws) * chains / at_once
             rows.append(
                 {
                     "groups": n_groups,
                     "form": form,
                     "sample_s": row["sample_s"],
-                    "steps_per_draw": steps.mean(),
+                    "steps_per_draw": steps,
                     "us_per_group_gradient": row["sample_s"] / serial / n_groups * 1e6,
                 }
             )

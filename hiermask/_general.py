@@ -438,8 +438,7 @@ def _blocked_group_sums(want_stats, inv, factor, left, gram, xty, unit):
         # the block's statistics copied out first, not read in place (a
         # slice of the stacked blocks at the loop's index) by each of the
         # block's kernels: 1.03-1.06 times faster on one thread
-        # (benchmarks/group_blocks.py), more with two chains' programs at
-        # once (docs/performance.md, "Where 10,000 and 100,000 groups stand")
+        # (benchmarks/group_blocks.py, alternated)
         block = tuple(col.materialize(b, unit) for b in block)
         sums = _group_sums(want_stats, inv, factor, left, *block, unit)
         return jax.tree_util.tree_map(jnp.add, total, sums), None
