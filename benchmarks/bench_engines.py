@@ -136,6 +136,7 @@ class Profiler:
         self._fit, self._estimator = _fit, _estimator
         self.times = {}
         self.run_timings = {}
+        self.warmup_steps = None
 
     def _wrap(self, name, phase, module=None):
         module = self._fit if module is None else module
@@ -146,6 +147,7 @@ class Profiler:
             out = original(*args, **kwargs)
             if name == "run_nuts":  # the sampler's own timings, with its result
                 self.run_timings = dict(out.timings)
+                self.warmup_steps = np.asarray(out.stats["warmup_steps"])
             self.times[phase] = self.times.get(phase, 0.0) + (
                 time.perf_counter() - start
             )
@@ -533,6 +535,7 @@ def _profiled_fit(X, y, label, predict=False, **params):
     prof = Profiler()
     with prof.fit():
         est.fit(X, y)
+    est.warmup_steps_ = prof.warmup_steps  # each chain's, for bench_manygroups
     row = {"case": label, "rows": len(y), **prof.row(), **convergence(est)}
     if predict:
         start = time.perf_counter()
@@ -585,9 +588,22 @@ def bench_manygroups(quick):
         X, y = make_grouped_regression(10 * n_groups, n_groups, 3, random_state=0)
         row, est = _profiled_fit(X, y, f"{n_groups} groups x 3 features", predict=True)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        # leapfrog steps per draw (the kept draws; warmup's are not recorded)
-        steps = float(np.mean(est._fitted.posterior.tree_steps))
-        rows.append({**row, **_held(est), "peak_rss_mb": peak, "steps_per_draw": steps})
+        # leapfrog steps per kept draw and per warmup iteration, and the
+        # sampling time per group and gradient: the chains (one per
+        # program at these sizes) run two at a time on the 2 cores
+        kept = np.asarray(est._fitted.posterior.tree_steps)
+        warm = est.warmup_steps_
+        gradients = (kept.sum() + warm.sum()) / 2
+        rows.append(
+            {
+                **row,
+                **_held(est),
+                "peak_rss_mb": peak,
+                "steps_per_draw": float(kept.mean()),
+                "steps_per_warmup": float(warm.mean() / est.num_warmup),
+                "us_per_group_gradient": row["sample_s"] / gradients / n_groups * 1e6,
+            }
+        )
         del X, y, est
     rows[-1]["fit_vs_first"] = rows[-1]["fit_s"] / rows[0]["fit_s"]
     return rows

@@ -414,7 +414,7 @@ def _blocking(n_groups, q):
     return col._blocking(n_groups, q, _limits.GENERAL_BLOCK_BYTES)
 
 
-def _blocked_group_sums(want_stats, inv, factor, left, gram, xty, unit):
+def _blocked_group_sums(want_stats, inv, factor, left, gram, xty, unit, blocks=None):
     """:func:`_group_sums` over blocks of groups (the collapsed engine's
     :func:`~hiermask._collapsed._blocking`), summed, when :func:`uses_blocks`.
 
@@ -427,11 +427,12 @@ def _blocked_group_sums(want_stats, inv, factor, left, gram, xty, unit):
     recomputes each block's intermediates (``jax.checkpoint``) rather than
     storing them for all groups, which would stream them through memory
     again; the recomputation is why small fits stay in one block.
+    ``blocks``: ``gram`` and ``xty`` already in blocks (:func:`_stat_blocks`),
+    as the density prepares them once when no latent cell changes them.
     """
     q, n_groups = xty.shape
     if not uses_blocks(n_groups, q):
         return _group_sums(want_stats, inv, factor, left, gram, xty, unit)
-    size, n_blocks = _blocking(n_groups, q)
 
     @jax.checkpoint
     def step(total, block):
@@ -443,10 +444,18 @@ def _blocked_group_sums(want_stats, inv, factor, left, gram, xty, unit):
         sums = _group_sums(want_stats, inv, factor, left, *block, unit)
         return jax.tree_util.tree_map(jnp.add, total, sums), None
 
-    blocks = (col._to_blocks(gram, size, n_blocks), col._to_blocks(xty, size, n_blocks))
+    if blocks is None:
+        blocks = _stat_blocks(gram, xty)
     r = left.shape[1]  # the sums: two scalars, P'KWKP (r, r) and P'KWk (r,)
     zeros = tuple(jnp.zeros(shape, xty.dtype) for shape in ((), (), (r, r), (r,)))
     return jax.lax.scan(step, zeros, blocks)[0]
+
+
+def _stat_blocks(gram, xty):
+    # gram (q, q, G) and xty (q, G) as blocks, (n_blocks, ..., size), padded.
+    q, n_groups = xty.shape
+    size, n_blocks = _blocking(n_groups, q)
+    return col._to_blocks(gram, size, n_blocks), col._to_blocks(xty, size, n_blocks)
 
 
 def _population_terms(h, eta, prior_var):
@@ -513,9 +522,13 @@ def general_loglik(spec, scales, data, hyper, cells, hand_written=True):
     return _loglik_of(spec, scales, data, hyper, stats, hand_written)
 
 
-def _loglik_of(spec, scales, data, hyper, stats, hand_written=True):
+def _loglik_of(
+    spec, scales, data, hyper, stats, hand_written=True, blocks=None, sums=None
+):
     # general_loglik from the statistics (_statistics); hand_written: the
     # gradient of the groups' terms by _group_sums, else by jax.grad.
+    # blocks (_stat_blocks) and sums (K and k summed over the groups): from
+    # the same statistics, prepared outside the gradient, or None.
     inv = 1.0 / scales["sigma"] ** 2
     n, yty, gram, xty = stats
     left = _population_left(spec, data)
@@ -524,16 +537,19 @@ def _loglik_of(spec, scales, data, hyper, stats, hand_written=True):
     if hand_written:
         want_stats = data.miss_row.shape[0] > 0
         logdets, aa, bb, ba = _blocked_group_sums(
-            want_stats, inv, factor, left, gram, xty, unit
+            want_stats, inv, factor, left, gram, xty, unit, blocks
         )
     else:
         grp = _groups(inv, factor, left, gram, xty, unit)
         logdets, aa = jnp.sum(grp.logdet), jnp.sum(grp.a**2)
         bb = jnp.sum(_tmm(grp.b, grp.b), axis=-1)
         ba = jnp.sum(_tmv(grp.b, grp.a), axis=-1)
-    h = inv * left.T @ jnp.sum(gram, axis=-1) @ left - inv**2 * bb
+    gram_sum, xty_sum = (
+        (jnp.sum(gram, axis=-1), jnp.sum(xty, axis=-1)) if sums is None else sums
+    )
+    h = inv * left.T @ gram_sum @ left - inv**2 * bb
     h = 0.5 * (h + h.T)
-    eta = inv * left.T @ jnp.sum(xty, axis=-1) - inv**2 * ba
+    eta = inv * left.T @ xty_sum - inv**2 * ba
     prior_var = _prior_var(hyper)
     population = _population_terms_hand if hand_written else _population_terms
     return (
@@ -654,8 +670,19 @@ def general_density(spec, data, hyper):
     n_cells = data.miss_row.shape[0]
     n_features = data.on.shape[1]
     names = [site[0] for site in layout.sites]
-    # the complete rows' statistics: prepared once, outside the gradient
+    # the complete rows' statistics: prepared once, outside the gradient;
+    # without latent cells also their sums over the groups and their blocks
+    # (_blocked_group_sums), which each evaluation would otherwise copy
+    # (issue 17: at 100,000 groups the gradient then cost per group what it
+    # costs at 10,000 in one block, benchmarks/bench_engines.py --manygroups)
     fixed = col.split_prepared(spec.pooling, data)
+    q = n_features + 1
+    blocks = sums = None
+    if not n_cells:
+        gram, xty = fixed[0].dev_gram, fixed[0].dev_xty
+        sums = jnp.sum(gram, axis=-1), jnp.sum(xty, axis=-1)
+        if uses_blocks(data.on.shape[0], q):
+            blocks = _stat_blocks(gram, xty)
 
     def log_density(z):
         x, logp = layout.log_prior(z)
@@ -672,7 +699,9 @@ def general_density(spec, data, hyper):
         if n_cells:
             logp = logp + col.imputation_loglik(data, values["x_scale"], cells)
         stats = _statistics(spec, data, cells, fixed)
-        return logp + _loglik_of(spec, scales, data, hyper, stats)
+        return logp + _loglik_of(
+            spec, scales, data, hyper, stats, blocks=blocks, sums=sums
+        )
 
     def constrain(z):
         return _scales(spec, layout.unpack(layout.transform(z)), n_features)[1]

@@ -68,8 +68,11 @@ class RunResult(NamedTuple):
     ----------
     values : dict of ndarray of shape (num_chains, num_samples, ...)
         Constrained draws of every reported site.
-    stats : dict of ndarray of shape (num_chains, num_samples)
-        ``diverging``, ``n_steps`` (leapfrog steps) and ``accept_prob``.
+    stats : dict of ndarray
+        ``diverging``, ``n_steps`` (leapfrog steps) and ``accept_prob``,
+        of shape (num_chains, num_samples); ``warmup_steps`` (num_chains,):
+        each chain's gradient evaluations before its first kept draw (its
+        warmup's leapfrog steps and the starting point's gradient).
     timings : dict
         Seconds: ``trace`` (tracing and lowering, 0 when the compiled
         program was reused, or read back from the exported program that
@@ -427,8 +430,8 @@ def _run_part(program, state, part, data, hyper, keep, report):
     # Run one part's segments in turn, carrying the chain state; returns
     # the values and statistics of the iterations in range(*keep), chains
     # first, and calls report(part index, iterations done) after each
-    # segment.
-    kept = []
+    # segment. The statistics also hold each chain's warmup leapfrog steps.
+    kept, warmup_steps = [], 0
     with jax.enable_x64(True):  # the setting is per thread
         for iterations in part.segments:
             state, values, stats = program(
@@ -436,6 +439,8 @@ def _run_part(program, state, part, data, hyper, keep, report):
             )
             jax.block_until_ready(state)
             first = int(iterations.index[0])
+            warm = np.asarray(stats["n_steps"])[:, : max(keep[0] - first, 0)]
+            warmup_steps = warmup_steps + warm.sum(axis=1, dtype=np.int64)
             lo, hi = (
                 max(keep[0] - first, 0),
                 min(keep[1] - first, len(iterations.index)),
@@ -448,7 +453,8 @@ def _run_part(program, state, part, data, hyper, keep, report):
                     )
                 )
             report(part.index, min(int(iterations.index[-1]), keep[1] - 1))
-    return jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=1), *kept)
+    values, stats = jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=1), *kept)
+    return values, {**stats, "warmup_steps": warmup_steps}
 
 
 def _run_parts(compiled, parts, data, hyper, keep, progress):

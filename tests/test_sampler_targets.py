@@ -209,3 +209,33 @@ def test_momentum_factor_and_cholesky_are_exact():
     mass = factor @ np.swapaxes(factor, 1, 2)
     np.testing.assert_allclose(mass, np.linalg.inv(inv_mass), rtol=1e-10, atol=1e-10)
     np.testing.assert_array_equal(np.tril(factor, -1), 0.0)  # upper: L^-T
+
+
+@pytest.mark.parametrize(("num_warmup", "max_tree_depth"), [(30, 1), (0, 10), (30, 10)])
+def test_run_counts_the_warmup_leapfrog_steps(num_warmup, max_tree_depth):
+    # warmup_steps: each chain's gradient evaluations before its first kept
+    # draw, the starting point's (iteration 0) one of them. Trees of depth 1
+    # take one leapfrog step per iteration: 30 warmup iterations are 31
+    # evaluations per chain, whatever the segments (50 iterations after the
+    # start, in segments of 4: the warmup ends inside one); no warmup, 1.
+    # Deeper trees: at least one step per iteration.
+    data = {"mean": jnp.zeros(2), "chol_precision": jnp.eye(2)}
+    run = run_nuts(
+        _Target(gaussian, 2),
+        data,
+        {},
+        seed_value=0,
+        num_warmup=num_warmup,
+        num_samples=20,
+        num_chains=2,
+        target_accept_prob=0.8,
+        max_tree_depth=max_tree_depth,
+    )
+    warmup = run.stats["warmup_steps"]
+    assert warmup.shape == (2,) and warmup.dtype == np.int64
+    if max_tree_depth == 1 or num_warmup == 0:
+        np.testing.assert_array_equal(warmup, num_warmup + 1)
+    else:
+        assert np.all(warmup > 31) and np.all(warmup < 30 * 1023)
+    if max_tree_depth == 1:
+        np.testing.assert_array_equal(run.stats["n_steps"], 1)
