@@ -440,8 +440,11 @@ def _blocked_group_sums(want_stats, inv, factor, left, gram, xty, unit, blocks=N
         # slice of the stacked blocks at the loop's index) by each of the
         # block's kernels: 1.03-1.06 times faster on one thread
         # (benchmarks/group_blocks.py, alternated)
-        block = tuple(col.materialize(b, unit) for b in block)
-        sums = _group_sums(want_stats, inv, factor, left, *block, unit)
+        lower, xty_b = block
+        gram_b = col.materialize(lower[_unpacking(q)], unit)
+        sums = _group_sums(
+            want_stats, inv, factor, left, gram_b, col.materialize(xty_b, unit), unit
+        )
         return jax.tree_util.tree_map(jnp.add, total, sums), None
 
     if blocks is None:
@@ -451,11 +454,21 @@ def _blocked_group_sums(want_stats, inv, factor, left, gram, xty, unit, blocks=N
     return jax.lax.scan(step, zeros, blocks)[0]
 
 
+def _unpacking(q):
+    # (q, q) positions in the packed lower triangle (np.tril_indices' order).
+    rows, cols = np.tril_indices(q)
+    index = np.zeros((q, q), dtype=np.int32)
+    index[rows, cols] = index[cols, rows] = np.arange(rows.size)
+    return index
+
+
 def _stat_blocks(gram, xty):
-    # gram (q, q, G) and xty (q, G) as blocks, (n_blocks, ..., size), padded.
+    # gram (q, q, G), its lower triangle packed (q (q + 1) / 2, G), and xty
+    # (q, G) as blocks, (n_blocks, ..., size), padded.
     q, n_groups = xty.shape
     size, n_blocks = _blocking(n_groups, q)
-    return col._to_blocks(gram, size, n_blocks), col._to_blocks(xty, size, n_blocks)
+    lower = gram[np.tril_indices(q)]
+    return col._to_blocks(lower, size, n_blocks), col._to_blocks(xty, size, n_blocks)
 
 
 def _population_terms(h, eta, prior_var):
