@@ -34,8 +34,11 @@ Benchmarks (targets of issue 3 in brackets):
 --groups         10,000 groups of 20 rows, 5 features [fit <= 60 s].
 --manygroups     10,000 and 100,000 groups of 10 rows, 3 features, at the
                  default settings (issue 17) [100,000 within 16 GB and 10x
-                 the 10,000-group time]; with peak memory and what
-                 posterior_ holds (group draws kept or not).
+                 the 10,000-group time]; with peak memory, what
+                 posterior_ holds (group draws kept or not), leapfrog steps
+                 per kept draw and per warmup iteration, and sampling time
+                 per group and gradient (every chain's gradients, warmup
+                 included, the chains two at a time).
 --gridsearch     GridSearchCV, 5 folds x 4 prior scales, 10,000 rows, 20
                  groups [<= 30 s in all].
 --scaling        fit time against rows (1e3 to 1e7; 10 groups, 3 features)

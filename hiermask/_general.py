@@ -428,7 +428,12 @@ def _blocked_group_sums(want_stats, inv, factor, left, gram, xty, unit, blocks=N
     storing them for all groups, which would stream them through memory
     again; the recomputation is why small fits stay in one block.
     ``blocks``: ``gram`` and ``xty`` already in blocks (:func:`_stat_blocks`),
-    as the density prepares them once when no latent cell changes them.
+    as the density prepares them once when no latent cell changes them. A
+    block holds each group's K as its packed lower triangle, unpacked as the
+    block is copied out: the chains that run at once then share the cache
+    with 10 numbers per group of 4 coefficients instead of 16 (issue 17:
+    0.332-0.345 against 0.346-0.348 us of sampling per group and gradient at
+    100,000 groups, alternated twice).
     """
     q, n_groups = xty.shape
     if not uses_blocks(n_groups, q):
@@ -686,8 +691,9 @@ def general_density(spec, data, hyper):
     # the complete rows' statistics: prepared once, outside the gradient;
     # without latent cells also their sums over the groups and their blocks
     # (_blocked_group_sums), which each evaluation would otherwise copy
-    # (issue 17: at 100,000 groups the gradient then cost per group what it
-    # costs at 10,000 in one block, benchmarks/bench_engines.py --manygroups)
+    # (issue 17: sampling per group and gradient at 100,000 groups then cost
+    # 1.08x what it costs at 10,000 in one block, against 1.16x;
+    # benchmarks/bench_engines.py --manygroups, docs/performance.md)
     fixed = col.split_prepared(spec.pooling, data)
     q = n_features + 1
     blocks = sums = None

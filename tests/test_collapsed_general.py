@@ -333,9 +333,10 @@ def test_blocks_of_groups_give_the_sums_of_one_block(latent, monkeypatch):
 def test_density_in_blocks_equals_one_block(latent, monkeypatch):
     # general_density in blocks of 2 groups against one block, value and
     # gradient at a random point: rtol 1e-12 and 1e-10 (sums in another
-    # order; with the latent cell the gradient differed by 1.4e-12). Without latent cells the
-    # density puts the statistics in blocks once, outside the gradient
-    # (_stat_blocks); with one, at each evaluation (_blocked_group_sums).
+    # order; with the latent cell the gradient differed by 1.4e-12).
+    # Without latent cells the density puts the statistics in blocks once,
+    # outside the gradient (_stat_blocks); with one, at each evaluation
+    # (_blocked_group_sums). Either way a block's Gram matrices are packed.
     data, hyper, _ = _problem(latent=latent)
     spec = general_spec("partial", (True, False, True), "full", 3)
     monkeypatch.setattr(_limits, "GENERAL_BLOCK_MIN_BYTES", 0)
