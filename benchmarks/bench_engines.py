@@ -531,14 +531,14 @@ def bench_ess(quick):
     return rows
 
 
-def _profiled_fit(X, y, label, predict=False, **params):
+def _profiled_fit(X, y, label, predict=False, profiler=None, **params):
+    # profiler: a Profiler to read more from after the fit (a new one if None)
     from hiermask import MaskedHierarchicalRegressor
 
     est = MaskedHierarchicalRegressor(group_col="group", random_state=0, **params)
-    prof = Profiler()
+    prof = Profiler() if profiler is None else profiler
     with prof.fit():
         est.fit(X, y)
-    est.warmup_steps_ = prof.warmup_steps  # each chain's, for bench_manygroups
     row = {"case": label, "rows": len(y), **prof.row(), **convergence(est)}
     if predict:
         start = time.perf_counter()
@@ -589,13 +589,16 @@ def bench_manygroups(quick):
     rows = []
     for n_groups in (1_000, 10_000) if quick else (10_000, 100_000):
         X, y = make_grouped_regression(10 * n_groups, n_groups, 3, random_state=0)
-        row, est = _profiled_fit(X, y, f"{n_groups} groups x 3 features", predict=True)
+        prof = Profiler()
+        row, est = _profiled_fit(
+            X, y, f"{n_groups} groups x 3 features", predict=True, profiler=prof
+        )
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         # leapfrog steps per kept draw and per warmup iteration, and the
         # sampling time per group and gradient: the chains (one per
         # program at these sizes) run two at a time on the 2 cores
         kept = np.asarray(est._fitted.posterior.tree_steps)
-        warm = est.warmup_steps_
+        warm = prof.warmup_steps
         gradients = (kept.sum() + warm.sum()) / 2
         rows.append(
             {

@@ -300,14 +300,25 @@ def _groups(inv, factor, left, gram, xty, unit):
     return _Groups(t, logdet, a, b)
 
 
+def _totals(gram, xty):
+    # K and k summed over the groups.
+    return jnp.sum(gram, axis=-1), jnp.sum(xty, axis=-1)
+
+
+def _population_moments(inv, left, totals, bb, ba):
+    # The groups' sums of H_g and eta_g, from _totals and the sums of B'B
+    # and B'a.
+    gram_sum, xty_sum = totals
+    h = inv * left.T @ gram_sum @ left - inv**2 * bb
+    eta = inv * left.T @ xty_sum - inv**2 * ba
+    return 0.5 * (h + h.T), eta
+
+
 def _summed(inv, left, gram, xty, grp):
     # The groups' sums of H_g and eta_g.
-    k_sum = jnp.sum(gram, axis=-1)
-    h = inv * left.T @ k_sum @ left
-    h = h - inv**2 * jnp.sum(_tmm(grp.b, grp.b), axis=-1)
-    eta = inv * left.T @ jnp.sum(xty, axis=-1)
-    eta = eta - inv**2 * jnp.sum(_tmv(grp.b, grp.a), axis=-1)
-    return 0.5 * (h + h.T), eta
+    bb = jnp.sum(_tmm(grp.b, grp.b), axis=-1)
+    ba = jnp.sum(_tmv(grp.b, grp.a), axis=-1)
+    return _population_moments(inv, left, _totals(gram, xty), bb, ba)
 
 
 # The density's per-group terms, with a hand-written gradient. With ``N =
@@ -541,12 +552,12 @@ def general_loglik(spec, scales, data, hyper, cells, hand_written=True):
 
 
 def _loglik_of(
-    spec, scales, data, hyper, stats, hand_written=True, blocks=None, sums=None
+    spec, scales, data, hyper, stats, hand_written=True, blocks=None, totals=None
 ):
     # general_loglik from the statistics (_statistics); hand_written: the
     # gradient of the groups' terms by _group_sums, else by jax.grad.
-    # blocks (_stat_blocks) and sums (K and k summed over the groups): from
-    # the same statistics, prepared outside the gradient, or None.
+    # blocks (_stat_blocks) and totals (_totals): from the same statistics,
+    # prepared outside the gradient, or None.
     inv = 1.0 / scales["sigma"] ** 2
     n, yty, gram, xty = stats
     left = _population_left(spec, data)
@@ -562,12 +573,8 @@ def _loglik_of(
         logdets, aa = jnp.sum(grp.logdet), jnp.sum(grp.a**2)
         bb = jnp.sum(_tmm(grp.b, grp.b), axis=-1)
         ba = jnp.sum(_tmv(grp.b, grp.a), axis=-1)
-    gram_sum, xty_sum = (
-        (jnp.sum(gram, axis=-1), jnp.sum(xty, axis=-1)) if sums is None else sums
-    )
-    h = inv * left.T @ gram_sum @ left - inv**2 * bb
-    h = 0.5 * (h + h.T)
-    eta = inv * left.T @ xty_sum - inv**2 * ba
+    totals = _totals(gram, xty) if totals is None else totals
+    h, eta = _population_moments(inv, left, totals, bb, ba)
     prior_var = _prior_var(hyper)
     population = _population_terms_hand if hand_written else _population_terms
     return (
@@ -696,10 +703,10 @@ def general_density(spec, data, hyper):
     # benchmarks/bench_engines.py --manygroups, docs/performance.md)
     fixed = col.split_prepared(spec.pooling, data)
     q = n_features + 1
-    blocks = sums = None
+    blocks = totals = None
     if not n_cells:
         gram, xty = fixed[0].dev_gram, fixed[0].dev_xty
-        sums = jnp.sum(gram, axis=-1), jnp.sum(xty, axis=-1)
+        totals = _totals(gram, xty)
         if uses_blocks(data.on.shape[0], q):
             blocks = _stat_blocks(gram, xty)
 
@@ -719,7 +726,7 @@ def general_density(spec, data, hyper):
             logp = logp + col.imputation_loglik(data, values["x_scale"], cells)
         stats = _statistics(spec, data, cells, fixed)
         return logp + _loglik_of(
-            spec, scales, data, hyper, stats, blocks=blocks, sums=sums
+            spec, scales, data, hyper, stats, blocks=blocks, totals=totals
         )
 
     def constrain(z):

@@ -439,12 +439,12 @@ def _run_part(program, state, part, data, hyper, keep, report):
             )
             jax.block_until_ready(state)
             first = int(iterations.index[0])
-            warm = np.asarray(stats["n_steps"])[:, : max(keep[0] - first, 0)]
-            warmup_steps = warmup_steps + warm.sum(axis=1, dtype=np.int64)
             lo, hi = (
                 max(keep[0] - first, 0),
                 min(keep[1] - first, len(iterations.index)),
             )
+            warm = np.asarray(stats["n_steps"])[:, :lo]  # iterations before keep
+            warmup_steps = warmup_steps + warm.sum(axis=1, dtype=np.int64)
             if lo < hi:
                 kept.append(
                     jax.tree_util.tree_map(
