@@ -23,12 +23,26 @@ chains two at a time on the 2 cores) in one block and with blocks forced,
 alternated twice; microseconds of sampling per group and gradient (the
 kept draws' leapfrog steps, counting the warmup's as many), written to
 ``benchmarks/results/group_blocks_sampler.csv``.
+
+    python benchmarks/group_blocks.py --one-pass
+
+times, in the sampler, the two forms of the blocks when no latent cell
+changes the statistics: fits of 100,000 groups of 10 rows and 3 features
+(2 chains x (150 + 50), one chain per core) with the sampler's one pass
+(``_general._fixed_group_sums``, blocks of ``BLOCK_BYTES``) and with the
+pass that recomputes each block for the gradient
+(``_general._blocked_group_sums``, the path with latent cells, blocks of
+``GENERAL_BLOCK_BYTES``), alternated twice; microseconds of sampling per group and
+gradient, every gradient counted (the warmup's from the runner), written to
+``benchmarks/results/group_blocks_one_pass.csv``.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -107,6 +121,66 @@ def sampler_rows():
     return rows
 
 
+def one_pass_row(form):
+    """Sampling time per group and gradient at 100,000 groups, one form."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_engines import Profiler, _profiled_fit
+
+    from hiermask.datasets import make_grouped_regression
+
+    n_groups, warmup, draws = 100_000, 150, 50
+    X, y = make_grouped_regression(10 * n_groups, n_groups, 3, random_state=0)
+    if form == "recompute":
+
+        def recompute(inv, factor, left, blocks, unit):
+            # _blocked_group_sums reads only the shape of xty given blocks
+            q, size = blocks[1].shape[1:]
+            xty = jax.ShapeDtypeStruct((q, size * blocks[1].shape[0]), blocks[1].dtype)
+            return _general._blocked_group_sums(
+                False, inv, factor, left, None, xty, unit, blocks
+            )
+
+        # and in the recomputation's blocks (GENERAL_BLOCK_BYTES)
+        stat_blocks = _general._stat_blocks
+        _general._stat_blocks = lambda gram, xty, one_pass=False: stat_blocks(gram, xty)
+        _general._fixed_group_sums = recompute
+    prof = Profiler()
+    row, est = _profiled_fit(
+        X,
+        y,
+        form,
+        profiler=prof,
+        num_warmup=warmup,
+        num_samples=draws,
+        num_chains=2,
+        progress_bar=False,
+    )
+    kept = np.asarray(est._fitted.posterior.tree_steps)
+    per_chain = (kept.sum() + prof.warmup_steps.sum()) / 2
+    return {
+        "groups": n_groups,
+        "form": form,
+        "sample_s": row["sample_s"],
+        "gradients_per_chain": float(per_chain),
+        "us_per_group_gradient": row["sample_s"] / per_chain / n_groups * 1e6,
+    }
+
+
+def one_pass_rows():
+    """:func:`one_pass_row` for both forms, alternated twice, each in a new
+    process (the compiled programs are cached per process)."""
+    rows = []
+    for form in ("one pass", "recompute", "one pass", "recompute"):
+        child = subprocess.run(
+            [sys.executable, __file__, "--one-pass-form", form],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    return rows
+
+
 def write(rows, name, load):
     """Print ``rows`` and save them, with the load average before, as CSV."""
     print(f"load average before: {load:.2f}")
@@ -125,6 +199,12 @@ def main():
     load = os.getloadavg()[0]
     if "--sampler" in sys.argv[1:]:
         write(sampler_rows(), "group_blocks_sampler.csv", load)
+        return
+    if "--one-pass-form" in sys.argv[1:]:
+        print(json.dumps(one_pass_row(sys.argv[sys.argv.index("--one-pass-form") + 1])))
+        return
+    if "--one-pass" in sys.argv[1:]:
+        write(one_pass_rows(), "group_blocks_one_pass.csv", load)
         return
     forms = {"one block": _general._group_sums, "blocks": _general._blocked_group_sums}
     best = {}

@@ -39,7 +39,8 @@ and ``phi ~ Normal(0, diag(prior_var))`` integrates out. ``E`` is the same
 for every group: its rows at a group's off features meet only zeros of ``K``
 and ``k``. The reference is plain JAX differentiated by ``jax.grad``
 (:func:`general_loglik` with ``hand_written=False``); the sampler's gradient
-of the groups' terms is written by hand (:func:`_group_sums`, tested against
+of the groups' terms is written by hand (:func:`_group_sums`; in blocks of
+groups without latent cells :func:`_fixed_group_sums`; both tested against
 ``jax.grad``): ``jax.grad`` through the per-group algebra made each gradient
 several times slower than today's hand-written path (docs/performance.md).
 The groups' matrices are stored groups-last and factorized by unrolled code
@@ -398,6 +399,93 @@ def _group_sums_bwd(want_stats, residuals, cot):
 _group_sums.defvjp(_group_sums_fwd, _group_sums_bwd)
 
 
+# Without latent cells the statistics are constants of the density: only
+# inv and E take a gradient, and it is linear in the cotangents. With X =
+# [KP, k] (q, q + 1), Y = N E'X, V = X - inv K E Y and C the symmetric
+# (q + 1) x (q + 1) matrix of sym(C3), c4 / 2 and c2 (so that G = X C X'):
+#   d/dE   = 2 sum_ab C_ab sum_g V_a Y_b' + 2 c1 inv sum_g K E N,
+# and as the sums are inv^-a F(sqrt(inv) E) (a = 0 for log|M|, 1 for the
+# three others), d/dinv = (<d/dE, E> / 2 - a c.forms) / inv. One pass over
+# the blocks sums log|M|, X'WX (which holds the three other sums), V Y'
+# and K E N; the gradient is then a few products of small matrices. The
+# pass with the gradient (_blocked_group_sums) instead recomputes each
+# block's intermediates (jax.checkpoint) for a second pass once the
+# cotangents are known. Sampling at 100,000 groups of 4 coefficients, in
+# fresh processes alternated twice: 0.298 and 0.321 us per group and
+# gradient against 0.380 and 0.374 (benchmarks/group_blocks.py --one-pass;
+# larger q in docs/performance.md).
+
+
+def _linear_pieces(inv, factor, left, gram, xty, unit):
+    # One block's log|M|, X'WX, V Y' (q + 1, q + 1, q, q) and K E N summed.
+    unit, f, ke, t, logdet = _factor_m(inv, factor, gram, xty, unit)
+    x = jnp.concatenate([_mm(gram, left[:, :, None]), xty[:, None]], axis=1)
+    x = col.materialize(x, unit)
+    tex = col.materialize(_mm(t, col.materialize(_tmm(f, x), unit)), unit)  # T E'X
+    y = col.materialize(_tmm(t, tex), unit)  # N E'X
+    v = col.materialize(x - inv * _mm(ke, y), unit)
+    n = col.materialize(_tmm(t, t), unit)
+    return (
+        jnp.sum(logdet),
+        jnp.einsum("iag,ibg->ab", tex, tex),
+        jnp.einsum("iag,jbg->abij", v, y),
+        jnp.einsum("ikg,jkg->ij", ke, n),  # N symmetric
+    )
+
+
+def _summed_pieces(inv, factor, left, blocks, unit):
+    # _linear_pieces over the blocks (_stat_blocks), summed.
+    q = blocks[1].shape[1]
+
+    def step(total, block):
+        lower, xty = block
+        gram = col.materialize(lower[_unpacking(q)], unit)
+        pieces = _linear_pieces(
+            inv, factor, left, gram, col.materialize(xty, unit), unit
+        )
+        return jax.tree_util.tree_map(jnp.add, total, pieces), None
+
+    shapes = ((), (q + 1, q + 1), (q + 1, q + 1, q, q), (q, q))
+    zeros = tuple(jnp.zeros(shape, blocks[1].dtype) for shape in shapes)
+    return jax.lax.scan(step, zeros, blocks)[0]
+
+
+def _forms_of(pieces):
+    # (sum log|M|, sum k'Wk, sum P'KWKP, sum P'KWk) from _summed_pieces.
+    logdet, xwx = pieces[:2]
+    return logdet, xwx[-1, -1], xwx[:-1, :-1], xwx[:-1, -1]
+
+
+@jax.custom_vjp
+def _fixed_group_sums(inv, factor, left, blocks, unit):
+    """:func:`_group_sums` over constant statistics in ``blocks``
+    (:func:`_stat_blocks`): one pass for the value and the gradient (module
+    comment above); ``left``, the statistics and ``unit`` get none."""
+    return _forms_of(_summed_pieces(inv, factor, left, blocks, unit))
+
+
+def _fixed_group_sums_fwd(inv, factor, left, blocks, unit):
+    pieces = _summed_pieces(inv, factor, left, blocks, unit)
+    forms = _forms_of(pieces)
+    return forms, (inv, factor, forms, *pieces[2:])
+
+
+def _fixed_group_sums_bwd(residuals, cot):
+    inv, factor, forms, vy, ken = residuals
+    c1, c2, c3, c4 = cot
+    r = c4.shape[0]
+    c = jnp.zeros((r + 1, r + 1), c4.dtype)
+    c = c.at[:r, :r].set(0.5 * (c3 + c3.T)).at[:r, r].set(0.5 * c4)
+    c = c.at[r, :r].set(0.5 * c4).at[r, r].set(c2)
+    grad_f = 2.0 * jnp.einsum("ab,abij->ij", c, vy) + 2.0 * c1 * inv * ken
+    linear = c2 * forms[1] + jnp.sum(c3 * forms[2]) + jnp.sum(c4 * forms[3])
+    grad_inv = (0.5 * jnp.sum(grad_f * factor) - linear) / inv
+    return grad_inv, grad_f, None, None, None
+
+
+_fixed_group_sums.defvjp(_fixed_group_sums_fwd, _fixed_group_sums_bwd)
+
+
 def uses_blocks(n_groups, q):
     """Whether the groups' terms of ``n_groups`` groups of ``q`` coefficients
     go in blocks (:func:`_blocked_group_sums`).
@@ -429,6 +517,9 @@ def _blocked_group_sums(want_stats, inv, factor, left, gram, xty, unit, blocks=N
     """:func:`_group_sums` over blocks of groups (the collapsed engine's
     :func:`~hiermask._collapsed._blocking`), summed, when :func:`uses_blocks`.
 
+    The density's path with latent cells, whose statistics take a gradient;
+    without, the blocks go through :func:`_fixed_group_sums` (one pass).
+
     On all groups at once every per-group intermediate streams through
     memory: at 100,000 groups of 4 coefficients the value and gradient took
     2.5 times as long per group as at 10,000, in blocks 1.2 times
@@ -438,8 +529,9 @@ def _blocked_group_sums(want_stats, inv, factor, left, gram, xty, unit, blocks=N
     recomputes each block's intermediates (``jax.checkpoint``) rather than
     storing them for all groups, which would stream them through memory
     again; the recomputation is why small fits stay in one block.
-    ``blocks``: ``gram`` and ``xty`` already in blocks (:func:`_stat_blocks`),
-    as the density prepares them once when no latent cell changes them. A
+    ``blocks``: ``gram`` and ``xty`` already in blocks (:func:`_stat_blocks`;
+    then only the shape of ``xty`` is read, as
+    ``benchmarks/group_blocks.py --one-pass`` does). A
     block holds each group's K as its packed lower triangle, unpacked as the
     block is copied out: the chains that run at once then share the cache
     with 10 numbers per group of 4 coefficients instead of 16 (issue 17:
@@ -478,11 +570,15 @@ def _unpacking(q):
     return index
 
 
-def _stat_blocks(gram, xty):
+def _stat_blocks(gram, xty, one_pass=False):
     # gram (q, q, G), its lower triangle packed (q (q + 1) / 2, G), and xty
-    # (q, G) as blocks, (n_blocks, ..., size), padded.
+    # (q, G) as blocks, (n_blocks, ..., size), padded. one_pass: blocks of
+    # _fixed_group_sums, of the collapsed engine's size (BLOCK_BYTES, 1,024
+    # groups of 4 coefficients), else of _blocking's (GENERAL_BLOCK_BYTES).
+    # With nothing to recompute, the smaller blocks sampled 100,000 groups
+    # 5-7% faster (docs/performance.md).
     q, n_groups = xty.shape
-    size, n_blocks = _blocking(n_groups, q)
+    size, n_blocks = col._blocking(n_groups, q) if one_pass else _blocking(n_groups, q)
     lower = gram[np.tril_indices(q)]
     return col._to_blocks(lower, size, n_blocks), col._to_blocks(xty, size, n_blocks)
 
@@ -555,19 +651,25 @@ def _loglik_of(
     spec, scales, data, hyper, stats, hand_written=True, blocks=None, totals=None
 ):
     # general_loglik from the statistics (_statistics); hand_written: the
-    # gradient of the groups' terms by _group_sums, else by jax.grad.
-    # blocks (_stat_blocks) and totals (_totals): from the same statistics,
-    # prepared outside the gradient, or None.
+    # gradient of the groups' terms by _group_sums (in blocks without latent
+    # cells _fixed_group_sums), else by jax.grad. blocks (_stat_blocks with
+    # one_pass) and totals (_totals): from the same statistics, prepared
+    # outside the gradient, or None.
     inv = 1.0 / scales["sigma"] ** 2
     n, yty, gram, xty = stats
     left = _population_left(spec, data)
     factor = _deviation_factor(spec, scales, hyper, data)
     unit = _stats_unit(data, stats)
     if hand_written:
-        want_stats = data.miss_row.shape[0] > 0
-        logdets, aa, bb, ba = _blocked_group_sums(
-            want_stats, inv, factor, left, gram, xty, unit, blocks
-        )
+        latent = data.miss_row.shape[0] > 0
+        if latent or not uses_blocks(*xty.shape[::-1]):
+            logdets, aa, bb, ba = _blocked_group_sums(
+                latent, inv, factor, left, gram, xty, unit
+            )
+        else:
+            if blocks is None:
+                blocks = _stat_blocks(gram, xty, one_pass=True)
+            logdets, aa, bb, ba = _fixed_group_sums(inv, factor, left, blocks, unit)
     else:
         grp = _groups(inv, factor, left, gram, xty, unit)
         logdets, aa = jnp.sum(grp.logdet), jnp.sum(grp.a**2)
@@ -697,7 +799,7 @@ def general_density(spec, data, hyper):
     names = [site[0] for site in layout.sites]
     # the complete rows' statistics: prepared once, outside the gradient;
     # without latent cells also their sums over the groups and their blocks
-    # (_blocked_group_sums), which each evaluation would otherwise copy
+    # (_fixed_group_sums), which each evaluation would otherwise copy
     # (issue 17: sampling per group and gradient at 100,000 groups then cost
     # 1.08x what it costs at 10,000 in one block, against 1.16x;
     # benchmarks/bench_engines.py --manygroups, docs/performance.md)
@@ -708,7 +810,7 @@ def general_density(spec, data, hyper):
         gram, xty = fixed[0].dev_gram, fixed[0].dev_xty
         totals = _totals(gram, xty)
         if uses_blocks(data.on.shape[0], q):
-            blocks = _stat_blocks(gram, xty)
+            blocks = _stat_blocks(gram, xty, one_pass=True)
 
     def log_density(z):
         x, logp = layout.log_prior(z)

@@ -25,7 +25,8 @@ UNROLL_MAX_SIZE_POPULATION = 12
 
 #: Target bytes of one block of groups' intermediates in the collapsed
 #: density (one chain); the groups per block follow from q
-#: (``_collapsed._blocking``).
+#: (``_collapsed._blocking``). Also the blocks of the general model's one
+#: pass without latent cells (``_general._fixed_group_sums``).
 BLOCK_BYTES = 1 << 21
 
 #: If not None, the number of groups per block, overriding ``BLOCK_BYTES``.
@@ -34,16 +35,19 @@ BLOCK_GROUPS = None
 #: The general model's groups' terms (``group_covariance="full"``,
 #: population-only slopes) go in blocks of groups only while one q x q matrix
 #: per group, for all groups, takes more than this many bytes
-#: (``_general.uses_blocks``): the gradient's pass recomputes each block's
-#: intermediates, which cost more than it saved at 10,000 groups (q = 4: 1.3
-#: MB; q = 6: 2.9 MB) and far less at 100,000 (q = 4: 12.8 MB), where every
-#: intermediate of all groups at once streams through memory
-#: (``benchmarks/group_blocks.py``).
+#: (``_general.uses_blocks``): with latent cells the gradient's pass
+#: recomputes each block's intermediates, which cost more than it saved at
+#: 10,000 groups (q = 4: 1.3 MB; q = 6: 2.9 MB) and far less at 100,000 (q =
+#: 4: 12.8 MB), where every intermediate of all groups at once streams
+#: through memory (``benchmarks/group_blocks.py``). Without latent cells the
+#: blocks take one pass for the value and the gradient
+#: (``_general._fixed_group_sums``).
 GENERAL_BLOCK_MIN_BYTES = 1 << 22
 
-#: Target bytes of one block of the general model's groups (as
-#: ``BLOCK_BYTES``; about 4,000 groups of 4 coefficients): larger blocks than
-#: the diagonal model's were faster at 100,000 groups.
+#: Target bytes of one block of the general model's groups with latent cells
+#: (as ``BLOCK_BYTES``; about 4,000 groups of 4 coefficients): with the
+#: gradient's recomputation, larger blocks than the diagonal model's were
+#: faster at 100,000 groups.
 GENERAL_BLOCK_BYTES = 1 << 23
 
 #: The blocks' factorizations are kept from the value's pass for the

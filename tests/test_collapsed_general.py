@@ -329,6 +329,70 @@ def test_blocks_of_groups_give_the_sums_of_one_block(latent, monkeypatch):
     assert np.all(np.asarray(grad) != 0.0)
 
 
+@pytest.mark.parametrize("pooling", ["partial", "none"])
+def test_one_pass_gradient_equals_recomputation_and_jax_grad(pooling, monkeypatch):
+    # _fixed_group_sums (constant statistics: value and gradient in one pass
+    # over the blocks, the gradient from the summed pieces) against
+    # _blocked_group_sums (the pass that recomputes each block, the path
+    # with latent cells; given the same prepared blocks, as
+    # benchmarks/group_blocks.py --one-pass) and against jax.grad of the
+    # plain-JAX sums
+    # (_groups), all with respect to inv and E: 5 random groups of 4
+    # coefficients in blocks of 2 (the last padded), rtol 1e-10. Under no
+    # pooling P has zero columns (the varying features').
+    monkeypatch.setattr(_limits, "BLOCK_GROUPS", 2)
+    monkeypatch.setattr(_limits, "GENERAL_BLOCK_MIN_BYTES", 0)
+    rng = np.random.default_rng(11)
+    q, n_groups = 4, 5
+    assert _general.uses_blocks(n_groups, q)
+    with jax.enable_x64(True):
+        rows = rng.normal(size=(n_groups, 6, q))
+        gram = jnp.asarray(np.einsum("gni,gnj->ijg", rows, rows))
+        xty = jnp.asarray(rng.normal(size=(q, n_groups)))
+        left = (
+            jnp.eye(q).at[0, 1:].set(rng.normal(size=q - 1))
+            if pooling == "partial"
+            else jnp.diag(jnp.array([1.0, 0.0, 1.0, 0.0]))
+        )
+        factor = jnp.asarray(np.tril(rng.normal(size=(q, q))) * 0.4)
+        unit, blocks = jnp.ones(()), _general._stat_blocks(gram, xty, one_pass=True)
+        weights = rng.normal(size=(2, q, q + 1))
+
+        def total(sums):
+            # a random linear function of the four sums: every cotangent
+            def f(inv, factor):
+                logdet, aa, bb, ba = sums(inv, factor)
+                return (
+                    logdet
+                    + 2.0 * aa
+                    + jnp.sum(weights[0, :, :q] * bb)
+                    + ba @ weights[1, :, q]
+                )
+
+            return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(1.7, factor)
+
+        def plain(inv, factor):
+            grp = _general._groups(inv, factor, left, gram, xty, unit)
+            bb = jnp.sum(_general._tmm(grp.b, grp.b), axis=-1)
+            ba = jnp.sum(_general._tmv(grp.b, grp.a), axis=-1)
+            return jnp.sum(grp.logdet), jnp.sum(grp.a**2), bb, ba
+
+        one_pass = total(
+            lambda i, f: _general._fixed_group_sums(i, f, left, blocks, unit)
+        )
+        recomputed = total(
+            lambda i, f: _general._blocked_group_sums(
+                False, i, f, left, gram, xty, unit, blocks
+            )
+        )
+        reference = total(plain)
+    for other in (recomputed, reference):
+        np.testing.assert_allclose(float(one_pass[0]), float(other[0]), rtol=1e-10)
+        for got, want in zip(one_pass[1], other[1], strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10)
+    assert np.all(np.asarray(one_pass[1][1])[np.tril_indices(q)] != 0.0)
+
+
 @pytest.mark.parametrize("latent", [False, True])
 def test_density_in_blocks_equals_one_block(latent, monkeypatch):
     # general_density in blocks of 2 groups against one block, value and
