@@ -411,9 +411,10 @@ _group_sums.defvjp(_group_sums_fwd, _group_sums_bwd)
 # pass with the gradient (_blocked_group_sums) instead recomputes each
 # block's intermediates (jax.checkpoint) for a second pass once the
 # cotangents are known. Sampling at 100,000 groups of 4 coefficients, in
-# fresh processes alternated twice: 0.298 and 0.321 us per group and
-# gradient against 0.380 and 0.374 (benchmarks/group_blocks.py --one-pass;
-# larger q in docs/performance.md).
+# fresh processes alternated twice, both in blocks of about 4,000 groups:
+# 0.298 and 0.321 us per group and gradient against 0.380 and 0.374
+# (benchmarks/group_blocks.py --one-pass; its blocks are smaller now, see
+# _stat_blocks; larger q in docs/performance.md).
 
 
 def _linear_pieces(inv, factor, left, gram, xty, unit):
