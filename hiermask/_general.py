@@ -315,10 +315,17 @@ def _population_moments(inv, left, totals, bb, ba):
     return 0.5 * (h + h.T), eta
 
 
-def _summed(inv, left, gram, xty, grp):
-    # The groups' sums of H_g and eta_g.
+def _plain_sums(grp):
+    # The four sums of _group_sums from _groups (sum log|M|, sum |a|^2, sum
+    # B'B, sum B'a), in plain JAX.
     bb = jnp.sum(_tmm(grp.b, grp.b), axis=-1)
     ba = jnp.sum(_tmv(grp.b, grp.a), axis=-1)
+    return jnp.sum(grp.logdet), jnp.sum(grp.a**2), bb, ba
+
+
+def _summed(inv, left, gram, xty, grp):
+    # The groups' sums of H_g and eta_g.
+    bb, ba = _plain_sums(grp)[2:]
     return _population_moments(inv, left, _totals(gram, xty), bb, ba)
 
 
@@ -437,16 +444,32 @@ def _linear_pieces(inv, factor, left, gram, xty, unit):
 def _summed_pieces(inv, factor, left, blocks, unit):
     # _linear_pieces over the blocks (_stat_blocks), summed.
     q = blocks[1].shape[1]
+    shapes = ((), (q + 1, q + 1), (q + 1, q + 1, q, q), (q, q))
+    return _sum_over_blocks(
+        lambda gram, xty: _linear_pieces(inv, factor, left, gram, xty, unit),
+        shapes,
+        blocks,
+        unit,
+    )
+
+
+def _sum_over_blocks(per_block, shapes, blocks, unit, checkpoint=False):
+    """``per_block(gram, xty)`` (a tuple of arrays of ``shapes``) summed over
+    ``blocks`` (:func:`_stat_blocks`) in a loop; ``checkpoint``: the
+    gradient recomputes each block (``jax.checkpoint``)."""
+    q = blocks[1].shape[1]
 
     def step(total, block):
+        # the block's statistics copied out first, not read in place (a
+        # slice of the stacked blocks at the loop's index) by each of the
+        # block's kernels: 1.03-1.06 times faster on one thread
+        # (benchmarks/group_blocks.py, alternated)
         lower, xty = block
         gram = col.materialize(lower[_unpacking(q)], unit)
-        pieces = _linear_pieces(
-            inv, factor, left, gram, col.materialize(xty, unit), unit
-        )
-        return jax.tree_util.tree_map(jnp.add, total, pieces), None
+        sums = per_block(gram, col.materialize(xty, unit))
+        return jax.tree_util.tree_map(jnp.add, total, sums), None
 
-    shapes = ((), (q + 1, q + 1), (q + 1, q + 1, q, q), (q, q))
+    step = jax.checkpoint(step) if checkpoint else step
     zeros = tuple(jnp.zeros(shape, blocks[1].dtype) for shape in shapes)
     return jax.lax.scan(step, zeros, blocks)[0]
 
@@ -543,24 +566,16 @@ def _blocked_group_sums(want_stats, inv, factor, left, gram, xty, unit, blocks=N
     if not uses_blocks(n_groups, q):
         return _group_sums(want_stats, inv, factor, left, gram, xty, unit)
 
-    @jax.checkpoint
-    def step(total, block):
-        # the block's statistics copied out first, not read in place (a
-        # slice of the stacked blocks at the loop's index) by each of the
-        # block's kernels: 1.03-1.06 times faster on one thread
-        # (benchmarks/group_blocks.py, alternated)
-        lower, xty_b = block
-        gram_b = col.materialize(lower[_unpacking(q)], unit)
-        sums = _group_sums(
-            want_stats, inv, factor, left, gram_b, col.materialize(xty_b, unit), unit
-        )
-        return jax.tree_util.tree_map(jnp.add, total, sums), None
-
     if blocks is None:
         blocks = _stat_blocks(gram, xty)
     r = left.shape[1]  # the sums: two scalars, P'KWKP (r, r) and P'KWk (r,)
-    zeros = tuple(jnp.zeros(shape, xty.dtype) for shape in ((), (), (r, r), (r,)))
-    return jax.lax.scan(step, zeros, blocks)[0]
+    return _sum_over_blocks(
+        lambda gram, xty: _group_sums(want_stats, inv, factor, left, gram, xty, unit),
+        ((), (), (r, r), (r,)),
+        blocks,
+        unit,
+        checkpoint=True,
+    )
 
 
 def _unpacking(q):
@@ -672,10 +687,7 @@ def _loglik_of(
                 blocks = _stat_blocks(gram, xty, one_pass=True)
             logdets, aa, bb, ba = _fixed_group_sums(inv, factor, left, blocks, unit)
     else:
-        grp = _groups(inv, factor, left, gram, xty, unit)
-        logdets, aa = jnp.sum(grp.logdet), jnp.sum(grp.a**2)
-        bb = jnp.sum(_tmm(grp.b, grp.b), axis=-1)
-        ba = jnp.sum(_tmv(grp.b, grp.a), axis=-1)
+        logdets, aa, bb, ba = _plain_sums(_groups(inv, factor, left, gram, xty, unit))
     totals = _totals(gram, xty) if totals is None else totals
     h, eta = _population_moments(inv, left, totals, bb, ba)
     prior_var = _prior_var(hyper)
